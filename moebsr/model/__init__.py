@@ -1,0 +1,19 @@
+"""The MoE-ViT core: per-task routed experts, block selective reprogramming, attention token dropping."""
+
+from .block import MoEViTBlock
+from .bsr import BSR_PRESETS, SUBLAYERS, BSRPlan, ResolvedBSRPlan
+from .dispatch import dispatch_dense_reference, dispatch_grouped
+from .experts import Experts
+from .factory import build_backbone, create_moevit
+from .moe import MoEMlp, TaskRows
+from .moevit import MoEViT
+from .routing import Routing, TaskRouter, apply_capacity, load_balancing_loss
+from .spec import MoESpec, TokenDropSpec, scale_block_indices
+from .token_drop import attention_with_cls_scores, select_tokens
+
+__all__ = [
+    "BSR_PRESETS", "SUBLAYERS", "BSRPlan", "ResolvedBSRPlan", "Experts", "MoEMlp", "MoESpec", "MoEViT",
+    "MoEViTBlock", "Routing", "TaskRouter", "TaskRows", "TokenDropSpec", "apply_capacity",
+    "attention_with_cls_scores", "build_backbone", "create_moevit", "dispatch_dense_reference",
+    "dispatch_grouped", "load_balancing_loss", "scale_block_indices", "select_tokens",
+]

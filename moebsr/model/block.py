@@ -1,0 +1,98 @@
+"""A ViT block that can route its MLP per task and drop tokens between its attention and its MLP.
+
+It takes over the submodules of a timm ``Block`` under the same names (``norm1``, ``attn``, ``ls1``, ...), so
+state-dict keys, pretrained weights and timm's ``group_matcher`` patterns stay valid. The forward is split
+into an attention half and an MLP half because the shared trunk ends *inside* the first per-task MoE block:
+its attention (and token dropping) is task-agnostic, its routed MLP is not.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+
+from .moe import MoEMlp, TaskRows
+from .spec import check_keep_rate
+from .token_drop import attention_with_cls_scores, check_attention_supported, select_tokens
+
+
+class MoEViTBlock(nn.Module):
+    """Pre-norm transformer block; ``mlp`` is a dense timm ``Mlp`` or a routed :class:`MoEMlp`.
+
+    Attributes:
+        keep_rate: Patch-token keep rate of this block's dropping stage; ``None`` = no dropping here.
+        fuse: Fold dropped tokens into one extra token.
+        last_kept_index: Positions (among non-prefix tokens) kept by the latest forward, for inspection.
+    """
+
+    def __init__(
+            self,
+            block: Block,
+            mlp: Optional[nn.Module] = None,
+            keep_rate: Optional[float] = None,
+            fuse: bool = True,
+            num_prefix_tokens: int = 1,
+    ) -> None:
+        super().__init__()
+        if type(block) is not Block:
+            raise ValueError(f"model: blocks of type {type(block).__name__} are not supported; "
+                             "accepted: timm.models.vision_transformer.Block (ViT/DeiT)")
+        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
+        self.norm2, self.ls2, self.drop_path2 = block.norm2, block.ls2, block.drop_path2
+        self.mlp = mlp if mlp is not None else block.mlp
+        self.num_prefix_tokens = num_prefix_tokens
+        self.keep_rate: Optional[float] = None
+        self.fuse = fuse
+        self.set_keep_rate(keep_rate)
+        self.last_kept_index: Optional[torch.Tensor] = None
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoEMlp)
+
+    @property
+    def routes_per_task(self) -> bool:
+        return self.is_moe and self.mlp.router.per_task
+
+    @property
+    def drops_tokens(self) -> bool:
+        return self.keep_rate is not None and self.keep_rate < 1.0
+
+    def set_keep_rate(self, keep_rate: Optional[float]) -> None:
+        if keep_rate is not None:
+            check_attention_supported(self.attn)
+            keep_rate = check_keep_rate(keep_rate)
+        self.keep_rate = keep_rate
+
+    def forward_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention residual, then token dropping if this block drops tokens."""
+        if not self.drops_tokens:
+            return x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        attn_out, cls_scores = attention_with_cls_scores(self.attn, self.norm1(x), self.num_prefix_tokens)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        x, kept_index = select_tokens(x, cls_scores, self.keep_rate, self.fuse, self.num_prefix_tokens)
+        self.last_kept_index = kept_index
+        return x
+
+    def forward_mlp(self, x: torch.Tensor, task_rows: TaskRows) -> torch.Tensor:
+        hidden = self.norm2(x)
+        hidden = self.mlp(hidden, task_rows) if self.is_moe else self.mlp(hidden)
+        return x + self.drop_path2(self.ls2(hidden))
+
+    def forward(self, x: torch.Tensor, task_rows: TaskRows) -> torch.Tensor:
+        return self.forward_mlp(self.forward_attention(x), task_rows)
+
+    def sublayer_modules(self, sublayer: str) -> list[nn.Module]:
+        """The modules a BSR sub-layer name stands for in this block."""
+        if sublayer == "attn":
+            return [self.attn, self.ls1]
+        if sublayer == "mlp":
+            return [self.mlp.experts if self.is_moe else self.mlp, self.ls2]
+        if sublayer == "router":
+            return [self.mlp.router] if self.is_moe else []
+        if sublayer == "norm":
+            return [self.norm1, self.norm2]
+        raise KeyError(sublayer)

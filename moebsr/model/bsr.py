@@ -1,0 +1,92 @@
+"""Block selective reprogramming: a declarative plan of which blocks and sub-layers train.
+
+Selection is by block index and sub-layer module, never by substring-matching parameter names (the authors'
+code freezes by matching '3', '7', '11' in names, which also catches e.g. 'blocks.1.norm3'-like names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch.nn as nn
+
+from .spec import PAPER_MOE_BLOCKS, check_block_indices, scale_block_indices
+
+BSR_PRESETS = ("paper", "last_k", "all", "none", "custom")
+SUBLAYERS = ("attn", "mlp", "router", "norm")
+
+
+@dataclass
+class BSRPlan:
+    """Which parts of the backbone are trained; everything else is frozen. Task heads always train.
+
+    Attributes:
+        preset: ``paper`` = blocks (3, 7, 11) scaled to depth; ``last_k`` = the last ``last_k`` blocks;
+            ``all`` = full fine-tuning (embeddings too); ``none`` = heads only; ``custom`` = ``trainable_blocks``.
+        trainable_blocks: Explicit block indices; when given they override the preset's choice.
+        last_k: Block count for ``last_k``.
+        sublayers: Which parts of a trainable block train: ``attn``, ``mlp`` (experts or dense MLP),
+            ``router`` (MoE gates), ``norm``.
+        train_final_norm: Train the final norm (the paper does; defaults to False for ``none``).
+        train_embeddings: Train patch/position embeddings and the CLS token (defaults to True only for ``all``).
+    """
+
+    preset: str = "paper"
+    trainable_blocks: Optional[Sequence[int]] = None
+    last_k: int = 3
+    sublayers: Sequence[str] = field(default_factory=lambda: list(SUBLAYERS))
+    train_final_norm: Optional[bool] = None
+    train_embeddings: Optional[bool] = None
+
+    def validate(self, depth: int) -> None:
+        self.resolve(depth)
+
+    def resolve(self, depth: int) -> "ResolvedBSRPlan":
+        if self.preset not in BSR_PRESETS:
+            raise ValueError(f"bsr.preset: unknown preset {self.preset!r}; accepted: {', '.join(BSR_PRESETS)}")
+        unknown = [name for name in self.sublayers if name not in SUBLAYERS]
+        if unknown:
+            raise ValueError(f"bsr.sublayers: unknown sub-layer(s) {unknown}; accepted: {', '.join(SUBLAYERS)}")
+        if self.trainable_blocks is not None:
+            blocks = check_block_indices("bsr.trainable_blocks", self.trainable_blocks, depth)
+        elif self.preset == "paper":
+            blocks = scale_block_indices(PAPER_MOE_BLOCKS, depth)
+        elif self.preset == "last_k":
+            if isinstance(self.last_k, bool) or not isinstance(self.last_k, int) or not 1 <= self.last_k <= depth:
+                raise ValueError(f"bsr.last_k: {self.last_k!r} is invalid; accepted: 1..{depth} (depth {depth})")
+            blocks = tuple(range(depth - self.last_k, depth))
+        elif self.preset == "all":
+            blocks = tuple(range(depth))
+        elif self.preset == "none":
+            blocks = ()
+        else:
+            raise ValueError("bsr.trainable_blocks: required with preset 'custom'; accepted: a list of indices")
+        final_norm = self.train_final_norm if self.train_final_norm is not None else self.preset != "none"
+        embeddings = self.train_embeddings if self.train_embeddings is not None else self.preset == "all"
+        return ResolvedBSRPlan(blocks, frozenset(self.sublayers), final_norm, embeddings)
+
+
+@dataclass(frozen=True)
+class ResolvedBSRPlan:
+    trainable_blocks: tuple[int, ...]
+    sublayers: frozenset[str]
+    train_final_norm: bool
+    train_embeddings: bool
+
+
+def as_bsr_plan(plan: "BSRPlan | str | dict | None") -> BSRPlan:
+    if plan is None:
+        return BSRPlan()
+    if isinstance(plan, BSRPlan):
+        return plan
+    if isinstance(plan, str):
+        return BSRPlan(preset=plan)
+    return BSRPlan(**plan)
+
+
+def set_requires_grad(items: Sequence[nn.Module | nn.Parameter | None], requires_grad: bool) -> None:
+    """``requires_grad_`` on modules and bare parameters alike; ``None`` entries (absent tokens) are skipped."""
+    for item in items:
+        if item is not None:
+            item.requires_grad_(requires_grad)

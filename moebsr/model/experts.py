@@ -1,0 +1,70 @@
+"""A bank of expert MLPs stored as stacked tensors, upcycled from a pretrained dense MLP.
+
+Stacked weights (``[E, hidden, dim]`` / ``[E, dim, hidden]``) rather than a ModuleList of ``Mlp``s: one
+parameter per role keeps optimizer groups and state dicts small, lets an expert be applied with a plain
+``F.linear`` on its slice, and has the same layout tutel's batched FFN experts use.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+
+
+class Experts(nn.Module):
+    """``num_experts`` two-layer MLPs ``fc2(act(fc1(x)))`` with shared activation and dropout."""
+
+    def __init__(
+            self,
+            num_experts: int,
+            dim: int,
+            hidden_features: int,
+            act_layer: nn.Module,
+            drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.dim = dim
+        self.hidden_features = hidden_features
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, hidden_features, dim))
+        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, hidden_features))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, dim, hidden_features))
+        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, dim))
+        self.act = act_layer
+        self.drop = nn.Dropout(drop)
+        nn.init.trunc_normal_(self.fc1_weight, std=0.02)
+        nn.init.trunc_normal_(self.fc2_weight, std=0.02)
+
+    def forward_expert(self, expert: int, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.drop(self.act(F.linear(tokens, self.fc1_weight[expert], self.fc1_bias[expert])))
+        return self.drop(F.linear(hidden, self.fc2_weight[expert], self.fc2_bias[expert]))
+
+    @classmethod
+    def upcycle(cls, mlp: nn.Module, num_experts: int, hidden_features: Optional[int] = None) -> "Experts":
+        """Experts that each start as an exact copy of ``mlp`` (a timm ``Mlp``).
+
+        With ``hidden_features`` different from the dense width an exact copy is impossible: the experts are
+        then freshly initialised (truncated normal, std 0.02) and only the activation is taken over.
+        """
+        if not isinstance(mlp, Mlp) or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
+            raise ValueError(
+                f"moe: cannot upcycle a {type(mlp).__name__}; accepted: timm.layers.Mlp with linear fc1/fc2 "
+                "and no inner norm (ViT/DeiT MLPs)")
+        dense_hidden, dim = mlp.fc1.weight.shape
+        hidden = hidden_features or dense_hidden
+        experts = cls(num_experts, dim, hidden, copy.deepcopy(mlp.act), drop=mlp.drop1.p)
+        experts = experts.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
+        if hidden == dense_hidden:
+            with torch.no_grad():
+                experts.fc1_weight.copy_(mlp.fc1.weight.expand(num_experts, -1, -1))
+                experts.fc2_weight.copy_(mlp.fc2.weight.expand(num_experts, -1, -1))
+                if mlp.fc1.bias is not None:
+                    experts.fc1_bias.copy_(mlp.fc1.bias.expand(num_experts, -1))
+                if mlp.fc2.bias is not None:
+                    experts.fc2_bias.copy_(mlp.fc2.bias.expand(num_experts, -1))
+        return experts

@@ -1,0 +1,142 @@
+"""``create_moevit``: turn a timm ViT/DeiT (by name or instance) into a multitask MoE-ViT."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional, Union
+
+import timm
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from .block import MoEViTBlock
+from .bsr import BSRPlan, as_bsr_plan
+from .dispatch import dispatch_grouped
+from .experts import Experts
+from .moe import MoEMlp
+from .moevit import HeadFactory, MoEViT
+from .routing import TaskRouter
+from .spec import MoESpec, TokenDropSpec
+
+
+def _as_spec(value: Any, spec_type: type, key: str) -> Any:
+    if value is None or isinstance(value, spec_type):
+        return value
+    if isinstance(value, Mapping):
+        known = set(spec_type.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"{key}: unknown key(s) {unknown}; accepted: {', '.join(sorted(known))}")
+        return spec_type(**value)
+    raise ValueError(f"{key}: expected a {spec_type.__name__} or a mapping, got {type(value).__name__}")
+
+
+def build_backbone(
+        model: Union[str, nn.Module],
+        pretrained: bool = False,
+        checkpoint_path: Optional[str] = None,
+        **timm_kwargs: Any,
+) -> VisionTransformer:
+    """A headless timm ViT. ``checkpoint_path`` loads local weights through timm's pretrained machinery
+    (head dropped, position embeddings resampled to ``img_size``), which also works offline."""
+    if isinstance(model, nn.Module):
+        backbone = model
+    else:
+        if model not in timm.list_models():
+            raise ValueError(f"model.name: unknown timm model {model!r}; accepted: a timm ViT/DeiT such as "
+                             "vit_tiny_patch16_224, deit_small_patch16_224 (see timm.list_models('*vit*'))")
+        kwargs = dict(timm_kwargs)
+        if checkpoint_path is not None:
+            if not os.path.isfile(checkpoint_path):
+                raise FileNotFoundError(f"model.checkpoint: no file at {checkpoint_path!r}")
+            pretrained = True
+            kwargs["pretrained_cfg_overlay"] = dict(file=os.fspath(checkpoint_path))
+        try:
+            backbone = timm.create_model(model, pretrained=pretrained, num_classes=0, **kwargs)
+        except Exception as error:  # safetensors, pickle and shape errors alike: name the file
+            if checkpoint_path is None:
+                raise
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"model.checkpoint: cannot load {checkpoint_path!r} into {model}: {first_line}") \
+                from error
+    if not isinstance(backbone, VisionTransformer):
+        raise ValueError(f"model: {type(backbone).__name__} is not supported; accepted: timm VisionTransformer "
+                         "models (vit_*, deit_* without distillation token)")
+    backbone.reset_classifier(0)
+    return backbone
+
+
+def _build_head(task: str, head: HeadFactory, num_features: int) -> nn.Module:
+    if isinstance(head, bool) or head is None:
+        raise ValueError(f"tasks.{task}: head {head!r} is invalid; accepted: an output count, a module, a factory")
+    if isinstance(head, int):
+        if head < 1:
+            raise ValueError(f"tasks.{task}: {head} outputs is invalid; accepted: an integer >= 1")
+        return nn.Linear(num_features, head)
+    if isinstance(head, nn.Module):
+        return head
+    return head(num_features)
+
+
+def create_moevit(
+        model: Union[str, nn.Module],
+        tasks: Mapping[str, HeadFactory],
+        moe: Union[MoESpec, Mapping[str, Any], None] = None,
+        token_drop: Union[TokenDropSpec, Mapping[str, Any], None] = None,
+        bsr: Union[BSRPlan, str, Mapping[str, Any], None] = "paper",
+        pretrained: bool = False,
+        checkpoint_path: Optional[str] = None,
+        **timm_kwargs: Any,
+) -> MoEViT:
+    """Build a multitask MoE-ViT.
+
+    Args:
+        model: A timm model name (``vit_*``/``deit_*``) or a ``VisionTransformer`` instance.
+        tasks: Task name -> output count (a linear head), a head module, or a factory ``num_features -> head``.
+        moe: Where and how MLPs become MoE; ``None`` = :class:`MoESpec` defaults (the paper's 3/7/11 scaled to
+            depth, 16 experts, top-4). ``MoESpec(blocks=())`` keeps the model dense.
+        token_drop: Token dropping; ``None`` = no dropping.
+        bsr: Trainable-part plan or preset name; default ``paper``.
+        pretrained: timm pretrained weights (needs a network).
+        checkpoint_path: Local weights for the backbone (safetensors or torch file), loaded via timm.
+        **timm_kwargs: Passed to ``timm.create_model`` (e.g. ``img_size``, ``patch_size``, ``depth``).
+
+    Raises:
+        ValueError: naming the key, the bad value and the accepted ones, before any weight is touched.
+    """
+    if not tasks:
+        raise ValueError("tasks: no task given; accepted: a mapping of task name -> outputs or head")
+    moe_spec = _as_spec(moe, MoESpec, "moe") or MoESpec()
+    drop_spec = _as_spec(token_drop, TokenDropSpec, "token_drop")
+    plan = as_bsr_plan(bsr)
+
+    backbone = build_backbone(model, pretrained=pretrained, checkpoint_path=checkpoint_path, **timm_kwargs)
+    depth = len(backbone.blocks)
+    moe_spec.validate(depth)
+    if drop_spec is not None:
+        drop_spec.validate(depth)
+    resolved_plan = plan.resolve(depth)
+    if moe_spec.backend != "torch":
+        raise ValueError(f"moe.backend: {moe_spec.backend!r} is not available yet; accepted: torch")
+
+    moe_blocks = set(moe_spec.resolve_blocks(depth))
+    drop_blocks = set(drop_spec.resolve_blocks(depth)) if drop_spec is not None else set()
+    task_names = list(tasks)
+    blocks = []
+    for index, block in enumerate(backbone.blocks):
+        mlp = None
+        if index in moe_blocks:
+            experts = Experts.upcycle(block.mlp, moe_spec.num_experts, moe_spec.hidden_features)
+            router = TaskRouter(backbone.embed_dim, moe_spec.num_experts, moe_spec.top_k, task_names,
+                                mode=moe_spec.router, renormalize=moe_spec.renormalize)
+            mlp = MoEMlp(router.to(experts.fc1_weight.device), experts, moe_spec.capacity_factor,
+                         dispatcher=dispatch_grouped)
+        keep_rate = drop_spec.keep_rate if index in drop_blocks else None
+        fuse = drop_spec.fuse if drop_spec is not None else True
+        blocks.append(MoEViTBlock(block, mlp, keep_rate, fuse, backbone.num_prefix_tokens))
+    backbone.blocks = nn.Sequential(*blocks)
+
+    heads = {name: _build_head(name, head, backbone.num_features) for name, head in tasks.items()}
+    moevit = MoEViT(backbone, heads)
+    moevit.apply_bsr(resolved_plan)
+    return moevit

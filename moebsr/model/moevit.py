@@ -1,0 +1,208 @@
+"""MoE-ViT: a timm ViT/DeiT with per-task routed MoE blocks, token dropping, BSR and one head per task.
+
+Data flow of ``forward(images, tasks)``: the stem and the blocks before the first trainable one run under
+``torch.no_grad()`` (they keep no activations); up to the first per-task-routed MoE MLP every task shares
+one pass over the images (including its token-dropping decisions); from there the batch is stacked once per
+task (rows ``[t*B, (t+1)*B)`` belong to task t) so every later layer, expert dispatch included, still runs as
+one batched computation; the pooled features of each task's rows go to that task's head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.checkpoint import checkpoint
+
+from .block import MoEViTBlock
+from .bsr import ResolvedBSRPlan, SUBLAYERS, set_requires_grad
+from .moe import MoEMlp, TaskRows
+from .token_drop import num_kept_tokens
+
+HeadFactory = Union[int, nn.Module, Callable[[int], nn.Module]]
+
+
+class MoEViT(nn.Module):
+    """Multitask MoE-ViT around a timm ``VisionTransformer`` (``backbone``) whose blocks were replaced.
+
+    Build it with :func:`moebsr.model.create_moevit`. ``backbone`` keeps timm's module names, so
+    ``backbone.state_dict()`` outside the MoE MLPs is a timm state dict.
+    """
+
+    def __init__(self, backbone: VisionTransformer, heads: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(dict(heads))
+        self.grad_checkpointing = False
+
+    # ---- introspection -------------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> Sequence[MoEViTBlock]:
+        return self.backbone.blocks  # type: ignore[return-value]
+
+    @property
+    def depth(self) -> int:
+        return len(self.backbone.blocks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.heads)
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        return self.backbone.pretrained_cfg
+
+    @property
+    def moe_blocks(self) -> tuple[int, ...]:
+        return tuple(i for i, block in enumerate(self.blocks) if block.is_moe)
+
+    @property
+    def token_drop_blocks(self) -> tuple[int, ...]:
+        return tuple(i for i, block in enumerate(self.blocks) if block.drops_tokens)
+
+    def moe_layers(self) -> dict[int, MoEMlp]:
+        return {i: block.mlp for i, block in enumerate(self.blocks) if block.is_moe}
+
+    def stem_parameters(self) -> list[nn.Parameter]:
+        backbone = self.backbone
+        tokens = [getattr(backbone, name, None) for name in ("cls_token", "reg_token", "pos_embed")]
+        modules = [backbone.patch_embed, backbone.norm_pre]
+        return [p for p in tokens if isinstance(p, nn.Parameter)] + [p for m in modules for p in m.parameters()]
+
+    def first_grad_block(self) -> int:
+        """Index of the first block that needs autograd; -1 if the stem does, ``depth`` if no block does.
+
+        Derived from ``requires_grad`` at every call, so freezing done by hand is honoured too.
+        """
+        if any(p.requires_grad for p in self.stem_parameters()):
+            return -1
+        for index, block in enumerate(self.blocks):
+            if any(p.requires_grad for p in block.parameters()):
+                return index
+        return self.depth
+
+    def tokens_per_block(self) -> list[int]:
+        """Tokens entering each block's MLP for the backbone's image size (after that block's dropping)."""
+        prefix = self.backbone.num_prefix_tokens
+        num_tokens = self.backbone.patch_embed.num_patches + prefix
+        counts = []
+        for block in self.blocks:
+            if block.drops_tokens:
+                patches = num_tokens - prefix
+                kept = num_kept_tokens(patches, block.keep_rate)
+                if kept < patches:
+                    num_tokens = prefix + kept + (1 if block.fuse else 0)
+            counts.append(num_tokens)
+        return counts
+
+    def set_keep_rate(self, keep_rate: Optional[float]) -> None:
+        """Use ``keep_rate`` at every block that drops tokens (e.g. to evaluate other token budgets)."""
+        for block in self.blocks:
+            if block.keep_rate is not None:
+                block.set_keep_rate(keep_rate)
+
+    # ---- BSR -----------------------------------------------------------------------------------------------
+    def apply_bsr(self, plan: ResolvedBSRPlan) -> None:
+        """Freeze everything, then unfreeze what the plan names. Heads always train."""
+        self.requires_grad_(False)
+        for index in plan.trainable_blocks:
+            for sublayer in SUBLAYERS:
+                if sublayer in plan.sublayers:
+                    set_requires_grad(self.blocks[index].sublayer_modules(sublayer), True)
+        if plan.train_final_norm:
+            set_requires_grad([self.backbone.norm, self.backbone.fc_norm], True)
+        if plan.train_embeddings:
+            set_requires_grad(self.stem_parameters(), True)
+        self.heads.requires_grad_(True)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    # ---- timm compatibility --------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        matcher = self.backbone.group_matcher(coarse)
+        return {key: _prefix_pattern(value, "backbone.") for key, value in matcher.items()}
+
+    def aux_losses(self) -> dict[int, torch.Tensor]:
+        """Load-balancing loss of each MoE layer from the latest forward."""
+        return {i: layer.aux_loss for i, layer in self.moe_layers().items() if layer.aux_loss is not None}
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of :meth:`aux_losses`; zero when there are no MoE layers."""
+        losses = list(self.aux_losses().values())
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.backbone.cls_token.device)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def check_tasks(self, tasks: Union[str, Sequence[str]]) -> list[str]:
+        task_list = [tasks] if isinstance(tasks, str) else list(tasks)
+        if not task_list:
+            raise ValueError(f"tasks: empty; accepted: one or more of {', '.join(self.heads)}")
+        for task in task_list:
+            if task not in self.heads:
+                raise ValueError(f"tasks: unknown task {task!r}; accepted: {', '.join(self.heads)}")
+        if len(set(task_list)) != len(task_list):
+            raise ValueError(f"tasks: duplicate task in {task_list}")
+        return task_list
+
+    def forward_features(self, images: torch.Tensor, tasks: Union[str, Sequence[str]]
+                         ) -> tuple[torch.Tensor, TaskRows]:
+        """Tokens after the final norm, ``[rows, N, C]``, and which rows belong to which task."""
+        task_list = self.check_tasks(tasks)
+        batch = images.shape[0]
+        grad_from = self.first_grad_block()
+        backbone = self.backbone
+        with _no_grad_if(grad_from >= 0):
+            x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images))))
+        task_rows: TaskRows = [(task_list[0], 0, batch)]  # the shared trunk: one pass, any task's gate
+        shared = True
+        for index, block in enumerate(self.blocks):
+            with _no_grad_if(index < grad_from):
+                use_checkpoint = self.grad_checkpointing and index >= grad_from and torch.is_grad_enabled()
+                x = checkpoint(block.forward_attention, x, use_reentrant=False) if use_checkpoint \
+                    else block.forward_attention(x)
+                if shared and len(task_list) > 1 and block.routes_per_task:
+                    x = x.repeat(len(task_list), 1, 1)
+                    task_rows = [(task, t * batch, (t + 1) * batch) for t, task in enumerate(task_list)]
+                    shared = False
+                x = checkpoint(block.forward_mlp, x, task_rows, use_reentrant=False) if use_checkpoint \
+                    else block.forward_mlp(x, task_rows)
+        x = backbone.norm(x)  # records nothing for autograd when frozen and fed by a no-grad trunk
+        if shared:
+            task_rows = [(task, 0, batch) for task in task_list]
+        return x, task_rows
+
+    def forward_heads(self, features: torch.Tensor, task_rows: TaskRows) -> dict[str, torch.Tensor]:
+        pooled = self.backbone.forward_head(features, pre_logits=True)
+        return {task: self.heads[task](pooled[start:end]) for task, start, end in task_rows}
+
+    def forward(self, images: torch.Tensor, tasks: Union[str, Sequence[str]]) -> dict[str, torch.Tensor]:
+        """Logits for each task in ``tasks``, all from the same images: ``{task: [B, outputs]}``."""
+        features, task_rows = self.forward_features(images, tasks)
+        return self.forward_heads(features, task_rows)
+
+
+def _no_grad_if(condition: bool) -> contextlib.AbstractContextManager:
+    return torch.no_grad() if condition else contextlib.nullcontext()
+
+
+def _prefix_pattern(value: Any, prefix: str) -> Any:
+    """Prefix timm group_matcher patterns (a regex string or a list of (regex, ...) tuples) with ``prefix``."""
+    if isinstance(value, str):
+        return "^" + prefix + value.lstrip("^")
+    return [(_prefix_pattern(pattern, prefix), *rest) for pattern, *rest in value]

@@ -1,0 +1,110 @@
+"""Top-k routers: one gate per task (M³ViT multi-gate) or one shared gate, and their balancing loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Routing:
+    """The routing decision for a flat batch of tokens.
+
+    Attributes:
+        expert_index: ``[tokens, top_k]`` chosen experts, best first.
+        expert_weight: ``[tokens, top_k]`` weight of each chosen expert (0 where a capacity cap dropped it).
+        probabilities: ``[tokens, num_experts]`` the full softmax, kept for balancing losses and analysis.
+    """
+
+    expert_index: torch.Tensor
+    expert_weight: torch.Tensor
+    probabilities: torch.Tensor
+
+
+class TaskRouter(nn.Module):
+    """Bias-free linear gates ``d -> E``, softmax, top-k.
+
+    In ``task`` mode there is one gate per task, held in ``gates[task]``; in ``shared`` mode a single gate
+    ``gates["shared"]`` serves every task. Keeping both modes in one ``ModuleDict`` keeps the state-dict
+    layout predictable (``...router.gates.<task>.weight``).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_experts: int,
+            top_k: int,
+            tasks: Sequence[str],
+            mode: str = "task",
+            renormalize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.mode = mode
+        self.renormalize = renormalize
+        gate_names = list(tasks) if mode == "task" else ["shared"]
+        self.gates = nn.ModuleDict({name: nn.Linear(dim, num_experts, bias=False) for name in gate_names})
+        for gate in self.gates.values():
+            nn.init.trunc_normal_(gate.weight, std=0.02)
+
+    @property
+    def per_task(self) -> bool:
+        return self.mode == "task"
+
+    def gate_for(self, task: str) -> nn.Linear:
+        if not self.per_task:
+            return self.gates["shared"]
+        if task not in self.gates:
+            raise ValueError(f"router: unknown task {task!r}; accepted: {', '.join(self.gates)}")
+        return self.gates[task]
+
+    def forward(self, tokens: torch.Tensor, task: str) -> Routing:
+        logits = self.gate_for(task)(tokens)
+        probabilities = logits.float().softmax(dim=-1)
+        weight, index = probabilities.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        return Routing(index, weight.to(tokens.dtype), probabilities)
+
+
+def squared_coefficient_of_variation(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """cv^2 = var / mean^2, as M³ViT (and Shazeer et al.) use it; 0 for a single expert."""
+    values = values.float()
+    if values.numel() <= 1:
+        return values.new_zeros(())
+    return values.var() / (values.mean() ** 2 + eps)
+
+
+def load_balancing_loss(routing: Routing, num_experts: int) -> torch.Tensor:
+    """cv^2(importance) + cv^2(load) for one gate's tokens (M³ViT's loss without noisy gating).
+
+    importance: the gate weight each expert received, summed over tokens (differentiable);
+    load: how many tokens each expert received (a count, so it only shifts the value).
+    """
+    weights = routing.expert_weight.float()
+    importance = weights.new_zeros(num_experts).index_add(0, routing.expert_index.reshape(-1), weights.reshape(-1))
+    assigned = (routing.expert_weight > 0).float().reshape(-1)
+    load = weights.new_zeros(num_experts).index_add(0, routing.expert_index.reshape(-1), assigned)
+    return squared_coefficient_of_variation(importance) + squared_coefficient_of_variation(load)
+
+
+def apply_capacity(routing: Routing, num_experts: int, capacity_factor: float) -> Routing:
+    """Zero the weight of assignments past each expert's capacity, all first choices before any second.
+
+    Capacity is ``ceil(capacity_factor * tokens * top_k / num_experts)``; within a choice rank earlier tokens
+    win (GShard's order). Dropped assignments keep their index but carry weight 0, so the token simply gets
+    less (or no) MoE output and passes on through the residual.
+    """
+    num_tokens, top_k = routing.expert_index.shape
+    capacity = int(torch.tensor(capacity_factor * num_tokens * top_k / num_experts).ceil().item())
+    # rank-major order: all tokens' first choice, then all second choices, ...
+    rank_major = routing.expert_index.t().reshape(-1)
+    one_hot = torch.nn.functional.one_hot(rank_major, num_experts)
+    position_in_expert = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
+    keep = (position_in_expert < capacity).reshape(top_k, num_tokens).t()
+    return Routing(routing.expert_index, routing.expert_weight * keep.to(routing.expert_weight.dtype),
+                   routing.probabilities)

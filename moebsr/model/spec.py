@@ -1,0 +1,119 @@
+"""Declarative specs for the MoE-ViT: which blocks become MoE, where tokens are dropped, and their checks.
+
+Block indices in the paper are given for a 12-block ViT (MoE at 3, 7, 11; token dropping at 3, 6, 9). A spec
+left at ``None`` takes those indices scaled to the backbone's depth, so the same config works on a 4-block
+test model and on DeiT-S.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+PAPER_DEPTH = 12
+PAPER_MOE_BLOCKS = (3, 7, 11)
+PAPER_TOKEN_DROP_BLOCKS = (3, 6, 9)
+ROUTER_MODES = ("task", "shared")
+MOE_BACKENDS = ("torch", "tutel")
+
+
+def scale_block_indices(indices: Sequence[int], depth: int, reference_depth: int = PAPER_DEPTH) -> tuple[int, ...]:
+    """Map block indices chosen for a ``reference_depth`` network onto one with ``depth`` blocks.
+
+    Index i covers the (i+1)-th twelfth of the network; it maps to the block ending closest to the same
+    fraction of the new depth, so (3, 7, 11) stays (3, 7, 11) at depth 12 and becomes (1, 3, 5) at depth 6.
+    """
+    scaled = {max(0, min(depth - 1, round((index + 1) * depth / reference_depth) - 1)) for index in indices}
+    return tuple(sorted(scaled))
+
+
+def check_block_indices(key: str, indices: Sequence[int], depth: int) -> tuple[int, ...]:
+    """Return the indices as a sorted tuple, or raise naming the key, the bad index and the valid range."""
+    checked = []
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"{key}: block index {index!r} is not an integer; accepted: integers 0..{depth - 1}")
+        if not 0 <= index < depth:
+            raise ValueError(f"{key}: block index {index} out of range; accepted: 0..{depth - 1} (depth {depth})")
+        checked.append(index)
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"{key}: duplicate block indices in {list(indices)}")
+    return tuple(sorted(checked))
+
+
+@dataclass
+class MoESpec:
+    """Where and how the dense MLPs become mixtures of experts.
+
+    Attributes:
+        blocks: Blocks whose MLP becomes MoE; ``None`` = the paper's (3, 7, 11) scaled to depth; ``()`` = none.
+        num_experts: Experts per MoE layer.
+        top_k: Experts each token is sent to.
+        hidden_features: Expert hidden width; ``None`` = the dense MLP's, which allows exact upcycling.
+        router: ``task`` = one gate per task (M³ViT multi-gate), ``shared`` = one gate for all tasks.
+        renormalize: Rescale the top-k gate weights to sum to 1. With it, an upcycled MoE layer equals the
+            dense MLP at step 0; without it (the paper's choice) the raw softmax probabilities are used.
+        capacity_factor: Cap on tokens per expert, ``ceil(factor * tokens * top_k / num_experts)``; ``None`` is
+            dropless. Assignments over the cap are dropped first-choice-first (GShard order).
+        backend: ``torch`` (built in) or ``tutel`` (optional, expert parallel).
+    """
+
+    blocks: Optional[Sequence[int]] = None
+    num_experts: int = 16
+    top_k: int = 4
+    hidden_features: Optional[int] = None
+    router: str = "task"
+    renormalize: bool = True
+    capacity_factor: Optional[float] = None
+    backend: str = "torch"
+
+    def resolve_blocks(self, depth: int) -> tuple[int, ...]:
+        if self.blocks is None:
+            return scale_block_indices(PAPER_MOE_BLOCKS, depth)
+        return check_block_indices("moe.blocks", self.blocks, depth)
+
+    def validate(self, depth: int) -> None:
+        self.resolve_blocks(depth)
+        if self.num_experts < 1:
+            raise ValueError(f"moe.num_experts: {self.num_experts} is invalid; accepted: an integer >= 1")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"moe.top_k: {self.top_k} is invalid; accepted: 1..moe.num_experts ({self.num_experts})")
+        if self.hidden_features is not None and self.hidden_features < 1:
+            raise ValueError(f"moe.hidden_features: {self.hidden_features} is invalid; accepted: >= 1 or null")
+        if self.router not in ROUTER_MODES:
+            raise ValueError(f"moe.router: unknown mode {self.router!r}; accepted: {', '.join(ROUTER_MODES)}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"moe.capacity_factor: {self.capacity_factor} is invalid; accepted: > 0 or null")
+        if self.backend not in MOE_BACKENDS:
+            raise ValueError(f"moe.backend: unknown backend {self.backend!r}; accepted: {', '.join(MOE_BACKENDS)}")
+
+
+@dataclass
+class TokenDropSpec:
+    """EViT-style token dropping by the CLS attention of the block, between its attention and its MLP.
+
+    Attributes:
+        blocks: Blocks that drop tokens; ``None`` = the paper's (3, 6, 9) scaled to depth; ``()`` = none.
+        keep_rate: Fraction of patch tokens kept, in (0, 1]; ``ceil(keep_rate * (N - 1))`` survive.
+        fuse: Fold the dropped tokens into one extra token, their CLS-attention-weighted sum (EViT).
+    """
+
+    blocks: Optional[Sequence[int]] = None
+    keep_rate: float = 0.5
+    fuse: bool = True
+
+    def resolve_blocks(self, depth: int) -> tuple[int, ...]:
+        if self.blocks is None:
+            return scale_block_indices(PAPER_TOKEN_DROP_BLOCKS, depth)
+        return check_block_indices("token_drop.blocks", self.blocks, depth)
+
+    def validate(self, depth: int) -> None:
+        self.resolve_blocks(depth)
+        check_keep_rate(self.keep_rate)
+
+
+def check_keep_rate(keep_rate: float, key: str = "token_drop.keep_rate") -> float:
+    if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0.0 < keep_rate <= 1.0:
+        raise ValueError(f"{key}: {keep_rate!r} is invalid; accepted: a number in (0, 1]")
+    return float(keep_rate)

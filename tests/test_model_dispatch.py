@@ -1,0 +1,84 @@
+import torch
+import torch.nn as nn
+
+from moebsr.model import (Experts, TaskRouter, apply_capacity, dispatch_dense_reference, dispatch_grouped,
+                          load_balancing_loss)
+
+
+def _experts(num_experts: int = 6, dim: int = 16, hidden: int = 24) -> Experts:
+    torch.manual_seed(0)
+    experts = Experts(num_experts, dim, hidden, nn.GELU()).double()
+    with torch.no_grad():  # distinct experts, so a wrong expert index would show
+        for tensor in (experts.fc1_bias, experts.fc2_bias):
+            tensor.normal_()
+    return experts
+
+
+def _routing(num_tokens: int = 50, num_experts: int = 6, top_k: int = 2, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=generator, dtype=torch.float64)
+    weight, index = logits.softmax(-1).topk(top_k, dim=-1)
+    return index, weight
+
+
+def test_grouped_dispatch_matches_the_dense_reference():
+    experts = _experts()
+    tokens = torch.randn(50, 16, dtype=torch.float64)
+    index, weight = _routing()
+    grouped = dispatch_grouped(tokens, index, weight, experts)
+    reference = dispatch_dense_reference(tokens, index, weight, experts)
+    torch.testing.assert_close(grouped, reference, rtol=0, atol=1e-12)
+
+
+def test_grouped_dispatch_gradients_match_the_reference():
+    experts = _experts()
+    tokens = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    index, weight = _routing(40)
+    weight.requires_grad_(True)
+    grads = []
+    for dispatch in (dispatch_grouped, dispatch_dense_reference):
+        experts.zero_grad()
+        out = dispatch(tokens, index, weight, experts)
+        (out * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
+        grads.append([t.grad.clone() for t in (tokens, weight)] + [p.grad.clone() for p in experts.parameters()])
+        tokens.grad = weight.grad = None
+    for grouped, reference in zip(*grads):
+        torch.testing.assert_close(grouped, reference, rtol=0, atol=1e-10)
+
+
+def test_capacity_drops_assignments_past_the_cap_first_choices_first():
+    # 4 tokens all prefer expert 0 then expert 1; capacity = ceil(0.5 * 4 * 2 / 2) = 2
+    index = torch.tensor([[0, 1]] * 4)
+    weight = torch.full((4, 2), 0.5)
+    from moebsr.model.routing import Routing
+    capped = apply_capacity(Routing(index, weight, torch.full((4, 2), 0.5)), num_experts=2, capacity_factor=0.5)
+    assert capped.expert_weight.tolist() == [[0.5, 0.5], [0.5, 0.5], [0.0, 0.0], [0.0, 0.0]]
+    experts = _experts(num_experts=2)
+    tokens = torch.randn(4, 16, dtype=torch.float64)
+    out = dispatch_grouped(tokens, index, capped.expert_weight.double(), experts)
+    assert torch.equal(out[2:], torch.zeros(2, 16, dtype=torch.float64))
+    torch.testing.assert_close(out, dispatch_dense_reference(tokens, index, capped.expert_weight.double(), experts))
+
+
+def test_load_balancing_loss_is_cv_squared_of_importance_plus_load():
+    from moebsr.model.routing import Routing
+    index = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    weight = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]], requires_grad=True)
+    loss = load_balancing_loss(Routing(index, weight, torch.zeros(3, 3)), num_experts=3)
+    importance = torch.tensor([1.8, 0.9, 0.3])
+    load = torch.tensor([3.0, 2.0, 1.0])
+    expected = importance.var() / importance.mean() ** 2 + load.var() / load.mean() ** 2
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert weight.grad.abs().sum() > 0
+
+
+def test_router_top_k_and_renormalisation():
+    torch.manual_seed(0)
+    router = TaskRouter(dim=8, num_experts=5, top_k=3, tasks=["a", "b"], renormalize=True)
+    tokens = torch.randn(10, 8)
+    routing = router(tokens, "b")
+    probabilities = (tokens @ router.gates["b"].weight.t()).softmax(-1)
+    assert torch.equal(routing.expert_index, probabilities.topk(3, -1).indices)
+    torch.testing.assert_close(routing.expert_weight.sum(-1), torch.ones(10))
+    assert not torch.equal(router(tokens, "a").expert_index, routing.expert_index)

@@ -1,0 +1,53 @@
+import pytest
+
+from moebsr.model import create_moevit
+from tiny_models import TINY_VIT, images, tiny_moevit
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(moe=dict(blocks=[1, 9])), r"moe.blocks: block index 9 out of range; accepted: 0..3"),
+    (dict(moe=dict(num_experts=4, top_k=5)), r"moe.top_k: 5 is invalid; accepted: 1..moe.num_experts \(4\)"),
+    (dict(moe=dict(router="mixed")), r"moe.router: unknown mode 'mixed'; accepted: task, shared"),
+    (dict(moe=dict(experts=4)), r"moe: unknown key\(s\) \['experts'\]"),
+    (dict(token_drop=dict(keep_rate=0)), r"token_drop.keep_rate: 0 is invalid; accepted: a number in \(0, 1\]"),
+    (dict(token_drop=dict(keep_rate=1.5)), r"token_drop.keep_rate: 1.5 is invalid"),
+    (dict(token_drop=dict(blocks=[-1])), r"token_drop.blocks: block index -1 out of range"),
+    (dict(bsr="most"), r"bsr.preset: unknown preset 'most'; accepted: paper, last_k, all, none, custom"),
+    (dict(bsr=dict(preset="last_k", last_k=7)), r"bsr.last_k: 7 is invalid; accepted: 1..4"),
+    (dict(bsr=dict(trainable_blocks=[4])), r"bsr.trainable_blocks: block index 4 out of range"),
+    (dict(bsr=dict(sublayers=["attn", "ffn"])), r"bsr.sublayers: unknown sub-layer\(s\) \['ffn'\]"),
+])
+def test_bad_specs_raise_naming_key_value_and_accepted(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_moevit(**kwargs)
+
+
+def test_unknown_task_at_forward():
+    with pytest.raises(ValueError, match=r"tasks: unknown task 'z'; accepted: a, b"):
+        tiny_moevit()(images(), ["a", "z"])
+
+
+def test_unknown_model_and_missing_checkpoint():
+    with pytest.raises(ValueError, match="model.name: unknown timm model 'vit_nope'"):
+        create_moevit("vit_nope", {"a": 2})
+    with pytest.raises(FileNotFoundError, match="model.checkpoint: no file at"):
+        create_moevit("vit_tiny_patch16_224", {"a": 2}, checkpoint_path="/nonexistent.safetensors", **TINY_VIT)
+
+
+def test_corrupt_checkpoint_is_refused_with_its_path(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.checkpoint: cannot load"):
+        create_moevit("vit_tiny_patch16_224", {"a": 2}, checkpoint_path=str(path), **TINY_VIT)
+
+
+def test_local_checkpoint_loads_offline(tmp_path):
+    from safetensors.torch import save_file
+    from tiny_models import tiny_vit
+    dense = tiny_vit(seed=3)
+    save_file(dense.state_dict(), str(tmp_path / "w.safetensors"))
+    model = create_moevit("vit_tiny_patch16_224", {"a": 2}, checkpoint_path=str(tmp_path / "w.safetensors"),
+                          **TINY_VIT)
+    assert model.backbone.pos_embed.data_ptr() != dense.pos_embed.data_ptr()
+    assert (model.backbone.pos_embed - dense.pos_embed).abs().max() == 0
+    assert (model.blocks[1].attn.qkv.weight - dense.blocks[1].attn.qkv.weight).abs().max() == 0
