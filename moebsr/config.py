@@ -1,0 +1,263 @@
+"""Run configuration: YAML files parsed into typed dataclasses, dotted ``key=value`` overrides, validation.
+
+OmegaConf's structured configs give type checking and unknown-key rejection for free; this module turns its
+errors into one line that names the key, the bad value and what is accepted, and adds the semantic checks
+(ranges, presets) that need the model's depth, before any data or weights are loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .model.bsr import BSRPlan
+from .model.spec import MoESpec, TokenDropSpec
+
+OPTIMIZERS = ("adamw", "sgd")
+SAMPLERS = ("round_robin", "proportional", "temperature", "joint")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+TRACKERS = ("tensorboard", "csv", "none")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the key, the value and what is accepted."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16_224"
+    pretrained: bool = False
+    checkpoint: Optional[str] = None  # local backbone weights (timm-loadable safetensors)
+    pretrain_config: Optional[str] = None  # config that produces `checkpoint` when it is missing
+    img_size: Optional[int] = None
+    patch_size: Optional[int] = None
+    in_chans: Optional[int] = None
+    depth: Optional[int] = None
+    embed_dim: Optional[int] = None
+    num_heads: Optional[int] = None
+    drop_path_rate: float = 0.0
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        names = ("img_size", "patch_size", "in_chans", "depth", "embed_dim", "num_heads")
+        kwargs = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if self.drop_path_rate:
+            kwargs["drop_path_rate"] = self.drop_path_rate
+        return kwargs
+
+
+@dataclass
+class MoEConfig:
+    blocks: Optional[List[int]] = None
+    num_experts: int = 16
+    top_k: int = 4
+    hidden_features: Optional[int] = None
+    router: str = "task"
+    renormalize: bool = True
+    capacity_factor: Optional[float] = None
+    backend: str = "torch"
+    aux_loss_weight: float = 0.01
+
+    def spec(self) -> MoESpec:
+        fields = {f.name for f in dataclasses.fields(MoESpec)}
+        return MoESpec(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
+
+
+@dataclass
+class BSRConfig:
+    preset: str = "paper"
+    trainable_blocks: Optional[List[int]] = None
+    last_k: int = 3
+    sublayers: List[str] = field(default_factory=lambda: ["attn", "mlp", "router", "norm"])
+    train_final_norm: Optional[bool] = None
+    train_embeddings: Optional[bool] = None
+
+    def plan(self) -> BSRPlan:
+        return BSRPlan(**dataclasses.asdict(self))
+
+
+@dataclass
+class TokenDropConfig:
+    enabled: bool = False
+    blocks: Optional[List[int]] = None
+    keep_rate: float = 0.5
+    fuse: bool = True
+
+    def spec(self) -> Optional[TokenDropSpec]:
+        return TokenDropSpec(self.blocks, self.keep_rate, self.fuse) if self.enabled else None
+
+
+@dataclass
+class DataConfig:
+    task_dirs: List[str] = field(default_factory=list)  # extra folders of task files
+    task_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-task factory options
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    layer_decay: Optional[float] = None
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    steps: int = 100
+    warmup_steps: int = 10
+    grad_clip: Optional[float] = 1.0
+    grad_accum_steps: int = 1
+    mixed_precision: str = "no"
+    sampler: str = "round_robin"
+    temperature: float = 2.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None  # a checkpoint folder or "latest"
+    max_bad_steps: int = 5  # consecutive non-finite losses before aborting
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    every: int = 0  # 0: only at the end
+    batch_size: int = 256
+    max_examples: Optional[int] = None
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    tasks: List[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    bsr: BSRConfig = field(default_factory=BSRConfig)
+    token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _omegaconf_message(error: OmegaConfBaseException, source: str) -> str:
+    key = getattr(error, "full_key", None) or "?"
+    message = (getattr(error, "msg", None) or str(error)).strip().splitlines()[0]
+    if "not in struct" in message or ("Key '" in message and "not in" in message):
+        section = _schema_section(key.rsplit(".", 1)[0] if "." in key else "")
+        accepted = ", ".join(f.name for f in dataclasses.fields(section)) if section is not None else "see config.py"
+        return f"{source}: unknown key {key!r}; accepted here: {accepted}"
+    return f"{source}: {key}: {message}"
+
+
+def _schema_section(section: str) -> Any:
+    """The default dataclass instance at a dotted section of :class:`RunConfig`, or None."""
+    node: Any = RunConfig()
+    for part in filter(None, section.split(".")):
+        node = getattr(node, part, None)
+        if not dataclasses.is_dataclass(node):
+            return None
+    return node
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Parse a YAML file plus ``key=value`` overrides into a :class:`RunConfig` and validate it."""
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config: no file at {os.fspath(path)!r}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as error:  # YAML syntax
+            raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from error
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r}: expected key=value, e.g. train.steps=100")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_omegaconf_message(error, os.fspath(path) if path else "overrides")) from None
+    validate_config(config)
+    return config
+
+
+def _choice(key: str, value: Any, accepted: Sequence[Any]) -> None:
+    if value not in accepted:
+        raise ConfigError(f"{key}: {value!r} is invalid; accepted: {', '.join(map(str, accepted))}")
+
+
+def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
+    if value is None or (value < 0 if allow_zero else value <= 0):
+        raise ConfigError(f"{key}: {value!r} is invalid; accepted: a number {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate_config(config: RunConfig) -> None:
+    """Checks that need no model or data. Model-shape checks run in :func:`validate_against_model`."""
+    if not config.tasks:
+        raise ConfigError("tasks: empty; accepted: a list of task names (see `moebsr tasks`)")
+    if len(set(config.tasks)) != len(config.tasks):
+        raise ConfigError(f"tasks: duplicate names in {config.tasks}")
+    train = config.train
+    _choice("train.optimizer", train.optimizer, OPTIMIZERS)
+    _choice("train.sampler", train.sampler, SAMPLERS)
+    _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
+    for key in ("batch_size", "steps", "grad_accum_steps", "keep_checkpoints", "max_bad_steps"):
+        _positive(f"train.{key}", getattr(train, key))
+    for key in ("lr", "temperature"):
+        _positive(f"train.{key}", getattr(train, key))
+    for key in ("warmup_steps", "checkpoint_every", "weight_decay", "min_lr", "label_smoothing"):
+        _positive(f"train.{key}", getattr(train, key), allow_zero=True)
+    if train.grad_clip is not None:
+        _positive("train.grad_clip", train.grad_clip)
+    if train.layer_decay is not None and not 0 < train.layer_decay <= 1:
+        raise ConfigError(f"train.layer_decay: {train.layer_decay!r} is invalid; accepted: (0, 1] or null")
+    if not 0 <= train.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing: {train.label_smoothing!r} is invalid; accepted: [0, 1)")
+    _positive("eval.batch_size", config.eval.batch_size)
+    _positive("eval.every", config.eval.every, allow_zero=True)
+    _positive("logging.log_every", config.logging.log_every)
+    for tracker in config.logging.trackers:
+        _choice("logging.trackers", tracker, TRACKERS)
+    _positive("data.num_workers", config.data.num_workers, allow_zero=True)
+    _positive("moe.aux_loss_weight", config.moe.aux_loss_weight, allow_zero=True)
+    from .model.spec import check_keep_rate
+    try:
+        check_keep_rate(config.token_drop.keep_rate)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def validate_against_model(config: RunConfig, depth: int) -> None:
+    """Block indices, top-k, presets: checks that depend on the backbone's depth."""
+    try:
+        config.moe.spec().validate(depth)
+        spec = config.token_drop.spec()
+        if spec is not None:
+            spec.validate(depth)
+        config.bsr.plan().validate(depth)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    OmegaConf.save(OmegaConf.structured(config), path)

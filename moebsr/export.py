@@ -1,0 +1,129 @@
+"""Export a finished run (``model.safetensors`` + ``config.json`` + a model card) and load it back."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import CheckpointError, list_checkpoints
+from .config import RunConfig, config_to_dict
+from .model import MoEViT
+
+MODEL_FILE = "model.safetensors"
+BACKBONE_FILE = "backbone.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _contiguous_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().contiguous().cpu() for key, value in state.items()}
+
+
+def export_run(output_dir: str | os.PathLike, model: MoEViT, config: RunConfig,
+               task_outputs: Mapping[str, int], metrics: Mapping[str, Mapping[str, float]]) -> Path:
+    """Write the exported model. A dense model also gets ``backbone.safetensors`` in timm's key layout, which
+    ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` and ``model.checkpoint`` load."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    state = _contiguous_state(model.state_dict())
+    temporary = output / f".{MODEL_FILE}.tmp"
+    save_file(state, str(temporary), metadata={"format": "pt", "library": "moebsr"})
+    os.replace(temporary, output / MODEL_FILE)
+    if not model.moe_blocks:
+        backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        save_file(backbone, str(output / f".{BACKBONE_FILE}.tmp"), metadata={"format": "pt"})
+        os.replace(output / f".{BACKBONE_FILE}.tmp", output / BACKBONE_FILE)
+    document = dict(config=config_to_dict(config), task_outputs=dict(task_outputs),
+                    metrics={t: dict(m) for t, m in metrics.items()}, library="moebsr")
+    _atomic_write_text(output / CONFIG_FILE, json.dumps(document, indent=2))
+    _atomic_write_text(output / "README.md", model_card(config, task_outputs, metrics, model))
+    return output / MODEL_FILE
+
+
+def model_card(config: RunConfig, task_outputs: Mapping[str, int], metrics: Mapping[str, Mapping[str, float]],
+               model: MoEViT) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    lines = [
+        f"# moebsr run: {Path(config.train.output_dir).name}", "",
+        f"- backbone: `{config.model.name}` ({model.depth} blocks), MoE blocks {list(model.moe_blocks)} "
+        f"({config.moe.num_experts} experts, top-{config.moe.top_k}, router `{config.moe.router}`)",
+        f"- trainable blocks: {list(config.bsr.plan().resolve(model.depth).trainable_blocks)} "
+        f"(preset `{config.bsr.preset}`); trainable parameters {trainable:,} of {total:,}",
+        f"- token dropping: blocks {list(model.token_drop_blocks)}, keep rate {config.token_drop.keep_rate}, "
+        f"fuse {config.token_drop.fuse}" if config.token_drop.enabled else "- token dropping: off",
+        f"- steps: {config.train.steps}, batch {config.train.batch_size}, lr {config.train.lr}, "
+        f"sampler `{config.train.sampler}`", "",
+        "| task | outputs | " + " | ".join(sorted({m for v in metrics.values() for m in v})) + " |",
+    ]
+    metric_names = sorted({m for v in metrics.values() for m in v})
+    lines.append("|---|---|" + "---|" * len(metric_names))
+    for task, outputs in task_outputs.items():
+        values = [f"{metrics.get(task, {}).get(m, float('nan')):.4f}" for m in metric_names]
+        lines.append(f"| {task} | {outputs} | " + " | ".join(values) + " |")
+    lines += ["", "Evaluate: `moebsr eval --run <this folder>`."]
+    return "\n".join(lines) + "\n"
+
+
+def read_run_document(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"--run: {os.fspath(run_dir)!r} has no {CONFIG_FILE}; accepted: a run folder written "
+                              "by launch/multitask.py (it holds config.json and model.safetensors)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"--run: {path} is corrupt: {error}") from None
+
+
+def find_weights(run_dir: str | os.PathLike) -> Path:
+    """The exported weights, or those of the newest complete checkpoint of an unfinished run."""
+    exported = Path(run_dir) / MODEL_FILE
+    if exported.is_file():
+        return exported
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints and (checkpoints[-1] / MODEL_FILE).is_file():
+        return checkpoints[-1] / MODEL_FILE
+    raise CheckpointError(f"--run: no {MODEL_FILE} in {os.fspath(run_dir)!r} nor in any complete checkpoint")
+
+
+def load_weights(model: MoEViT, path: Path) -> None:
+    """Load a state dict strictly; a truncated file or a different model config is refused, saying which."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"checkpoint {path}: corrupt or truncated file ({error})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        details = "; ".join(f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+                            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                ("wrong shape", wrong_shape)) if keys)
+        raise CheckpointError(f"checkpoint {path}: does not match the model config ({details})")
+    model.load_state_dict(state)
+
+
+def load_exported_model(run_dir: str | os.PathLike, heads: Optional[Mapping[str, Any]] = None,
+                        weights: Optional[Path] = None) -> tuple[MoEViT, RunConfig, dict[str, Any]]:
+    """Rebuild the run's model from its config and load its weights (no pretrained download)."""
+    from omegaconf import OmegaConf
+
+    from .build import model_from_config
+    document = read_run_document(run_dir)
+    config: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), document["config"]))
+    model = model_from_config(config, heads or document["task_outputs"], load_weights=False)
+    load_weights(model, weights or find_weights(run_dir))
+    return model, config, document

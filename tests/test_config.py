@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from moebsr.build import check_config_against_model
+from moebsr.config import ConfigError, RunConfig, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "quickstart_full", "pretrain", "paper_bsr", "paper_full",
+                                  "paper_lastk"])
+def test_shipped_configs_parse_and_fit_their_model(name):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert isinstance(config, RunConfig) and config.tasks
+    check_config_against_model(config)
+
+
+def test_paper_configs_differ_only_in_what_trains():
+    bsr, full, lastk = (load_config(CONFIGS / f"paper_{n}.yaml") for n in ("bsr", "full", "lastk"))
+    assert bsr.model == full.model == lastk.model and bsr.moe == full.moe == lastk.moe
+    assert bsr.tasks == full.tasks == ["cifar10", "cifar100", "pets", "flowers102", "food101"]
+    assert bsr.bsr.plan().resolve(12).trainable_blocks == (3, 7, 11)
+    assert full.bsr.plan().resolve(12).trainable_blocks == tuple(range(12)) and not full.token_drop.enabled
+    assert lastk.bsr.plan().resolve(12).trainable_blocks == (9, 10, 11)
+    assert bsr.token_drop.enabled and bsr.token_drop.blocks == [3, 6, 9] and bsr.token_drop.keep_rate == 0.5
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(CONFIGS / "quickstart.yaml", ["train.steps=7", "moe.blocks=[1,2]", "token_drop.fuse=false",
+                                                       "data.task_options.digits.seed=3"])
+    assert config.train.steps == 7 and config.moe.blocks == [1, 2] and config.token_drop.fuse is False
+    assert config.data.task_options == {"digits": {"seed": 3}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", r"unknown key 'train.stepz'; accepted here: output_dir, batch_size"),
+    ("bogus=1", r"unknown key 'bogus'; accepted here: tasks, model, moe"),
+    ("train.steps=many", r"train.steps: Value 'many' of type 'str' could not be converted to Integer"),
+    ("train.batch_size=-4", r"train.batch_size: -4 is invalid; accepted: a number > 0"),
+    ("train.sampler=random", r"train.sampler: 'random' is invalid; accepted: round_robin, proportional"),
+    ("token_drop.keep_rate=0", r"token_drop.keep_rate: 0.0 is invalid; accepted: a number in \(0, 1\]"),
+    ("token_drop.keep_rate=1.5", r"token_drop.keep_rate: 1.5 is invalid"),
+    ("train.mixed_precision=fp8", r"train.mixed_precision: 'fp8' is invalid; accepted: no, bf16, fp16"),
+    ("tasks=[]", r"tasks: empty"),
+    ("train.steps", r"expected key=value"),
+])
+def test_bad_values_are_rejected_naming_key_and_value(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "quickstart.yaml", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("moe.top_k=9", r"moe.top_k: 9 is invalid; accepted: 1..moe.num_experts \(8\)"),
+    ("moe.blocks=[2,6]", r"moe.blocks: block index 6 out of range; accepted: 0..5"),
+    ("bsr.preset=most", r"bsr.preset: unknown preset 'most'"),
+    ("bsr.trainable_blocks=[7]", r"bsr.trainable_blocks: block index 7 out of range"),
+    ("model.name=resnet_nope", r"model.name: unknown timm model 'resnet_nope'"),
+])
+def test_model_dependent_values_are_rejected_before_building(override, message):
+    config = load_config(CONFIGS / "quickstart.yaml", [override])
+    with pytest.raises(ConfigError, match=message):
+        check_config_against_model(config)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="--config: no file at"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tasks: [a\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(CONFIGS / "quickstart.yaml", ["train.steps=9"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
