@@ -8,7 +8,10 @@ FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which does not see
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence, Union
+import gc
+import statistics
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -81,3 +84,112 @@ def saved_activation_bytes(model: MoEViT, images: torch.Tensor, labels: dict[str
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
+
+
+# ---- whole-step profile -------------------------------------------------------------------------------------
+
+def _read_status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux resets the VmHWM high-water mark when "5" is written to clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+    """Bytes the optimizer keeps; before its first step, what it *will* keep (AdamW: 2 fp32 tensors per
+    trainable parameter, SGD with momentum: 1)."""
+    held = sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if torch.is_tensor(value) and value.dim() > 0)
+    if held:
+        return held
+    per_parameter = 2 if isinstance(optimizer, torch.optim.AdamW) else 1
+    return per_parameter * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
+
+def measure_peak_memory(step_fn: Callable[[], None], device: torch.device, resident_bytes: int) -> tuple[int, str]:
+    """Peak memory of a training step, model included.
+
+    CUDA: ``max_memory_allocated`` over the step (parameters, activations, gradients, optimizer state). CPU has
+    no allocator statistics, so: ``resident_bytes`` (the parameters) plus the rise of the process's peak
+    resident set (VmHWM, reset just before) above its resident set at the start of the step. Only meaningful in a
+    fresh process: memory freed by earlier work is reused without raising the peak. ``moebsr profile`` and the
+    benchmarks run one configuration per process for that reason.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step_fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    gc.collect()
+    if _reset_peak_rss():
+        before = _read_status_kib("VmRSS") or 0
+        step_fn()
+        peak = _read_status_kib("VmHWM") or 0
+        return resident_bytes + max(0, peak - before) * 1024, "cpu_parameters_plus_peak_rss_rise"
+    step_fn()
+    return -1, "unavailable"
+
+
+def profile_step(model: MoEViT, tasks: Sequence[str], batch_size: int, optimizer: torch.optim.Optimizer,
+                 steps: int = 5, warmup: int = 2, aux_weight: float = 0.01) -> dict[str, Any]:
+    """Everything ``moebsr profile`` reports, for one training step on synthetic images and labels."""
+    device = next(model.parameters()).device
+    image_size = int(model.backbone.patch_embed.img_size[0])
+    in_chans = int(model.backbone.patch_embed.proj.in_channels)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, in_chans, image_size, image_size, generator=generator).to(device)
+    labels = {t: v.to(device) for t, v in synthetic_labels(model, tasks, batch_size).items()}
+    trainable, total = count_parameters(model)
+
+    def step() -> None:
+        training_loss(model, images, labels, aux_weight).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # first, in a fresh process: later passes leave freed memory the allocator would reuse unseen
+    peak_bytes, peak_source = measure_peak_memory(step, device, parameter_bytes)
+    train_flops = training_step_flops(model, images, labels)
+    model.eval()
+    infer_flops = inference_flops(model, images, list(tasks))
+    model.train()
+    saved_bytes = saved_activation_bytes(model, images, labels)
+    times = []
+    for index in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state_bytes = optimizer_state_bytes(optimizer, model)
+    return dict(
+        tasks=list(tasks), batch_size=batch_size, image_size=image_size, device=str(device),
+        trainable_params=trainable, total_params=total,
+        train_flops_per_image=train_flops / batch_size, infer_flops_per_image=infer_flops / batch_size,
+        saved_activation_bytes_per_image=saved_bytes / batch_size,
+        parameter_bytes=parameter_bytes, gradient_bytes=gradient_bytes, optimizer_state_bytes=state_bytes,
+        train_memory_bytes=saved_bytes + parameter_bytes + gradient_bytes + state_bytes,
+        peak_memory_bytes=peak_bytes, peak_memory_source=peak_source,
+        step_time_s=statistics.median(times), step_times_s=times, torch_threads=torch.get_num_threads(),
+        tokens_per_block=model.tokens_per_block(),
+    )
