@@ -1,0 +1,108 @@
+"""Image datasets through ``datasets``: the Hugging Face hub, or the same data stored locally.
+
+Offline, a hub load fails with one line that says how to provide the data (``data_dir=``). The network check is
+cheap: ``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE`` make ``datasets`` fail at once (or use its cache); otherwise a
+2-second connection probe replaces ``datasets``' ~47 s of DNS retries on a machine without network.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from ..tasks.errors import DatasetUnavailableError
+
+PathLike = Union[str, os.PathLike]
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _env_offline() -> bool:
+    return any(os.environ.get(var, "").lower() in _TRUE for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _how_to_provide(task: str, hub_name: str) -> str:
+    return (f"download it where there is a network (datasets.load_dataset({hub_name!r}).save_to_disk(DIR)), "
+            f"or put its splits as parquet files or class folders in DIR, then pass data_dir=DIR "
+            f"(config: data.task_options.{task}.data_dir=DIR)")
+
+
+@functools.lru_cache(maxsize=16)
+def _load_local(data_dir: str) -> Any:
+    import datasets
+    if (Path(data_dir) / "dataset_dict.json").is_file():
+        return datasets.load_from_disk(data_dir)
+    if (Path(data_dir) / "dataset_info.json").is_file() and (Path(data_dir) / "state.json").is_file():
+        return datasets.DatasetDict({"train": datasets.load_from_disk(data_dir)})
+    return datasets.load_dataset(data_dir)  # parquet / csv / image folders: the builder is inferred from the files
+
+
+@functools.lru_cache(maxsize=16)
+def _load_parquet(files: tuple[tuple[str, tuple[str, ...]], ...]) -> Any:
+    import datasets
+    return datasets.load_dataset("parquet", data_files={split: list(paths) for split, paths in files})
+
+
+@functools.lru_cache(maxsize=16)
+def _load_hub(hub_name: str, revision: Optional[str]) -> Any:
+    import datasets
+    return datasets.load_dataset(hub_name, revision=revision)
+
+
+def select_split(splits: Mapping[str, Any], expression: str, task: str, origin: str) -> Any:
+    """``expression`` is a split name or ``a+b`` (concatenated, e.g. Flowers-102's ``train+validation``)."""
+    import datasets
+    parts = []
+    for name in expression.split("+"):
+        if name not in splits:
+            raise DatasetUnavailableError(f"task {task!r}: {origin} has no split {name!r}; it has "
+                                          f"{', '.join(splits) or 'none'}")
+        parts.append(splits[name])
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def load_image_dataset(task: str, hub_name: str, split: str, *, data_dir: Optional[PathLike] = None,
+                       parquet: Optional[Mapping[str, Union[PathLike, Sequence[PathLike]]]] = None,
+                       revision: Optional[str] = None) -> Any:
+    """The ``split`` expression of a dataset: from ``data_dir`` (``save_to_disk`` output, parquet files named by
+    split, or image folders), from ``parquet`` (split -> file(s)), or else from the hub as ``hub_name``.
+
+    Raises:
+        DatasetUnavailableError: the data cannot be loaded here; the message says how to provide it.
+    """
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise DatasetUnavailableError(f"task {task!r}: data_dir {str(folder)!r} does not exist or is not a folder")
+        return select_split(_load_local(str(folder.resolve())), split, task, f"data_dir {str(folder)!r}")
+    if parquet is not None:
+        files = []
+        for name, paths in parquet.items():
+            paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+            missing = [str(p) for p in paths if not Path(p).expanduser().is_file()]
+            if missing:
+                raise DatasetUnavailableError(f"task {task!r}: parquet file(s) for split {name!r} not found: "
+                                              f"{', '.join(missing)}")
+            files.append((name, tuple(str(Path(p).expanduser().resolve()) for p in paths)))
+        return select_split(_load_parquet(tuple(sorted(files))), split, task, "the parquet files")
+    if not _env_offline() and not _hub_reachable():
+        raise DatasetUnavailableError(f"task {task!r}: the Hugging Face hub is unreachable, so {hub_name!r} cannot "
+                                      f"be downloaded; {_how_to_provide(task, hub_name)}")
+    try:
+        splits = _load_hub(hub_name, revision)
+    except (ConnectionError, OSError) as error:  # offline mode and not cached, or a network failure
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DatasetUnavailableError(f"task {task!r}: could not load {hub_name!r} offline or from the hub "
+                                      f"({reason}); {_how_to_provide(task, hub_name)}") from None
+    return select_split(splits, split, task, f"hub dataset {hub_name!r}")

@@ -1,0 +1,197 @@
+"""Batches for training and evaluation: ``{"images": float [B, C, H, W], "labels": int64 [B]}`` per task, or
+``{"images": ..., "labels": {task: int64 [B]}}`` for tasks that label the same images (joint batches).
+
+Two paths, chosen by the dataset:
+- uint8 tensor datasets (the packaged grey datasets): index the tensor, augment, resize and normalise the whole
+  batch at once in the calling process; ``num_workers`` is not used (the batch costs less than a worker hand-off).
+- per-image datasets (hub datasets, image folders): a ``torch.utils.data.DataLoader`` with ``num_workers`` decodes
+  and transforms each image (timm's ``create_transform`` unless the task gives its own).
+
+Resume: the batch order is a pure function of ``(seed, epoch)``, and each batch's random augmentation of
+``(seed, epoch, batch)``, so ``state_dict()`` is just ``{"epoch", "position"}`` (``position`` = batches already
+yielded in the epoch). Save it with the checkpoint and ``load_state_dict`` it after building the same loader; the
+next batch is then exactly the one the interrupted run would have produced.
+
+Sharding is done here, not by ``accelerate.prepare``: pass ``process_index``/``num_processes``; every process gets
+the same number of batches (see ``EpochBatchSampler``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..tasks.errors import TaskError
+from ..tasks.spec import BatchAugment, Task
+from .batch_ops import augment_batch, to_model_batch
+from .image_datasets import ItemImageDataset, TensorImageDataset, to_pil
+from .image_spec import ImageSpec
+from .sampler import EpochBatchSampler
+from .transforms import default_transform
+
+Batch = dict[str, Any]
+
+
+class _TransformedItems:
+    """Dataset for the DataLoader: item ``(index, seed)`` -> ``(image tensor, index)``; a seed fixes the random
+    transform of that image, whatever worker runs it (labels are attached in the main process)."""
+
+    def __init__(self, dataset: ItemImageDataset, transform: Callable, in_chans: int, where: str) -> None:
+        self.dataset, self.transform, self.in_chans, self.where = dataset, transform, in_chans, where
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, Optional[int]]) -> tuple[torch.Tensor, int]:
+        index, seed = item
+        image = to_pil(self.dataset.get_image(index), self.in_chans, f"{self.where}, example {index}")
+        if seed is None:
+            tensor = self.transform(image)
+        else:
+            python_state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                random.seed(seed)
+                torch.manual_seed(seed)
+                tensor = self.transform(image)
+            random.setstate(python_state)
+        if not isinstance(tensor, torch.Tensor):
+            raise TaskError(f"{self.where}: the image transform returned {type(tensor).__name__}; expected a tensor")
+        return tensor, index
+
+
+def _collate(items: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([image for image, _ in items]), torch.tensor([index for _, index in items])
+
+
+class BatchLoader:
+    """Batches of one dataset, labelled for one task or (``joint``) several; iterate for the rest of the epoch,
+    or call ``next_batch()`` to cycle through epochs forever."""
+
+    def __init__(self, dataset: Union[TensorImageDataset, ItemImageDataset], labels: Mapping[str, torch.Tensor],
+                 image_spec: Union[ImageSpec, Mapping[str, Any]], batch_size: int, train: bool, seed: int = 0,
+                 num_workers: int = 0, drop_last: Optional[bool] = None, augment: BatchAugment = BatchAugment(),
+                 transform: Optional[Callable] = None, process_index: int = 0, num_processes: int = 1,
+                 joint: bool = False, name: str = "loader") -> None:
+        self.dataset, self.labels, self.train, self.joint, self.name = dataset, dict(labels), train, joint, name
+        self.image_spec = ImageSpec.coerce(image_spec)
+        self.augment, self.num_workers = augment, num_workers
+        self.transform = transform
+        self.sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed,
+                                         drop_last=train if drop_last is None else drop_last,
+                                         process_index=process_index, num_processes=num_processes)
+        self.epoch = 0
+        self.position = 0
+        self._cycle: Optional[Iterator[Batch]] = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The batches left in the current epoch; finishing it moves to the next epoch."""
+        source = self._tensor_batches if isinstance(self.dataset, TensorImageDataset) else self._item_batches
+        for number, images, indices in source(self.epoch, self.position):
+            self.position = number + 1
+            yield self._batch(images, indices)
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def next_batch(self) -> Batch:
+        """The next batch, crossing epoch boundaries (for step-based training loops)."""
+        while True:
+            if self._cycle is None:
+                self._cycle = iter(self)
+            try:
+                return next(self._cycle)
+            except StopIteration:
+                self._cycle = None
+
+    def _batch(self, images: torch.Tensor, indices: torch.Tensor) -> Batch:
+        labels = {task: values[indices] for task, values in self.labels.items()}
+        return {"images": images, "labels": labels if self.joint else next(iter(labels.values()))}
+
+    def _tensor_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        augment = self.train and (self.augment.crop_padding > 0 or self.augment.hflip)
+        for number, indices in self.sampler.batches(epoch, start):
+            images = self.dataset.images[indices]
+            if augment:
+                generator = torch.Generator().manual_seed(self.sampler.batch_seed(epoch, number))
+                images = augment_batch(images, self.augment, generator)
+            yield number, to_model_batch(images, self.image_spec), indices
+
+    def _item_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        transform = (self.transform or default_transform)(self.image_spec, self.train)
+        numbered = list(self.sampler.batches(epoch, start))
+        batches = []
+        for number, indices in numbered:
+            seeds = [self.sampler.batch_seed(epoch, number) + i if self.train else None for i in range(len(indices))]
+            batches.append(list(zip(indices.tolist(), seeds)))
+        loader = DataLoader(_TransformedItems(self.dataset, transform, self.image_spec.in_chans, self.name),
+                            batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate)
+        for (number, _), (images, indices) in zip(numbered, loader):
+            yield number, images, indices
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "num_examples": len(self.dataset),
+                "batch_size": self.batch_size, "seed": self.sampler.seed}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue where a saved loader stopped; it must describe the same data, batch size and seed."""
+        for key in ("num_examples", "batch_size", "seed"):
+            if key in state and int(state[key]) != self.state_dict()[key]:
+                raise ValueError(f"{self.name}: cannot resume: saved {key}={state[key]}, this loader has "
+                                 f"{self.state_dict()[key]}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._cycle = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position, self._cycle = epoch, 0, None
+
+
+def build_task_loader(task: Task, split: str, image_spec: Union[ImageSpec, Mapping[str, Any]], batch_size: int,
+                      train: bool, seed: int = 0, num_workers: int = 0, drop_last: Optional[bool] = None,
+                      process_index: int = 0, num_processes: int = 1) -> BatchLoader:
+    """Batches ``{"images", "labels"}`` of one task's split. ``train`` shuffles, augments and (by default) drops
+    the last short batch; evaluation keeps dataset order."""
+    dataset = task.build_dataset(split)
+    transform = task.train_transform if train else task.eval_transform
+    return BatchLoader(dataset, {task.name: dataset.labels}, image_spec, batch_size, train, seed, num_workers,
+                       drop_last, task.batch_augment, transform, process_index, num_processes,
+                       name=f"task {task.name!r}, split {split!r}")
+
+
+def build_joint_loader(tasks: Sequence[Task], split: str, image_spec: Union[ImageSpec, Mapping[str, Any]],
+                       batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
+                       drop_last: Optional[bool] = None, process_index: int = 0, num_processes: int = 1) -> BatchLoader:
+    """One image batch labelled for every task in ``tasks``: ``{"images", "labels": {task: labels}}``.
+
+    Raises:
+        TaskError: the tasks do not declare the same ``shared_dataset``, or their datasets differ in size.
+    """
+    if not tasks:
+        raise TaskError("joint loader: no tasks given")
+    keys = {task.name: task.shared_dataset for task in tasks}
+    if len(tasks) > 1 and (None in keys.values() or len(set(keys.values())) != 1):
+        raise TaskError(f"joint loader: tasks {list(keys)} do not share a dataset (shared_dataset keys {keys}); "
+                        "only tasks with the same shared_dataset can share image batches")
+    datasets = {task.name: task.build_dataset(split) for task in tasks}
+    first = tasks[0]
+    reference = datasets[first.name]
+    for name, dataset in datasets.items():
+        same_images = (type(dataset) is type(reference) and len(dataset) == len(reference) and
+                       (not isinstance(dataset, TensorImageDataset) or dataset.images.shape == reference.images.shape))
+        if not same_images:
+            raise TaskError(f"joint loader: task {name!r} has {len(dataset)} {split} examples but {first.name!r} has "
+                            f"{len(reference)}; tasks sharing {keys[first.name]!r} must label the same images")
+    augment = first.batch_augment
+    for task in tasks[1:]:
+        augment = augment.intersect(task.batch_augment)
+    transform = first.train_transform if train else first.eval_transform
+    return BatchLoader(reference, {name: dataset.labels for name, dataset in datasets.items()}, image_spec,
+                       batch_size, train, seed, num_workers, drop_last, augment, transform, process_index,
+                       num_processes, joint=True, name=f"joint loader {list(keys)}, split {split!r}")
