@@ -1,0 +1,98 @@
+"""Short ways for task files to build the common kinds of task: packaged offline data, hub datasets, image folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from .errors import DatasetUnavailableError, TaskError
+from .spec import SPLITS, Task
+
+PathLike = Union[str, os.PathLike]
+
+
+def packaged_task(name: str, source: str, num_outputs: int, *, test_fraction: float = 0.2, seed: int = 0,
+                  **fields: Any) -> Task:
+    """A task on a dataset shipped in a pip package (``moebsr.data.packaged.SOURCES``), split with a fixed seed.
+
+    The default ``shared_dataset`` key names source, fraction and seed, so tasks on the same split share batches.
+    """
+    from ..data.packaged import SOURCES, packaged_split
+    if source not in SOURCES:
+        raise TaskError(f"task {name!r}: unknown packaged source {source!r}; known: {', '.join(SOURCES)}")
+    fields.setdefault("shared_dataset", f"{source}:test{test_fraction:g}:seed{seed}")
+    fields.setdefault("source", f"package {SOURCES[source][1]}")
+    return Task(name=name, num_outputs=num_outputs,
+                dataset_fn=lambda split: packaged_split(source, split, test_fraction, seed), **fields)
+
+
+def hub_task(name: str, hub_name: str, num_outputs: int, *, splits: Optional[Mapping[str, str]] = None,
+             data_dir: Optional[PathLike] = None, parquet: Optional[Mapping[str, Any]] = None,
+             revision: Optional[str] = None, **fields: Any) -> Task:
+    """A task on a Hugging Face hub dataset, or on the same data stored locally (``data_dir`` or ``parquet``).
+
+    Args:
+        splits: Our split (``train``/``test``) -> the dataset's split expression (``train+validation``...).
+    """
+    from ..data.hub import load_image_dataset
+    splits = dict(splits or {split: split for split in SPLITS})
+
+    def dataset_fn(split: str) -> Any:
+        return load_image_dataset(name, hub_name, splits[split], data_dir=data_dir, parquet=parquet,
+                                  revision=revision)
+    local = data_dir is not None or parquet is not None
+    fields.setdefault("source", f"local {data_dir}" if data_dir is not None else
+                      "local parquet" if parquet is not None else f"hub {hub_name}")
+    fields.setdefault("size_hint", None if local else "hub")
+    fields.setdefault("shared_dataset", hub_name if data_dir is None else f"{hub_name}@{data_dir}")
+    return Task(name=name, num_outputs=num_outputs, dataset_fn=dataset_fn, **fields)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def folder_task(name: str, data_dir: Optional[PathLike], *, num_outputs: Optional[int] = None,
+                test_fraction: float = 0.2, seed: int = 0, **fields: Any) -> Task:
+    """A task on a folder of class sub-folders (``DIR/<class>/*.png``), or of ``train/`` and ``test/`` folders of
+    class sub-folders. Without a ``test/`` folder, a stratified ``test_fraction`` of the images is held out."""
+    if data_dir is None:
+        raise DatasetUnavailableError(f"task {name!r}: option data_dir is required: a folder of class sub-folders "
+                                      f"(config: data.task_options.{name}.data_dir=DIR)")
+    folder = Path(data_dir).expanduser()
+    if not folder.is_dir():
+        raise DatasetUnavailableError(f"task {name!r}: data_dir {str(folder)!r} does not exist or is not a folder")
+    has_splits = (folder / "train").is_dir() and (folder / "test").is_dir()
+    classes = _class_folders(folder / "train" if has_splits else folder)
+    if not classes:
+        raise TaskError(f"task {name!r}: data_dir {str(folder)!r} has no class sub-folders")
+    if num_outputs is not None and num_outputs != len(classes):
+        raise TaskError(f"task {name!r}: num_outputs={num_outputs} but {str(folder)!r} has {len(classes)} classes")
+
+    def dataset_fn(split: str) -> Any:
+        import datasets
+
+        from ..data.packaged import seeded_split
+        loaded = datasets.load_dataset("imagefolder", data_dir=str(folder.resolve()))
+        if has_splits:
+            return loaded[split]
+        everything = loaded["train"]
+        labels = everything.select_columns(["label"]).with_format("numpy")["label"]
+        train, test = seeded_split(labels, test_fraction, seed)
+        return everything.select((train if split == "train" else test).tolist())
+    fields.setdefault("source", f"folder {folder}")
+    fields.setdefault("shared_dataset", f"folder:{folder.resolve()}:test{test_fraction:g}:seed{seed}")
+    return Task(name=name, num_outputs=len(classes), dataset_fn=dataset_fn, class_names=classes, **fields)
+
+
+def parity(labels: Any) -> Any:
+    """Label function of derived parity tasks: 0 for even, 1 for odd (a plain function, so it pickles)."""
+    return labels % 2
+
+
+def at_least_five(labels: Any) -> Any:
+    return (labels >= 5).long()
+
+
+__all__: Sequence[str] = ("packaged_task", "hub_task", "folder_task", "parity", "at_least_five")
