@@ -113,7 +113,7 @@ class BatchLoader:
 
     def _batch(self, images: torch.Tensor, indices: torch.Tensor) -> Batch:
         labels = {task: values[indices] for task, values in self.labels.items()}
-        return {"images": images, "labels": labels if self.joint else next(iter(labels.values()))}
+        return {"images": images, "labels": labels if self.joint else next(iter(labels.values())), "indices": indices}
 
     def _tensor_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         augment = self.train and (self.augment.crop_padding > 0 or self.augment.hflip)
@@ -132,7 +132,8 @@ class BatchLoader:
             seeds = [self.sampler.batch_seed(epoch, number) + i if self.train else None for i in range(len(indices))]
             batches.append(list(zip(indices.tolist(), seeds)))
         loader = DataLoader(_TransformedItems(self.dataset, transform, self.image_spec.in_chans, self.name),
-                            batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate)
+                            batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
+                            generator=torch.Generator().manual_seed(self.sampler.seed))  # not the global RNG
         for (number, _), (images, indices) in zip(numbered, loader):
             yield number, images, indices
 
