@@ -48,6 +48,34 @@ def command_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_eval(args: argparse.Namespace) -> int:
+    """Per-task metrics of a saved run, as a table or JSON."""
+    import json
+
+    from .evaluate import evaluate_run
+    from .train import format_metrics
+    metrics = evaluate_run(args.run, args.task or None, args.split, args.keep_rate, args.max_examples,
+                           args.batch_size, args.weights)
+    if args.json:
+        print(json.dumps({"run": args.run, "split": args.split, "keep_rate": args.keep_rate, "metrics": metrics}))
+    else:
+        budget = f" · keep rate {args.keep_rate}" if args.keep_rate is not None else ""
+        print(format_metrics(metrics, title=f"{args.run} · {args.split}{budget}"))
+    return 0
+
+
+def command_profile(args: argparse.Namespace) -> int:
+    """Parameters, FLOPs, saved activations, memory and step time of one training step of a config."""
+    import json
+
+    from .config import load_config
+    from .profiling import format_profile, profile_config
+    report = profile_config(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
+                            device=args.device)
+    print(json.dumps(report) if args.json else format_profile(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moebsr", description="Multitask MoE-ViT fine-tuning with BSR.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -57,21 +85,46 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extra folder of task files (repeatable; also $MOEBSR_TASK_DIRS)")
     tasks.add_argument("--config", help="a run config: its data.task_dirs and data.task_options apply")
     tasks.set_defaults(handler=command_tasks)
+
+    evaluation = commands.add_parser("eval", help="evaluate a saved run per task")
+    evaluation.add_argument("--run", required=True, help="run folder (train.output_dir of a finished or saved run)")
+    evaluation.add_argument("--task", action="append", default=[], metavar="NAME", help="only this task (repeatable)")
+    evaluation.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    evaluation.add_argument("--keep-rate", type=float, default=None, help="evaluate with another token keep rate")
+    evaluation.add_argument("--max-examples", type=int, default=None, help="only the first N examples per task")
+    evaluation.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    evaluation.add_argument("--weights", default=None, help="a model.safetensors other than the run's own")
+    evaluation.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluation.set_defaults(handler=command_eval)
+
+    profile = commands.add_parser("profile", help="measure one training step of a config (no data needed)")
+    profile.add_argument("--config", required=True, help="YAML file in configs/")
+    profile.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    profile.add_argument("--steps", type=int, default=5, help="timed steps after warm-up (median reported)")
+    profile.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
+    profile.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    profile.add_argument("--json", action="store_true", help="print one JSON object")
+    profile.set_defaults(handler=command_profile)
     return parser
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """Bad input, as opposed to a bug. Error classes are looked up only in modules already imported, so that
+    ``moebsr tasks`` does not pay for importing timm and accelerate."""
+    names = {"moebsr.tasks.errors": ("TaskError",), "moebsr.config": ("ConfigError",),
+             "moebsr.checkpoint": ("CheckpointError",), "moebsr.train": ("TrainingAborted",)}
+    classes = [getattr(sys.modules[module], name) for module, found in names.items() if module in sys.modules
+               for name in found]
+    return isinstance(error, (FileNotFoundError, *classes))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
-    from .tasks import TaskError
     try:
         return handler(args)
-    except (TaskError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # a bad config; config is imported only by commands that read one (it pulls in timm)
-        config = sys.modules.get("moebsr.config")
-        if config is None or not isinstance(error, config.ConfigError):
+    except Exception as error:
+        if not _is_user_error(error):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2

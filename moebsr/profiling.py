@@ -11,7 +11,7 @@ import contextlib
 import gc
 import statistics
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,9 @@ from timm.layers import Attention
 from torch.utils.flop_counter import FlopCounterMode
 
 from .model import MoEViT
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 
 @contextlib.contextmanager
@@ -193,3 +196,58 @@ def profile_step(model: MoEViT, tasks: Sequence[str], batch_size: int, optimizer
         step_time_s=statistics.median(times), step_times_s=times, torch_threads=torch.get_num_threads(),
         tokens_per_block=model.tokens_per_block(),
     )
+
+
+def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2,
+                   device: Optional[str] = None) -> dict[str, Any]:
+    """Profile one training step of the configured model at the configured batch and image size.
+
+    Needs no data: tasks contribute only their output counts (from the registry), images and labels are
+    synthetic, and the backbone is randomly initialised (no download). The step trains the tasks the
+    configured sampler would put in one batch: the first joint group for ``joint``, else the first task.
+    """
+    from .build import check_config_against_model, model_from_config
+    from .optim import build_optimizer
+    from .tasks import create_task, discover_tasks
+
+    check_config_against_model(config)
+    discover_tasks(config.data.task_dirs)
+    tasks = {name: create_task(name, **config.data.task_options.get(name, {})) for name in config.tasks}
+    config.model.pretrained, config.model.checkpoint = False, None
+    torch.manual_seed(config.train.seed)
+    model = model_from_config(config, {name: task.build_head for name, task in tasks.items()})
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(target)
+    step_tasks = [config.tasks[0]]
+    if config.train.sampler == "joint":
+        shared = tasks[config.tasks[0]].shared_dataset
+        if shared is not None:
+            step_tasks = [name for name in config.tasks if tasks[name].shared_dataset == shared]
+    report = profile_step(model, step_tasks, config.train.batch_size, build_optimizer(model, config.train),
+                          steps=steps, warmup=warmup, aux_weight=config.moe.aux_loss_weight)
+    report.update(model=config.model.name, moe_blocks=list(model.moe_blocks),
+                  trainable_blocks=list(config.bsr.plan().resolve(model.depth).trainable_blocks),
+                  token_drop_blocks=list(model.token_drop_blocks))
+    return report
+
+
+def format_profile(report: dict[str, Any]) -> str:
+    gib = 1024 ** 3
+    rows = [
+        ("model", f"{report['model']} · batch {report['batch_size']} · {report['image_size']} px · {report['device']}"),
+        ("tasks in the step", ", ".join(report["tasks"])),
+        ("blocks: MoE / trained / dropping", f"{report['moe_blocks']} / {report['trainable_blocks']} / "
+                                             f"{report['token_drop_blocks']}"),
+        ("parameters trainable / total", f"{report['trainable_params']:,} / {report['total_params']:,}"),
+        ("training GFLOPs per image", f"{report['train_flops_per_image'] / 1e9:.3f} (forward + backward)"),
+        ("inference GFLOPs per image", f"{report['infer_flops_per_image'] / 1e9:.3f}"),
+        ("saved for backward per image", f"{report['saved_activation_bytes_per_image'] / 1024 ** 2:.2f} MiB"),
+        ("params + grads + optimizer", f"{(report['parameter_bytes'] + report['gradient_bytes'] + report['optimizer_state_bytes']) / gib:.3f} GiB"),
+        ("training memory (activations+above)", f"{report['train_memory_bytes'] / gib:.3f} GiB"),
+        ("peak memory measured", f"{report['peak_memory_bytes'] / gib:.3f} GiB ({report['peak_memory_source']})"),
+        ("step time (median)", f"{report['step_time_s'] * 1000:.1f} ms over {len(report['step_times_s'])} steps, "
+                               f"{report['torch_threads']} threads"),
+        ("tokens per block", " ".join(map(str, report["tokens_per_block"]))),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -1,0 +1,107 @@
+"""Per-task evaluation: every metric of every task, over a whole split, on one or several processes.
+
+Tasks that label the same images are evaluated on one pass (the shared trunk pays off at evaluation too).
+Every process's outputs are gathered with their dataset indices, and the examples that shard padding repeated
+are dropped by index (accelerate's ``gather_for_metrics`` can only do that for loaders it prepared), so metrics
+over N processes equal those of one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence
+
+import torch
+from accelerate import Accelerator
+
+
+class EvaluationData(Protocol):
+    tasks: dict
+
+    def eval_groups(self, task_names: Optional[Sequence[str]] = None) -> list[list[str]]:
+        ...
+
+    def eval_loader(self, group: Sequence[str], split: str, max_examples: Optional[int] = None):
+        ...
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, data: EvaluationData, split: str = "test",
+             tasks: Optional[Sequence[str]] = None, max_examples: Optional[int] = None
+             ) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` for ``tasks`` (default: all) on ``split``."""
+    network = accelerator.unwrap_model(model)
+    was_training = network.training
+    network.eval()
+    results: dict[str, dict[str, float]] = {}
+    for group in data.eval_groups(tasks):
+        logits: dict[str, list[torch.Tensor]] = {task: [] for task in group}
+        labels: dict[str, list[torch.Tensor]] = {task: [] for task in group}
+        indices: list[torch.Tensor] = []
+        for batch in data.eval_loader(group, split, max_examples):
+            with accelerator.autocast():
+                outputs = network(batch["images"], group)
+            indices.append(accelerator.gather(batch["indices"].to(accelerator.device)).cpu())
+            for task in group:
+                gathered_logits, gathered_labels = accelerator.gather(
+                    (outputs[task].float().contiguous(), batch["labels"][task].contiguous()))
+                logits[task].append(gathered_logits.cpu())
+                labels[task].append(gathered_labels.cpu())
+        keep = first_occurrences(torch.cat(indices), max_examples)
+        for task in group:
+            all_logits, all_labels = torch.cat(logits[task])[keep], torch.cat(labels[task])[keep]
+            results[task] = {metric.name: metric.compute(all_logits, all_labels)
+                             for metric in data.tasks[task].metrics}
+            results[task]["examples"] = float(all_labels.numel())
+    network.train(was_training)
+    return results
+
+
+def first_occurrences(indices: torch.Tensor, max_examples: Optional[int] = None) -> torch.Tensor:
+    """Positions of the first occurrence of each dataset index (below ``max_examples`` if given)."""
+    order = torch.argsort(indices, stable=True)
+    sorted_indices = indices[order]
+    first = torch.ones_like(sorted_indices, dtype=torch.bool)
+    first[1:] = sorted_indices[1:] != sorted_indices[:-1]
+    if max_examples is not None:
+        first &= sorted_indices < max_examples
+    return order[first]
+
+
+def evaluate_run(run_dir: str, tasks: Optional[Sequence[str]] = None, split: str = "test",
+                 keep_rate: Optional[float] = None, max_examples: Optional[int] = None,
+                 batch_size: Optional[int] = None, weights: Optional[str] = None) -> dict[str, dict[str, float]]:
+    """Load an exported (or checkpointed) run and evaluate it; ``keep_rate`` re-evaluates the same weights with
+    another token budget (enabling dropping at the configured blocks if the run trained without it)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from .build import image_spec_of, model_from_config
+    from .config import RunConfig
+    from .export import find_weights, load_weights, read_run_document
+    from .model.spec import check_keep_rate
+    from .run_data import RunData
+    from .tasks import SPLITS, TaskError
+
+    document = read_run_document(run_dir)
+    config: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), document["config"]))
+    if split not in SPLITS:
+        raise TaskError(f"--split: unknown split {split!r}; accepted: {', '.join(SPLITS)}")
+    for name in tasks or ():
+        if name not in config.tasks:
+            raise TaskError(f"--task: unknown task {name!r}; this run has: {', '.join(config.tasks)}")
+    weights_path = Path(weights) if weights else find_weights(run_dir)
+    if keep_rate is not None:
+        config.token_drop.keep_rate = check_keep_rate(keep_rate, "--keep-rate")
+        config.token_drop.enabled = True
+    if batch_size is not None:
+        config.eval.batch_size = batch_size
+    config.tasks = list(tasks) if tasks else config.tasks
+    config.data.task_options = {k: v for k, v in config.data.task_options.items() if k in config.tasks}
+    data = RunData.from_config(config, check_data=False)
+    model = model_from_config(config, {**document["task_outputs"], **data.heads()}, load_weights=False)
+    load_weights(model, weights_path)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    data.attach_image_spec(image_spec_of(accelerator.unwrap_model(model)), accelerator, build_train=False)
+    return evaluate(accelerator, model, data, split=split, max_examples=max_examples)
