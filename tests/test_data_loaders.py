@@ -61,8 +61,9 @@ def test_training_epoch_is_a_permutation_and_evaluation_keeps_order():
     assert len(set(seen.tolist())) == 48 and loader.state_dict()["epoch"] == 1
     evaluation = build_task_loader(task, "train", SPEC, batch_size=8, train=False)
     assert len(evaluation) == 7
-    labels = torch.cat([batch["labels"] for batch in evaluation])
-    assert torch.equal(labels, torch.arange(50) % 4)
+    batches = list(evaluation)
+    assert torch.equal(torch.cat([batch["labels"] for batch in batches]), torch.arange(50) % 4)
+    assert torch.equal(torch.cat([batch["indices"] for batch in batches]), torch.arange(50))
 
 
 @pytest.mark.parametrize("stop_after", [3, 6, 8])  # mid-epoch, at an epoch boundary, inside the second epoch
@@ -106,6 +107,10 @@ def test_sharded_loaders_split_the_batches():
                                    num_processes=2)
         values.append(torch.cat([b["images"][:, 0, 0, -1] for b in loader]).round().long())
     assert len(values[0]) == len(values[1]) == 25 and not set(values[0].tolist()) & set(values[1].tolist())
+    evaluation = [build_task_loader(task, "test", spec, batch_size=8, train=False, process_index=p, num_processes=3)
+                  for p in range(3)]
+    indices = torch.cat([batch["indices"] for loader in evaluation for batch in loader])
+    assert len(indices) == 51 and set(indices.tolist()) == set(range(50))  # one repeat, found by its index
 
 
 def test_to_model_batch_repeats_grey_resizes_and_normalises():

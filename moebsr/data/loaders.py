@@ -1,5 +1,7 @@
-"""Batches for training and evaluation: ``{"images": float [B, C, H, W], "labels": int64 [B]}`` per task, or
-``{"images": ..., "labels": {task: int64 [B]}}`` for tasks that label the same images (joint batches).
+"""Batches for training and evaluation: ``{"images": float [B, C, H, W], "labels": int64 [B], "indices": int64 [B]}``
+per task, or ``{"images", "labels": {task: int64 [B]}, "indices"}`` for tasks that label the same images (joint
+batches). ``indices`` are the examples' positions in the split: evaluation uses them to drop the repeats that
+shard padding adds.
 
 Two paths, chosen by the dataset:
 - uint8 tensor datasets (the packaged grey datasets): index the tensor, augment, resize and normalise the whole
