@@ -18,7 +18,7 @@ from .cache import cached_arrays
 from .image_datasets import TensorImageDataset
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
-CACHE_FORMAT = 1  # bump when the conversion below changes
+CACHE_FORMAT = 2  # bump when the conversion below changes (2: shuffled split order)
 
 
 def _animal_shapes() -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +55,9 @@ SOURCES: dict[str, tuple[Callable[[], tuple[np.ndarray, np.ndarray]], str]] = {
 
 
 def seeded_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified train/test indices, each sorted; the same for the same labels, fraction and seed everywhere."""
+    """Stratified train/test indices in a seeded shuffled order; the same for the same labels, fraction and seed
+    everywhere. Shuffled, not sorted: sources grouped by class would otherwise make any prefix of the test split
+    (``eval.max_examples``) a one-class sample."""
     rng = np.random.default_rng(seed)
     train, test = [], []
     for label in np.unique(labels):
@@ -64,7 +66,7 @@ def seeded_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[n
         cut = int(round(len(members) * test_fraction))
         test.append(members[:cut])
         train.append(members[cut:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
 
 
 def _split_arrays(source: str, test_fraction: float, seed: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,35 @@
+"""Short training runs of the quickstart config for the loop tests: tiny, no pretraining, no trackers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+VENV_BIN = Path(sys.executable).parent
+
+SHORT_RUN = [
+    "model.checkpoint=null", "model.depth=4", "model.embed_dim=64", "model.num_heads=2",
+    "moe.num_experts=4", "train.batch_size=16", "train.warmup_steps=2", "eval.max_examples=160",
+    "eval.batch_size=80", "logging.progress=false",
+]
+
+
+def short_run_overrides(output_dir: Path, steps: int, extra: Sequence[str] = ()) -> list[str]:
+    return SHORT_RUN + [f"train.output_dir={output_dir}", f"train.steps={steps}", *extra]
+
+
+def read_losses(output_dir: Path) -> list[dict]:
+    with open(Path(output_dir) / "train_log.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
