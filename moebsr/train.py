@@ -120,6 +120,11 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     bad_in_a_row = 0
     progress = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True,
                     disable=not (accelerator.is_local_main_process and config.logging.progress))
+    accelerator.print(
+        f"moebsr: {len(data.tasks)} task(s) {list(data.tasks)} · {accelerator.num_processes} process(es) on "
+        f"{accelerator.device} · batch {config.train.batch_size}/process · sampler {config.train.sampler} · "
+        f"trainable {sum(p.numel() for p in unwrapped.trainable_parameters()):,} of "
+        f"{sum(p.numel() for p in unwrapped.parameters()):,} parameters · output {output_dir}")
     model.train()
     step = start_step
     micro_step = start_step * config.train.grad_accum_steps
