@@ -32,7 +32,7 @@ def check_config_against_model(config: RunConfig) -> None:
 def model_from_config(config: RunConfig, heads: Mapping[str, HeadFactory], load_weights: bool = True) -> MoEViT:
     """Build the MoE-ViT. ``load_weights=False`` skips pretrained/local backbone weights (for loading a run)."""
     model_config = config.model
-    return create_moevit(
+    model = create_moevit(
         model_config.name,
         heads,
         moe=config.moe.spec(),
@@ -42,6 +42,13 @@ def model_from_config(config: RunConfig, heads: Mapping[str, HeadFactory], load_
         checkpoint_path=model_config.checkpoint if load_weights else None,
         **model_config.timm_kwargs(),
     )
+    if config.lora.enabled:
+        from .model.lora import apply_lora
+        from .model.spec import PAPER_MOE_BLOCKS, scale_block_indices
+        lora = config.lora
+        blocks = lora.blocks if lora.blocks is not None else scale_block_indices(PAPER_MOE_BLOCKS, model.depth)
+        apply_lora(model, blocks, lora.modules, lora.rank, lora.alpha, lora.dropout)
+    return model
 
 
 def image_spec_of(model: MoEViT) -> dict:

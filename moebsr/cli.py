@@ -71,7 +71,7 @@ def command_profile(args: argparse.Namespace) -> int:
     from .config import load_config
     from .profiling import format_profile, profile_config
     report = profile_config(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
-                            device=args.device)
+                            device=args.device, tasks_per_step=args.tasks_per_step)
     print(json.dumps(report) if args.json else format_profile(report))
     return 0
 
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--steps", type=int, default=5, help="timed steps after warm-up (median reported)")
     profile.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
     profile.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    profile.add_argument("--tasks-per-step", type=int, default=None,
+                         help="put the first N configured tasks on one shared image batch")
     profile.add_argument("--json", action="store_true", help="print one JSON object")
     profile.set_defaults(handler=command_profile)
     return parser

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .model.bsr import BSRPlan
-from .model.spec import MoESpec, TokenDropSpec
+from .model.spec import MoESpec, TokenDropSpec, check_block_indices
 
 OPTIMIZERS = ("adamw", "sgd")
 SAMPLERS = ("round_robin", "proportional", "temperature", "joint")
@@ -93,6 +93,18 @@ class TokenDropConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """PEFT LoRA adapters, the parameter-efficient baseline; usually with ``bsr.preset: none``."""
+
+    enabled: bool = False
+    blocks: Optional[List[int]] = None  # None: the paper's blocks (3, 7, 11) scaled to depth
+    modules: List[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+
+@dataclass
 class DataConfig:
     task_dirs: List[str] = field(default_factory=list)  # extra folders of task files
     task_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-task factory options
@@ -146,6 +158,7 @@ class RunConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     bsr: BSRConfig = field(default_factory=BSRConfig)
     token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -236,6 +249,11 @@ def validate_config(config: RunConfig) -> None:
         _choice("logging.trackers", tracker, TRACKERS)
     _positive("data.num_workers", config.data.num_workers, allow_zero=True)
     _positive("moe.aux_loss_weight", config.moe.aux_loss_weight, allow_zero=True)
+    if config.lora.enabled:
+        from .model.lora import LORA_MODULES
+        _positive("lora.rank", config.lora.rank)
+        for name in config.lora.modules:
+            _choice("lora.modules", name, list(LORA_MODULES))
     from .model.spec import check_keep_rate
     try:
         check_keep_rate(config.token_drop.keep_rate)
@@ -251,6 +269,8 @@ def validate_against_model(config: RunConfig, depth: int) -> None:
         if spec is not None:
             spec.validate(depth)
         config.bsr.plan().validate(depth)
+        if config.lora.enabled and config.lora.blocks is not None:
+            check_block_indices("lora.blocks", config.lora.blocks, depth)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

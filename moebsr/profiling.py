@@ -185,6 +185,7 @@ def profile_step(model: MoEViT, tasks: Sequence[str], batch_size: int, optimizer
             times.append(time.perf_counter() - start)
     gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state_bytes = optimizer_state_bytes(optimizer, model)
+    infer_times = inference_times(model, images, list(tasks), steps=steps, warmup=warmup)
     return dict(
         tasks=list(tasks), batch_size=batch_size, image_size=image_size, device=str(device),
         trainable_params=trainable, total_params=total,
@@ -194,17 +195,40 @@ def profile_step(model: MoEViT, tasks: Sequence[str], batch_size: int, optimizer
         train_memory_bytes=saved_bytes + parameter_bytes + gradient_bytes + state_bytes,
         peak_memory_bytes=peak_bytes, peak_memory_source=peak_source,
         step_time_s=statistics.median(times), step_times_s=times, torch_threads=torch.get_num_threads(),
+        infer_images_per_s=batch_size / statistics.median(infer_times),
         tokens_per_block=model.tokens_per_block(),
     )
 
 
-def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2,
-                   device: Optional[str] = None) -> dict[str, Any]:
+def inference_times(model: MoEViT, images: torch.Tensor, tasks: Sequence[str], steps: int, warmup: int
+                    ) -> list[float]:
+    """Wall time of ``steps`` evaluation forwards (no autograd) after ``warmup`` untimed ones."""
+    device = images.device
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for index in range(warmup + steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(images, tasks)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+    model.train()
+    return times
+
+
+def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device: Optional[str] = None,
+                   tasks_per_step: Optional[int] = None) -> dict[str, Any]:
     """Profile one training step of the configured model at the configured batch and image size.
 
     Needs no data: tasks contribute only their output counts (from the registry), images and labels are
     synthetic, and the backbone is randomly initialised (no download). The step trains the tasks the
-    configured sampler would put in one batch: the first joint group for ``joint``, else the first task.
+    configured sampler would put in one batch: the first joint group for ``joint``, else the first task;
+    ``tasks_per_step`` instead puts the first N configured tasks on one shared batch (to measure how the step's
+    cost grows with the number of tasks sharing the trunk).
     """
     from .build import check_config_against_model, model_from_config
     from .optim import build_optimizer
@@ -219,7 +243,11 @@ def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2,
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(target)
     step_tasks = [config.tasks[0]]
-    if config.train.sampler == "joint":
+    if tasks_per_step is not None:
+        if not 1 <= tasks_per_step <= len(config.tasks):
+            raise ValueError(f"--tasks-per-step: {tasks_per_step} is invalid; accepted: 1..{len(config.tasks)}")
+        step_tasks = list(config.tasks[:tasks_per_step])
+    elif config.train.sampler == "joint":
         shared = tasks[config.tasks[0]].shared_dataset
         if shared is not None:
             step_tasks = [name for name in config.tasks if tasks[name].shared_dataset == shared]
@@ -247,6 +275,7 @@ def format_profile(report: dict[str, Any]) -> str:
         ("peak memory measured", f"{report['peak_memory_bytes'] / gib:.3f} GiB ({report['peak_memory_source']})"),
         ("step time (median)", f"{report['step_time_s'] * 1000:.1f} ms over {len(report['step_times_s'])} steps, "
                                f"{report['torch_threads']} threads"),
+        ("inference throughput", f"{report['infer_images_per_s']:.1f} images/s (eval, no autograd)"),
         ("tokens per block", " ".join(map(str, report["tokens_per_block"]))),
     ]
     width = max(len(name) for name, _ in rows)

@@ -1,0 +1,152 @@
+"""Side-by-side cost of fine-tuning recipes on the same MoE-ViT, batch and run; ratios against full fine-tuning.
+
+    python bench/compare.py                       # default: ViT-Tiny, 12 blocks, 32 px, batch 32, CPU, minutes
+    python bench/compare.py --size quickstart --batch-size 64   # the quickstart model (and bench/accuracy.py's)
+    python bench/compare.py --size deit_s --batch-size 8       # DeiT-S at 224 px (the paper's model)
+    python bench/compare.py --size vit_b --batch-size 128 --device cuda
+
+Every recipe is profiled by ``moebsr profile --json`` in its own process (peak memory is only honest in a fresh
+process), in one run, on the same model, batch and synthetic data. Writes ``<out>/compare.json``, ``.csv``, a
+markdown table and ``compare.png`` (memory and FLOPs, with accuracy from ``bench/accuracy.py`` when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from recipes import BASE_CONFIG, RECIPES, REPO, SIZES, recipe_overrides
+
+RATIO_KEYS = ("train_flops_per_image", "saved_activation_bytes_per_image", "train_memory_bytes",
+              "peak_memory_bytes", "step_time_s")
+TARGETS = {"train_flops_per_image": 3.0, "saved_activation_bytes_per_image": 6.0, "train_memory_bytes": 2.5,
+           "peak_memory_bytes": 2.5, "step_time_s": 2.5}
+
+
+def profile(overrides: list[str], args: argparse.Namespace, tasks_per_step: int | None = None) -> dict:
+    command = [sys.executable, "-m", "moebsr.cli", "profile", "--config", str(BASE_CONFIG), "--json",
+               "--steps", str(args.steps), "--warmup", str(args.warmup), *overrides]
+    if args.device:
+        command += ["--device", args.device]
+    if tasks_per_step:
+        command += ["--tasks-per-step", str(tasks_per_step)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    if result.returncode != 0:
+        raise SystemExit(f"profile failed for {overrides}:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per recipe (median)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--joint-tasks", type=int, default=4, help="measure joint batches of 1..N tasks")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = parser.parse_args()
+
+    base = ["model.checkpoint=null", f"train.batch_size={args.batch_size}", "train.sampler=round_robin"]
+    rows = {}
+    for name in args.recipes:
+        print(f"profiling {name} ...", file=sys.stderr, flush=True)
+        rows[name] = profile(base + recipe_overrides(args.size, name), args)
+    joint = {}
+    if args.joint_tasks > 1:
+        four_tasks = ["tasks=[mnist,mnist_parity,digits,animals]"]
+        for router in ("task", "shared"):
+            for count in range(1, args.joint_tasks + 1):
+                print(f"profiling joint batch of {count} task(s), router {router} ...", file=sys.stderr, flush=True)
+                overrides = base + recipe_overrides(args.size, "paper_bsr") + four_tasks + [f"moe.router={router}"]
+                report = profile(overrides, args, count)
+                joint.setdefault(router, {})[count] = report["step_time_s"]
+
+    results = {"size": args.size, "batch_size": args.batch_size, "device": next(iter(rows.values()))["device"],
+               "torch_threads": next(iter(rows.values()))["torch_threads"], "recipes": rows, "joint_step_time_s": joint}
+    accuracy_path = Path(args.out) / f"accuracy_{args.size}.json"
+    if accuracy_path.is_file():
+        results["accuracy"] = json.loads(accuracy_path.read_text())
+    write_outputs(results, Path(args.out))
+
+
+def ratios_against_full(rows: dict) -> dict[str, dict[str, float]]:
+    full = rows["full"]
+    return {name: {key: full[key] / row[key] for key in RATIO_KEYS if row.get(key)} for name, row in rows.items()}
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = results["recipes"]
+    ratios = ratios_against_full(rows) if "full" in rows else {}
+    results["ratios_vs_full"] = ratios
+    stem = f"compare_{results['size']}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    columns = ["recipe", "trainable_params", "train_gflops_per_image", "infer_gflops_per_image",
+               "saved_mib_per_image", "train_memory_mib", "peak_memory_mib", "step_time_ms", "infer_images_per_s"]
+    table = []
+    for name, row in rows.items():
+        table.append([name, row["trainable_params"], row["train_flops_per_image"] / 1e9,
+                      row["infer_flops_per_image"] / 1e9, row["saved_activation_bytes_per_image"] / 2 ** 20,
+                      row["train_memory_bytes"] / 2 ** 20, row["peak_memory_bytes"] / 2 ** 20,
+                      row["step_time_s"] * 1e3, row["infer_images_per_s"]])
+    with open(out / f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows(table)
+    lines = [f"Size `{results['size']}`, batch {results['batch_size']}, device {results['device']}, "
+             f"{results['torch_threads']} threads; ratios are full fine-tuning / recipe (higher = cheaper).", "",
+             "| recipe | trainable params | train GFLOPs/img | saved MiB/img | train mem MiB | peak MiB | step ms | "
+             "FLOPs x | saved x | train mem x | peak x | step x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row, name in zip(table, rows):
+        r = ratios.get(name, {})
+        lines.append(f"| {name} | {row[1]:,} | {row[2]:.3f} | {row[4]:.2f} | {row[5]:.0f} | {row[6]:.0f} | "
+                     f"{row[7]:.0f} | " + " | ".join(f"{r.get(k, float('nan')):.2f}" for k in RATIO_KEYS) + " |")
+    if "paper_bsr" in rows and "bsr_no_drop" in rows:
+        drop, no_drop = rows["paper_bsr"], rows["bsr_no_drop"]
+        lines += ["", f"Token dropping at inference (paper_bsr vs the same model without dropping): FLOPs "
+                      f"{no_drop['infer_flops_per_image'] / drop['infer_flops_per_image']:.2f}x lower, throughput "
+                      f"{drop['infer_images_per_s'] / no_drop['infer_images_per_s']:.2f}x higher "
+                      f"({drop['infer_images_per_s']:.1f} vs {no_drop['infer_images_per_s']:.1f} images/s)."]
+    for router, times in results.get("joint_step_time_s", {}).items():
+        one = times[1]
+        scaled = ", ".join(f"T={count}: {time / one:.2f} (target <= {1 + 0.35 * (count - 1):.2f})"
+                           for count, time in times.items())
+        lines.append(f"Joint batch step cost relative to one task, paper_bsr, router `{router}`: {scaled}.")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(results, out / f"{stem}.png")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = results["recipes"]
+    accuracy = results.get("accuracy", {}).get("mean_top1", {})
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, key, label in ((axes[0], "train_memory_bytes", "training memory (MiB)"),
+                             (axes[1], "train_flops_per_image", "training GFLOPs per image")):
+        for name, row in rows.items():
+            x = row[key] / (2 ** 20 if "memory" in key else 1e9)
+            y = accuracy.get(name, row["step_time_s"] * 1e3)
+            axis.scatter(x, y, s=40, marker="o" if not name.startswith("dense") else "s")
+            axis.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set_xlabel(label)
+        axis.set_ylabel("mean top-1 accuracy" if accuracy else "step time (ms)")
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"moebsr recipes, {results['size']}, batch {results['batch_size']}, {results['device']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

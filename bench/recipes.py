@@ -1,0 +1,45 @@
+"""The fine-tuning recipes the benchmarks compare, as config overrides on top of ``configs/quickstart.yaml``.
+
+Block indices are left to scale with depth (the paper's MoE 3/7/11, BSR 3/7/11, dropping 3/6/9 at depth 12), so
+the same recipes run on the 6-block quickstart model and on 12-block ViT-Tiny, DeiT-S and ViT-B.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO / "configs" / "quickstart.yaml"
+
+SIZES = {
+    "quickstart": [],  # the quickstart model: 6 blocks, width 128, 32 px
+    "tiny": ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=4", "model.depth=12",
+             "model.embed_dim=192", "model.num_heads=3"],
+    "deit_s": ["model.name=deit_small_patch16_224", "model.img_size=224", "model.patch_size=16", "model.depth=12",
+               "model.embed_dim=384", "model.num_heads=6"],
+    "vit_b": ["model.name=vit_base_patch16_224", "model.img_size=224", "model.patch_size=16", "model.depth=12",
+              "model.embed_dim=768", "model.num_heads=12"],
+}
+# the paper's MoE (16 experts, top-4, one gate per task) and dropping (keep 0.5, fused), blocks scaled to depth
+COMMON = ["moe.blocks=null", "moe.num_experts=16", "moe.top_k=4", "moe.router=task", "token_drop.blocks=null",
+          "token_drop.keep_rate=0.5", "token_drop.fuse=true"]
+NO_DROP = ["token_drop.enabled=false"]
+DROP = ["token_drop.enabled=true"]
+DENSE = ["moe.blocks=[]"]
+RECIPES = {
+    "full": ["bsr.preset=all", *NO_DROP],
+    "head_only": ["bsr.preset=none", *NO_DROP],
+    "last_3": ["bsr.preset=last_k", "bsr.last_k=3", *NO_DROP],
+    "paper_bsr": ["bsr.preset=paper", *DROP],
+    "bsr_last_3": ["bsr.preset=last_k", "bsr.last_k=3", *DROP],
+    "bsr_no_drop": ["bsr.preset=paper", *NO_DROP],
+    "lora_paper_blocks": ["bsr.preset=none", "lora.enabled=true", "lora.blocks=null", *NO_DROP],
+    "dense_full": [*DENSE, "bsr.preset=all", *NO_DROP],
+    "dense_last_3": [*DENSE, "bsr.preset=last_k", "bsr.last_k=3", *NO_DROP],
+    "dense_paper_bsr": [*DENSE, "bsr.preset=paper", *DROP],
+    "dense_lora_paper_blocks": [*DENSE, "bsr.preset=none", "lora.enabled=true", "lora.blocks=null", *NO_DROP],
+}
+
+
+def recipe_overrides(size: str, recipe: str) -> list[str]:
+    return SIZES[size] + COMMON + RECIPES[recipe]
