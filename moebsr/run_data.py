@@ -92,9 +92,14 @@ class RunData:
         common = dict(image_spec=self.image_spec, batch_size=batch_size, train=train, seed=self.config.train.seed,
                       num_workers=self.config.data.num_workers, process_index=self.process_index,
                       num_processes=self.num_processes)
-        if len(group) == 1:
-            return build_task_loader(self.tasks[group[0]], split, **common)
-        return build_joint_loader([self.tasks[name] for name in group], split, **common)
+        try:
+            if len(group) == 1:
+                return build_task_loader(self.tasks[group[0]], split, **common)
+            return build_joint_loader([self.tasks[name] for name in group], split, **common)
+        except ValueError as error:  # e.g. more processes than examples, a batch larger than the split
+            if isinstance(error, TaskError):
+                raise
+            raise TaskError(f"task(s) {', '.join(group)}, split {split!r}: {error}") from None
 
     def _to_device(self, batch: Mapping[str, Any], group: Sequence[str]) -> dict[str, Any]:
         labels = batch["labels"] if isinstance(batch["labels"], Mapping) else {group[0]: batch["labels"]}

@@ -115,6 +115,8 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers("moebsr", config=_flat_hparams(config))
     log_path = output_dir / "train_log.jsonl"
+    if accelerator.is_main_process:
+        truncate_log(log_path, start_step)  # a killed run may have logged steps past its last checkpoint
     losses_seen: list[dict[str, Any]] = []
     running = _RunningLoss()
     bad_in_a_row = 0
@@ -223,3 +225,13 @@ def _format_value(name: str, value: Optional[float]) -> str:
     if value is None:
         return f"{'-':>10}"
     return f"{int(value):>10d}" if name == "examples" else f"{value:>10.4f}"
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep the records of steps up to ``last_step`` (all of them gone when starting from scratch)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    temporary.replace(path)

@@ -102,7 +102,13 @@ def create_task(name: str, **options: Any) -> Task:
         accepted = [p for p in parameters if parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
         raise TaskError(f"task {name!r}: unknown option(s) {', '.join(unknown)}; accepted: "
                         f"{', '.join(accepted + list(COMMON_OPTIONS))}")
-    task = factory(**options)
+    try:
+        task = factory(**options)
+    except TaskError:
+        raise
+    except Exception as error:  # a task file with a missing field or a bug: name the task, its file, the error
+        raise TaskError(f"task {name!r} (defined in {_SOURCES[name]}): its factory failed: "
+                        f"{type(error).__name__}: {error}") from error
     if not isinstance(task, Task):
         raise TaskError(f"task {name!r}: its factory in {_SOURCES[name]} returned {type(task).__name__}, not a Task")
     return dataclasses.replace(task, name=name, **common)

@@ -1,0 +1,214 @@
+"""Runs that get killed, losses that go non-finite, and bad input tried the way a new user would."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moebsr.checkpoint import list_checkpoints
+from moebsr.config import load_config
+from moebsr.runner import run_training_cli
+from moebsr.train import TrainingAborted, train
+from run_helpers import QUICKSTART, REPO, read_losses, short_run_overrides, subprocess_env
+
+KILL_RUN = ["train.checkpoint_every=2", "logging.trackers=[none]", "train.keep_checkpoints=2"]
+
+
+def _launch(output: Path, extra=()) -> subprocess.Popen:
+    command = [sys.executable, str(REPO / "launch" / "multitask.py"), "--config", str(QUICKSTART),
+               *short_run_overrides(output, 12, KILL_RUN + list(extra))]
+    return subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _logged_steps(output: Path) -> int:
+    try:
+        return len((output / "train_log.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    output = tmp_path_factory.mktemp("whole")
+    process = _launch(output)
+    assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
+    return output
+
+
+def test_kill_9_at_random_steps_then_resume_latest_finishes_identically(uninterrupted, tmp_path):
+    expected_metrics = json.loads((uninterrupted / "metrics.json").read_text())
+    expected_losses = {r["step"]: r["loss"] for r in read_losses(uninterrupted)}
+    chooser = random.Random(20261124)
+    for trial in range(3):
+        output = tmp_path / f"trial{trial}"
+        kill_after = chooser.randint(2, 10)  # steps logged before the kill lands (mid-step or mid-save)
+        process = _launch(output)
+        deadline = time.time() + 240
+        while _logged_steps(output) < kill_after and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(chooser.random() * 0.3)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        for checkpoint in list_checkpoints(output):  # whatever was complete stays loadable
+            assert load_file(str(checkpoint / "model.safetensors"))
+        resumed = _launch(output, ["train.resume=latest"])
+        assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+        assert json.loads((output / "metrics.json").read_text()) == expected_metrics, f"trial {trial}"
+        losses = {r["step"]: r["loss"] for r in read_losses(output)}
+        assert losses == expected_losses, f"trial {trial} (killed after {kill_after} steps)"
+        assert not list((output / "checkpoints").glob(".tmp-*"))
+
+
+FLAKY_TASK = textwrap.dedent('''
+    import dataclasses, os
+    import torch
+    from moebsr.tasks import create_task, register_task
+
+    @register_task("flaky_digits")
+    def flaky_digits() -> "Task":
+        bad_calls = {int(v) for v in os.environ.get("MOEBSR_TEST_NAN_CALLS", "").split(",") if v}
+        calls = {"n": 0}
+
+        def loss(logits, labels):
+            calls["n"] += 1
+            value = torch.nn.functional.cross_entropy(logits, labels)
+            return value * float("nan") if calls["n"] in bad_calls else value
+        return dataclasses.replace(create_task("digits"), name="flaky_digits", loss_fn=loss)
+''')
+
+
+@pytest.fixture(scope="module")
+def flaky_task_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flaky_tasks")
+    (folder / "flaky.py").write_text(FLAKY_TASK)
+    return folder
+
+
+def _flaky_config(folder, output, steps, extra=()):
+    return load_config(QUICKSTART, short_run_overrides(output, steps, [
+        "tasks=[flaky_digits]", f"data.task_dirs=[{folder}]", "train.sampler=round_robin",
+        "logging.trackers=[none]", *extra]))
+
+
+def test_a_non_finite_loss_skips_that_step_with_a_warning(flaky_task_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBSR_TEST_NAN_CALLS", "3")
+    with pytest.warns(UserWarning, match=r"non-finite loss for \['flaky_digits'\]; step skipped \(1/5 in a row\)"):
+        result = train(_flaky_config(flaky_task_dir, tmp_path / "run", 6))
+    assert [r["step"] for r in result.losses] == [1, 2, 3, 4, 5, 6]
+    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "run" / "model.safetensors")).values())
+
+
+def test_repeated_non_finite_losses_abort_without_a_poisoned_checkpoint(flaky_task_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBSR_TEST_NAN_CALLS", "4,5,6")
+    output = tmp_path / "run"
+    with pytest.warns(UserWarning), pytest.raises(TrainingAborted, match="3 non-finite losses in a row at step 3"):
+        train(_flaky_config(flaky_task_dir, output, 10, ["train.checkpoint_every=2", "train.max_bad_steps=3"]))
+    assert [p.name for p in list_checkpoints(output)] == ["step_00000002"]
+    saved = load_file(str(output / "checkpoints" / "step_00000002" / "model.safetensors"))
+    assert all(torch.isfinite(value).all() for value in saved.values())
+    assert not (output / "model.safetensors").exists()
+
+
+BAD_TASKS = textwrap.dedent('''
+    import numpy as np
+    from moebsr.tasks import Task, register_task
+
+    def _images(count):
+        return np.zeros((count, 8, 8), dtype=np.uint8)
+
+    @register_task("no_outputs")
+    def no_outputs():
+        return Task(name="no_outputs", dataset_fn=lambda split: None)
+
+    @register_task("labels_too_big")
+    def labels_too_big():
+        return Task(name="labels_too_big", num_outputs=3,
+                    dataset_fn=lambda split: {"images": _images(6), "labels": np.array([0, 1, 2, 3, 7, 1])})
+
+    @register_task("empty_split")
+    def empty_split():
+        return Task(name="empty_split", num_outputs=2,
+                    dataset_fn=lambda split: {"images": _images(0), "labels": np.zeros(0, dtype=np.int64)})
+
+    @register_task("tiny_set")
+    def tiny_set():
+        return Task(name="tiny_set", num_outputs=2,
+                    dataset_fn=lambda split: {"images": _images(3), "labels": np.array([0, 1, 0])})
+''')
+
+
+@pytest.fixture(scope="module")
+def bad_task_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_tasks")
+    (folder / "bad.py").write_text(BAD_TASKS)
+    return folder
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tasks=[mnist,cifar11]"], r"^error: unknown task 'cifar11'; known tasks: animals, .*mnist"),
+    (["tasks=[no_outputs]"], r"^error: task 'no_outputs' \(defined in .*bad.py\): its factory failed: TypeError: "
+                             r".*num_outputs"),
+    (["tasks=[labels_too_big]"], r"^error: task 'labels_too_big', split 'train': 2 labels outside the task's classes "
+                                 r"\[0, 3\): \[3, 7\]"),
+    (["tasks=[empty_split]"], r"^error: .*empty_split.*0 examples|^error: .*empty_split.*empty"),
+    (["tasks=[tiny_set]", "train.batch_size=8"], r"^error: task\(s\) tiny_set, split 'train': 3 examples over 1 "
+                                                 r"process\(es\) give no batch of 8"),
+    (["token_drop.keep_rate=0"], r"^error: token_drop.keep_rate: 0.0 is invalid; accepted: a number in \(0, 1\]$"),
+    (["token_drop.keep_rate=1.5"], r"^error: token_drop.keep_rate: 1.5 is invalid; accepted: a number in \(0, 1\]$"),
+    (["train.batch_size=-4"], r"^error: train.batch_size: -4 is invalid; accepted: a number > 0$"),
+    (["moe.top_k=9"], r"^error: moe.top_k: 9 is invalid; accepted: 1..moe.num_experts \(4\)$"),
+    (["moe.blocks=[1,8]"], r"^error: moe.blocks: block index 8 out of range; accepted: 0..3 \(depth 4\)$"),
+    (["bsr.preset=mostly"], r"^error: bsr.preset: unknown preset 'mostly'"),
+    (["tasks=[imagefolder]", "data.task_options.imagefolder.data_dir=/nonexistent/photos"],
+     r"^error: .*imagefolder.*/nonexistent/photos"),
+    (["train.resume=/nonexistent/step_00000004"], r"^error: train.resume: no checkpoint folder at"),
+])
+def test_bad_input_gets_one_line_and_keeps_saved_work(overrides, message, bad_task_dir, tmp_path, capsys):
+    output = tmp_path / "run"
+    saved = output / "checkpoints" / "step_00000004"
+    saved.mkdir(parents=True)
+    (saved / "training_state.json").write_text('{"step": 4}')
+    code = run_training_cli(str(QUICKSTART), short_run_overrides(output, 4, [
+        f"data.task_dirs=[{bad_task_dir}]", "logging.trackers=[none]", *overrides]))
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(error) == 1, error
+    assert re.search(message, error[0]), error[0]
+    assert (saved / "training_state.json").read_text() == '{"step": 4}'  # nothing saved is lost
+
+
+def test_more_processes_than_samples_is_one_clear_error(bad_task_dir):
+    from types import SimpleNamespace
+
+    from moebsr.run_data import RunData
+    from moebsr.tasks import TaskError
+    config = load_config(QUICKSTART, [f"data.task_dirs=[{bad_task_dir}]", "tasks=[tiny_set]", "train.batch_size=1"])
+    data = RunData.from_config(config)
+    four_processes = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=4)
+    with pytest.raises(TaskError, match=r"tiny_set, split 'train': 3 examples over 4 process\(es\) give no batch"):
+        data.attach_image_spec(dict(image_size=32, in_chans=3), four_processes)
+
+
+def test_grey_and_colour_images_are_converted_not_crashed(tmp_path):
+    from PIL import Image
+
+    from moebsr.data import ImageSpec, build_task_loader
+    from moebsr.tasks import create_task
+    for label, mode in enumerate(["L", "RGB", "RGBA", "L"]):
+        folder = tmp_path / f"class{label % 2}"
+        folder.mkdir(exist_ok=True)
+        Image.new(mode, (20 + label, 17)).save(folder / f"{label}.png")
+    task = create_task("imagefolder", data_dir=str(tmp_path))
+    batch = next(iter(build_task_loader(task, "train", ImageSpec(image_size=32, in_chans=3), 4, train=False)))
+    assert batch["images"].shape[1:] == (3, 32, 32)
