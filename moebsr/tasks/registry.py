@@ -1,4 +1,4 @@
-"""Task registry: ``@register_task(name)`` on a factory, ``list_tasks``, ``create_task`` (timm's model registry, for tasks).
+"""Task registry: ``@register_task(name)`` on a factory, ``list_tasks``, ``create_task`` (timm's model registry).
 
 Duplicates: registering a name again from the *same* file replaces it silently (a module imported twice, a
 notebook re-run); registering it from a *different* file raises ``TaskError`` naming both files, because two task
