@@ -296,6 +296,17 @@ def test_hub_tasks_offline_fail_fast_with_one_line_saying_how_to_provide_data(na
     assert "\n" not in message and f"task {name!r}" in message and f"data.task_options.{name}.data_dir" in message
 
 
+def test_column_names_can_be_overridden_for_a_local_copy(tmp_path):
+    from datasets import ClassLabel, Image as ImageFeature
+    stand_in = make_stand_in({"picture": ImageFeature(), "breed": ClassLabel(num_classes=37)}, {"train": 4, "test": 4},
+                             37)
+    stand_in.save_to_disk(str(tmp_path / "pets"))
+    with pytest.raises(TaskError, match="no image column img"):
+        create_task("pets", data_dir=str(tmp_path / "pets"), image_column="img").build_dataset("test")
+    task = create_task("pets", data_dir=str(tmp_path / "pets"), image_column="picture", label_column="breed")
+    assert task.build_dataset("test").labels.tolist() == list(stand_in["test"]["breed"])
+
+
 def test_missing_data_directory_is_named(tmp_path):
     with pytest.raises(DatasetUnavailableError, match="data_dir .*nowhere.* does not exist"):
         create_task("cifar10", data_dir=str(tmp_path / "nowhere")).build_dataset("train")

@@ -21,7 +21,8 @@ TaskFactory = Callable[..., Task]
 _FACTORIES: dict[str, TaskFactory] = {}
 _SOURCES: dict[str, str] = {}
 # Task fields any task accepts as an option (from a config's data.task_options), whatever its factory's signature.
-COMMON_OPTIONS = ("label_smoothing", "sampling_weight", "loss_weight", "metrics", "batch_augment")
+COMMON_OPTIONS = ("label_smoothing", "sampling_weight", "loss_weight", "metrics", "batch_augment", "image_column",
+                  "label_column")
 
 
 def _source_file(factory: Callable) -> str:
