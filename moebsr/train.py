@@ -52,6 +52,9 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         log_with=trackers or None,
         project_dir=config.train.output_dir,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # train.steps counts optimizer steps of the global batch; a scheduler stepped with the optimizer would be
+        # stepped num_processes times per step (accelerate assumes per-process epochs), running P times too fast
+        step_scheduler_with_optimizer=False,
     )
 
 
@@ -156,7 +159,8 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
             if accelerator.sync_gradients and config.train.grad_clip:
                 accelerator.clip_grad_norm_(unwrapped.trainable_parameters(), config.train.grad_clip)
             optimizer.step()
-            scheduler.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue

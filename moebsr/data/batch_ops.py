@@ -17,21 +17,32 @@ from .image_spec import ImageSpec
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 
 
-def augment_batch(images: torch.Tensor, augment: BatchAugment, generator: torch.Generator) -> torch.Tensor:
-    """Random shift (pad then crop back, per image) and horizontal flip of uint8 ``[B, C, H, W]`` images."""
+def augment_batch(images: torch.Tensor, augment: BatchAugment, example_seeds: torch.Tensor) -> torch.Tensor:
+    """Random shift (pad then crop back, per image) and horizontal flip of uint8 ``[B, C, H, W]`` images.
+
+    Each image's draw comes from its own seed (``EpochBatchSampler.example_seeds``), not from a batch-wide
+    generator, so the result does not depend on how examples were grouped into batches or processes.
+    """
     batch, channels, height, width = images.shape
     if augment.crop_padding > 0:
         pad = augment.crop_padding
         padded = F.pad(images, (pad, pad, pad, pad))
-        offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator)
+        span = 2 * pad + 1
+        offsets = torch.stack([_draw(example_seeds, 1) % span, _draw(example_seeds, 2) % span])
         rows = (offsets[0].view(batch, 1) + torch.arange(height)).view(batch, 1, height, 1)
         cols = (offsets[1].view(batch, 1) + torch.arange(width)).view(batch, 1, 1, width)
         images = padded[torch.arange(batch).view(batch, 1, 1, 1), torch.arange(channels).view(1, channels, 1, 1),
                         rows, cols]
     if augment.hflip:
-        flip = torch.rand(batch, generator=generator) < 0.5
+        flip = (_draw(example_seeds, 3) & 1).bool()
         images = torch.where(flip.view(batch, 1, 1, 1), images.flip(-1), images)
     return images
+
+
+def _draw(example_seeds: torch.Tensor, salt: int) -> torch.Tensor:
+    """A non-negative pseudo-random int64 per example, independent across salts."""
+    from .sampler import mix64
+    return mix64(example_seeds + salt) & ((1 << 62) - 1)
 
 
 def to_model_batch(images: torch.Tensor, spec: ImageSpec, device: Optional[torch.device] = None) -> torch.Tensor:

@@ -122,8 +122,7 @@ class BatchLoader:
         for number, indices in self.sampler.batches(epoch, start):
             images = self.dataset.images[indices]
             if augment:
-                generator = torch.Generator().manual_seed(self.sampler.batch_seed(epoch, number))
-                images = augment_batch(images, self.augment, generator)
+                images = augment_batch(images, self.augment, self.sampler.example_seeds(epoch, indices))
             yield number, to_model_batch(images, self.image_spec), indices
 
     def _item_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -131,7 +130,7 @@ class BatchLoader:
         numbered = list(self.sampler.batches(epoch, start))
         batches = []
         for number, indices in numbered:
-            seeds = [self.sampler.batch_seed(epoch, number) + i if self.train else None for i in range(len(indices))]
+            seeds = self.sampler.example_seeds(epoch, indices).tolist() if self.train else [None] * len(indices)
             batches.append(list(zip(indices.tolist(), seeds)))
         loader = DataLoader(_TransformedItems(self.dataset, transform, self.image_spec.in_chans, self.name),
                             batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,

@@ -62,6 +62,27 @@ class EpochBatchSampler:
         for number in range(start, len(self)):
             yield number, indices[number * self.batch_size:(number + 1) * self.batch_size]
 
-    def batch_seed(self, epoch: int, number: int) -> int:
-        """Seed of the random augmentation of one batch: the same batch gets the same augmentation after resume."""
-        return int(np.random.default_rng([self.seed, epoch, number, self.process_index]).integers(2 ** 62))
+    def example_seeds(self, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+        """One seed per example, a pure function of ``(seed, epoch, example index)``: an example gets the same
+        augmentation whichever batch or process it lands in, so P processes with batch B train exactly like one
+        process with batch B*P, and a resumed run like an uninterrupted one."""
+        return mix64(indices.to(torch.int64) + mix64(torch.tensor([self.seed * 1_000_003 + epoch], dtype=torch.int64)))
+
+
+_MASKS = {shift: (1 << (64 - shift)) - 1 for shift in (27, 30, 31)}
+
+
+def _to_signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (_to_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def mix64(values: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on int64 tensors (wrapping arithmetic; logical shifts via masks): well-spread
+    pseudo-random 64-bit values from consecutive integers, vectorised."""
+    x = values.to(torch.int64) + _GOLDEN
+    x = (x ^ ((x >> 30) & _MASKS[30])) * _MIX1
+    x = (x ^ ((x >> 27) & _MASKS[27])) * _MIX2
+    return x ^ ((x >> 31) & _MASKS[31])

@@ -1,0 +1,40 @@
+"""Two CPU processes (gloo DDP through ``accelerate launch``) train to the result of one with the same global batch."""
+
+import json
+import subprocess
+
+import torch
+from safetensors.torch import load_file
+
+from run_helpers import QUICKSTART, REPO, VENV_BIN, short_run_overrides, subprocess_env
+
+LAUNCH = [str(VENV_BIN / "accelerate"), "launch", "--num_machines", "1", "--mixed_precision", "no",
+          "--dynamo_backend", "no"]
+# aux loss off: its cv^2 is computed per process batch, the one term that is not a mean over examples
+SAME_RUN = ["moe.aux_loss_weight=0", "train.checkpoint_every=3", "logging.trackers=[none]", "train.lr=2e-3"]
+
+
+def _run(tmp_path, processes: int, batch: int):
+    output = tmp_path / f"p{processes}"
+    flags = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    command = [*LAUNCH, *flags, str(REPO / "launch" / "multitask.py"), "--config", str(QUICKSTART),
+               *short_run_overrides(output, 6, SAME_RUN + [f"train.batch_size={batch}"])]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "terminate called" not in result.stderr
+    assert f"{processes} process(es)" in result.stdout
+    return output
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    one, two = _run(tmp_path, 1, 16), _run(tmp_path, 2, 8)
+    weights_one, weights_two = (load_file(str(run / "model.safetensors")) for run in (one, two))
+    initial_gap = max((v - weights_two[k]).abs().max().item() for k, v in weights_one.items())
+    assert initial_gap < 1e-4, f"weights differ by {initial_gap:.2e} after 6 steps"
+    metrics_one, metrics_two = (json.loads((run / "metrics.json").read_text())["metrics"] for run in (one, two))
+    assert metrics_one.keys() == metrics_two.keys()
+    for task in metrics_one:
+        assert metrics_two[task]["examples"] == metrics_one[task]["examples"]  # no sample counted twice
+        for name, value in metrics_one[task].items():
+            assert abs(metrics_two[task][name] - value) <= 0.0125, (task, name)
+    assert torch.isfinite(torch.stack([v.float().abs().max() for v in weights_two.values()])).all()
