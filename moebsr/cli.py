@@ -70,9 +70,13 @@ def command_profile(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .profiling import format_profile, profile_config
+    peak_command = ["-m", "moebsr.cli", "profile", "--config", args.config, *args.overrides, "--peak-only", "--json"]
+    if args.tasks_per_step is not None:
+        peak_command += ["--tasks-per-step", str(args.tasks_per_step)]
     report = profile_config(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
-                            device=args.device, tasks_per_step=args.tasks_per_step)
-    print(json.dumps(report) if args.json else format_profile(report))
+                            device=args.device, tasks_per_step=args.tasks_per_step, peak_only=args.peak_only,
+                            cpu_peak_command=peak_command)
+    print(json.dumps(report) if args.json or args.peak_only else format_profile(report))
     return 0
 
 
@@ -105,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     profile.add_argument("--tasks-per-step", type=int, default=None,
                          help="put the first N configured tasks on one shared image batch")
+    profile.add_argument("--peak-only", action="store_true",
+                         help="only the peak-memory reading (what the CPU child process runs)")
     profile.add_argument("--json", action="store_true", help="print one JSON object")
     profile.set_defaults(handler=command_profile)
     return parser

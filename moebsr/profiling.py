@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
+import os
+import subprocess
+import sys
 import statistics
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
@@ -123,14 +127,17 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, model: nn.Module) ->
     return per_parameter * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
 
 
-def measure_peak_memory(step_fn: Callable[[], None], device: torch.device, resident_bytes: int) -> tuple[int, str]:
-    """Peak memory of a training step, model included.
+MMAP_THRESHOLD_VARIABLE = "MALLOC_MMAP_THRESHOLD_"
 
-    CUDA: ``max_memory_allocated`` over the step (parameters, activations, gradients, optimizer state). CPU has
-    no allocator statistics, so: ``resident_bytes`` (the parameters) plus the rise of the process's peak
-    resident set (VmHWM, reset just before) above its resident set at the start of the step. Only meaningful in a
-    fresh process: memory freed by earlier work is reused without raising the peak. ``moebsr profile`` and the
-    benchmarks run one configuration per process for that reason.
+
+def measure_peak_memory(step_fn: Callable[[], None], device: torch.device, resident_bytes: int) -> tuple[int, str]:
+    """Peak memory of one (already warmed-up) training step, model and optimizer state included.
+
+    CUDA: ``max_memory_allocated`` over the step. CPU has no allocator statistics, so: ``resident_bytes``
+    (parameters + optimizer state, which exist before the step) plus the rise of the process's peak resident set
+    (VmHWM, reset just before) above its resident set at the start of the step. glibc keeps freed memory for reuse
+    unless its mmap threshold is fixed, which would hide most of the rise: ``moebsr profile`` runs with
+    ``MALLOC_MMAP_THRESHOLD_=65536`` so every buffer of 64 KiB or more is returned to the system when freed.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,18 +145,19 @@ def measure_peak_memory(step_fn: Callable[[], None], device: torch.device, resid
         step_fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    allocator = "mmap64k" if os.environ.get(MMAP_THRESHOLD_VARIABLE) else "default_malloc_may_undercount"
     gc.collect()
-    if _reset_peak_rss():
-        before = _read_status_kib("VmRSS") or 0
-        step_fn()
-        peak = _read_status_kib("VmHWM") or 0
-        return resident_bytes + max(0, peak - before) * 1024, "cpu_parameters_plus_peak_rss_rise"
+    if not _reset_peak_rss():
+        return -1, "unavailable"
+    before = _read_status_kib("VmRSS") or 0
     step_fn()
-    return -1, "unavailable"
+    peak = _read_status_kib("VmHWM") or 0
+    return resident_bytes + max(0, peak - before) * 1024, f"cpu_params_optimizer_plus_step_rss_rise_{allocator}"
 
 
 def profile_step(model: MoEViT, tasks: Sequence[str], batch_size: int, optimizer: torch.optim.Optimizer,
-                 steps: int = 5, warmup: int = 2, aux_weight: float = 0.01) -> dict[str, Any]:
+                 steps: int = 5, warmup: int = 2, aux_weight: float = 0.01, peak_only: bool = False
+                 ) -> dict[str, Any]:
     """Everything ``moebsr profile`` reports, for one training step on synthetic images and labels."""
     device = next(model.parameters()).device
     image_size = int(model.backbone.patch_embed.img_size[0])
@@ -166,26 +174,30 @@ def profile_step(model: MoEViT, tasks: Sequence[str], batch_size: int, optimizer
 
     model.train()
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    # first, in a fresh process: later passes leave freed memory the allocator would reuse unseen
-    peak_bytes, peak_source = measure_peak_memory(step, device, parameter_bytes)
-    train_flops = training_step_flops(model, images, labels)
-    model.eval()
-    infer_flops = inference_flops(model, images, list(tasks))
-    model.train()
-    saved_bytes = saved_activation_bytes(model, images, labels)
+    if peak_only:
+        step()  # lazy initialisation and optimizer state, then the reading
+        peak_bytes, peak_source = measure_peak_memory(step, device, parameter_bytes + optimizer_state_bytes(
+            optimizer, model))
+        return dict(peak_memory_bytes=peak_bytes, peak_memory_source=peak_source)
     times = []
-    for index in range(warmup + steps):
+    for index in range(max(1, warmup) + steps):  # warm-up: lazy initialisation, optimizer state
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if index >= warmup:
+        if index >= max(1, warmup):
             times.append(time.perf_counter() - start)
-    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    state_bytes = optimizer_state_bytes(optimizer, model)
     infer_times = inference_times(model, images, list(tasks), steps=steps, warmup=warmup)
+    state_bytes = optimizer_state_bytes(optimizer, model)
+    peak_bytes, peak_source = measure_peak_memory(step, device, parameter_bytes + state_bytes)
+    train_flops = training_step_flops(model, images, labels)
+    model.eval()
+    infer_flops = inference_flops(model, images, list(tasks))
+    model.train()
+    saved_bytes = saved_activation_bytes(model, images, labels)
+    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return dict(
         tasks=list(tasks), batch_size=batch_size, image_size=image_size, device=str(device),
         trainable_params=trainable, total_params=total,
@@ -221,14 +233,16 @@ def inference_times(model: MoEViT, images: torch.Tensor, tasks: Sequence[str], s
 
 
 def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device: Optional[str] = None,
-                   tasks_per_step: Optional[int] = None) -> dict[str, Any]:
+                   tasks_per_step: Optional[int] = None, peak_only: bool = False,
+                   cpu_peak_command: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Profile one training step of the configured model at the configured batch and image size.
 
     Needs no data: tasks contribute only their output counts (from the registry), images and labels are
     synthetic, and the backbone is randomly initialised (no download). The step trains the tasks the
     configured sampler would put in one batch: the first joint group for ``joint``, else the first task;
     ``tasks_per_step`` instead puts the first N configured tasks on one shared batch (to measure how the step's
-    cost grows with the number of tasks sharing the trunk).
+    cost grows with the number of tasks sharing the trunk). On CPU, ``cpu_peak_command`` (the same profile with
+    ``--peak-only``) is run in a child process with glibc's mmap threshold fixed, for the peak-memory reading.
     """
     from .build import check_config_against_model, model_from_config
     from .optim import build_optimizer
@@ -252,7 +266,14 @@ def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device:
         if shared is not None:
             step_tasks = [name for name in config.tasks if tasks[name].shared_dataset == shared]
     report = profile_step(model, step_tasks, config.train.batch_size, build_optimizer(model, config.train),
-                          steps=steps, warmup=warmup, aux_weight=config.moe.aux_loss_weight)
+                          steps=steps, warmup=warmup, aux_weight=config.moe.aux_loss_weight, peak_only=peak_only)
+    if peak_only:
+        return report
+    if target.type == "cpu" and cpu_peak_command is not None:
+        child = subprocess.run([sys.executable, *cpu_peak_command], capture_output=True, text=True,
+                               env={**os.environ, MMAP_THRESHOLD_VARIABLE: "65536"})
+        if child.returncode == 0:
+            report.update(json.loads(child.stdout.strip().splitlines()[-1]))
     report.update(model=config.model.name, moe_blocks=list(model.moe_blocks),
                   trainable_blocks=list(config.bsr.plan().resolve(model.depth).trainable_blocks),
                   token_drop_blocks=list(model.token_drop_blocks))
