@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -51,25 +52,38 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--joint-tasks", type=int, default=4, help="measure joint batches of 1..N tasks")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="profile the whole recipe sequence N times in rotation; timings are the median")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
 
     base = ["model.checkpoint=null", f"train.batch_size={args.batch_size}", "train.sampler=round_robin"]
-    rows = {}
-    for name in args.recipes:
-        print(f"profiling {name} ...", file=sys.stderr, flush=True)
-        rows[name] = profile(base + recipe_overrides(args.size, name), args)
-    joint = {}
+    rows: dict[str, dict] = {}
+    timings: dict[str, list[tuple[float, float]]] = {name: [] for name in args.recipes}
+    for repeat in range(args.repeats):  # in rotation, so a slow spell of the machine hits every recipe alike
+        for name in args.recipes:
+            print(f"profiling {name} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
+            rows[name] = profile(base + recipe_overrides(args.size, name), args)
+            timings[name].append((rows[name]["step_time_s"], rows[name]["infer_images_per_s"]))
+    for name, measured in timings.items():
+        rows[name]["step_time_s"] = statistics.median(t for t, _ in measured)
+        rows[name]["infer_images_per_s"] = statistics.median(r for _, r in measured)
+        rows[name]["repeats_step_time_s"] = [t for t, _ in measured]
+    joint: dict[str, dict[int, float]] = {}
     if args.joint_tasks > 1:
         four_tasks = ["tasks=[mnist,mnist_parity,digits,animals]"]
         for router in ("task", "shared"):
-            for count in range(1, args.joint_tasks + 1):
-                print(f"profiling joint batch of {count} task(s), router {router} ...", file=sys.stderr, flush=True)
-                overrides = base + recipe_overrides(args.size, "paper_bsr") + four_tasks + [f"moe.router={router}"]
-                report = profile(overrides, args, count)
-                joint.setdefault(router, {})[count] = report["step_time_s"]
+            samples: dict[int, list[float]] = {}
+            for repeat in range(args.repeats):
+                for count in range(1, args.joint_tasks + 1):
+                    print(f"profiling joint batch of {count} task(s), router {router} ...", file=sys.stderr,
+                          flush=True)
+                    overrides = base + recipe_overrides(args.size, "paper_bsr") + four_tasks + [
+                        f"moe.router={router}"]
+                    samples.setdefault(count, []).append(profile(overrides, args, count)["step_time_s"])
+            joint[router] = {count: statistics.median(times) for count, times in samples.items()}
 
-    results = {"size": args.size, "batch_size": args.batch_size, "device": next(iter(rows.values()))["device"],
+    results = {"size": args.size, "batch_size": args.batch_size, "repeats": args.repeats, "device": next(iter(rows.values()))["device"],
                "torch_threads": next(iter(rows.values()))["torch_threads"], "recipes": rows, "joint_step_time_s": joint}
     accuracy_path = Path(args.out) / f"accuracy_{args.size}.json"
     if accuracy_path.is_file():
@@ -102,7 +116,8 @@ def write_outputs(results: dict, out: Path) -> None:
         writer.writerow(columns)
         writer.writerows(table)
     lines = [f"Size `{results['size']}`, batch {results['batch_size']}, device {results['device']}, "
-             f"{results['torch_threads']} threads; ratios are full fine-tuning / recipe (higher = cheaper).", "",
+             f"{results['torch_threads']} threads, timings median of {results.get('repeats', 1)} run(s) in rotation; "
+             "ratios are full fine-tuning / recipe (higher = cheaper).", "",
              "| recipe | trainable params | train GFLOPs/img | saved MiB/img | train mem MiB | peak MiB | step ms | "
              "FLOPs x | saved x | train mem x | peak x | step x |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -31,6 +31,7 @@ RECIPES = {
     "head_only": ["bsr.preset=none", *NO_DROP],
     "last_3": ["bsr.preset=last_k", "bsr.last_k=3", *NO_DROP],
     "paper_bsr": ["bsr.preset=paper", *DROP],
+    "paper_bsr_frozen_experts": ["bsr.preset=paper", "bsr.sublayers=[attn,router,norm]", *DROP],
     "bsr_last_3": ["bsr.preset=last_k", "bsr.last_k=3", *DROP],
     "bsr_no_drop": ["bsr.preset=paper", *NO_DROP],
     "lora_paper_blocks": ["bsr.preset=none", "lora.enabled=true", "lora.blocks=null", *NO_DROP],
