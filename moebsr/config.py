@@ -52,15 +52,9 @@ class ModelConfig:
 
 
 @dataclass
-class MoEConfig:
-    blocks: Optional[List[int]] = None
-    num_experts: int = 16
-    top_k: int = 4
-    hidden_features: Optional[int] = None
-    router: str = "task"
-    renormalize: bool = True
-    capacity_factor: Optional[float] = None
-    backend: str = "torch"
+class MoEConfig(MoESpec):
+    """:class:`MoESpec` plus the weight of its balancing loss in the training loss."""
+
     aux_loss_weight: float = 0.01
 
     def spec(self) -> MoESpec:
@@ -82,11 +76,10 @@ class BSRConfig:
 
 
 @dataclass
-class TokenDropConfig:
+class TokenDropConfig(TokenDropSpec):
+    """:class:`TokenDropSpec` plus a switch: configs keep their dropping settings while it is off."""
+
     enabled: bool = False
-    blocks: Optional[List[int]] = None
-    keep_rate: float = 0.5
-    fuse: bool = True
 
     def spec(self) -> Optional[TokenDropSpec]:
         return TokenDropSpec(self.blocks, self.keep_rate, self.fuse) if self.enabled else None

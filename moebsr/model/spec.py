@@ -8,7 +8,7 @@ test model and on DeiT-S.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 PAPER_DEPTH = 12
 PAPER_MOE_BLOCKS = (3, 7, 11)
@@ -58,7 +58,7 @@ class MoESpec:
         backend: ``torch`` (built in) or ``tutel`` (optional, expert parallel).
     """
 
-    blocks: Optional[Sequence[int]] = None
+    blocks: Optional[List[int]] = None  # List, not Sequence: the config subclasses this for OmegaConf
     num_experts: int = 16
     top_k: int = 4
     hidden_features: Optional[int] = None
@@ -99,7 +99,7 @@ class TokenDropSpec:
         fuse: Fold the dropped tokens into one extra token, their CLS-attention-weighted sum (EViT).
     """
 
-    blocks: Optional[Sequence[int]] = None
+    blocks: Optional[List[int]] = None
     keep_rate: float = 0.5
     fuse: bool = True
 
