@@ -198,7 +198,10 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         merged = OmegaConf.merge(*layers)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise ConfigError(_omegaconf_message(error, os.fspath(path) if path else "overrides")) from None
+        key = getattr(error, "full_key", None)
+        from_override = key is not None and any(o.split("=", 1)[0].strip() == key for o in overrides)
+        source = "override" if from_override or path is None else os.fspath(path)
+        raise ConfigError(_omegaconf_message(error, source)) from None
     validate_config(config)
     return config
 

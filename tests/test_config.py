@@ -34,7 +34,7 @@ def test_overrides_are_typed_and_nested():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.stepz=3", r"unknown key 'train.stepz'; accepted here: output_dir, batch_size"),
+    ("train.stepz=3", r"^override: unknown key 'train.stepz'; accepted here: output_dir, batch_size"),
     ("bogus=1", r"unknown key 'bogus'; accepted here: tasks, model, moe"),
     ("train.steps=many", r"train.steps: Value 'many' of type 'str' could not be converted to Integer"),
     ("train.batch_size=-4", r"train.batch_size: -4 is invalid; accepted: a number > 0"),
