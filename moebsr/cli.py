@@ -11,11 +11,14 @@ from typing import Any, Callable, Optional, Sequence
 
 
 def _task_row(name: str, options: dict[str, Any]) -> list[str]:
-    from .tasks import DatasetUnavailableError, create_task
+    """One table row; a task whose definition or data is broken is listed with its error, not fatal to the list."""
+    from .tasks import DatasetUnavailableError, TaskError, create_task
     try:
         task = create_task(name, **options)
     except DatasetUnavailableError:
         return [name, "needs data_dir", "", "?", "", ""]
+    except TaskError as error:
+        return [name, "error", "", "?", "", str(error)]
     if task.size_hint is not None:
         train = test = task.size_hint
     else:
@@ -23,6 +26,8 @@ def _task_row(name: str, options: dict[str, Any]) -> list[str]:
             train, test = (str(task.num_examples(split)) for split in ("train", "test"))
         except DatasetUnavailableError:
             train, test = "needs data_dir", ""
+        except TaskError as error:
+            return [name, "error", "", str(task.num_outputs), task.shared_dataset or "-", str(error)]
     return [name, train, test, str(task.num_outputs), task.shared_dataset or "-", task.source]
 
 

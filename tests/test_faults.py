@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from moebsr.checkpoint import list_checkpoints
 from moebsr.config import load_config
 from moebsr.runner import run_training_cli
+from moebsr.tasks import unregister_task
 from moebsr.train import TrainingAborted, train
 from run_helpers import QUICKSTART, REPO, read_losses, short_run_overrides, subprocess_env
 
@@ -92,7 +93,8 @@ FLAKY_TASK = textwrap.dedent('''
 def flaky_task_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flaky_tasks")
     (folder / "flaky.py").write_text(FLAKY_TASK)
-    return folder
+    yield folder
+    unregister_task("flaky_digits")  # the registry is process-wide: leave it as other tests expect it
 
 
 def _flaky_config(folder, output, steps, extra=()):
@@ -152,7 +154,9 @@ BAD_TASKS = textwrap.dedent('''
 def bad_task_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad_tasks")
     (folder / "bad.py").write_text(BAD_TASKS)
-    return folder
+    yield folder
+    for name in ("no_outputs", "labels_too_big", "empty_split", "tiny_set"):
+        unregister_task(name)
 
 
 @pytest.mark.parametrize("overrides, message", [

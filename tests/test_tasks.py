@@ -398,3 +398,19 @@ def test_hub_without_offline_flags_fails_fast_when_unreachable(monkeypatch):
     monkeypatch.setattr(hub, "_hub_reachable", lambda: False)  # as on a machine without network
     with pytest.raises(DatasetUnavailableError, match="hub is unreachable.*pass data_dir=DIR"):
         create_task("pets").build_dataset("test")
+
+
+def test_cli_lists_a_broken_task_with_its_error_and_goes_on(tmp_path, capsys):
+    (tmp_path / "broken_listing.py").write_text(
+        "import numpy as np\nfrom moebsr.tasks import Task, register_task\n\n"
+        "@register_task('listed_but_empty')\ndef listed_but_empty():\n"
+        "    return Task(name='listed_but_empty', num_outputs=2,\n"
+        "                dataset_fn=lambda split: {'images': np.zeros((0, 8, 8), np.uint8), 'labels': np.zeros(0)})\n")
+    from moebsr.tasks import unregister_task
+    try:
+        assert cli_main(["tasks", "--task-dir", str(tmp_path)]) == 0
+        rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+        assert "error" in rows["listed_but_empty"] and "empty" in rows["listed_but_empty"]
+        assert rows["mnist"].split()[1:4] == ["4000", "1000", "10"]
+    finally:
+        unregister_task("listed_but_empty")
