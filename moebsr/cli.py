@@ -9,6 +9,8 @@ import argparse
 import sys
 from typing import Any, Callable, Optional, Sequence
 
+from .user_errors import is_user_error
+
 
 def _task_row(name: str, options: dict[str, Any]) -> list[str]:
     """One table row; a task whose definition or data is broken is listed with its error, not fatal to the list."""
@@ -121,23 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_user_error(error: BaseException) -> bool:
-    """Bad input, as opposed to a bug. Error classes are looked up only in modules already imported, so that
-    ``moebsr tasks`` does not pay for importing timm and accelerate."""
-    names = {"moebsr.tasks.errors": ("TaskError",), "moebsr.config": ("ConfigError",),
-             "moebsr.checkpoint": ("CheckpointError",), "moebsr.train": ("TrainingAborted",)}
-    classes = [getattr(sys.modules[module], name) for module, found in names.items() if module in sys.modules
-               for name in found]
-    return isinstance(error, (FileNotFoundError, *classes))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
     except Exception as error:
-        if not _is_user_error(error):
+        if not is_user_error(error):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2

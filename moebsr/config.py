@@ -275,5 +275,10 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """The inverse of :func:`config_to_dict` (a run's saved ``config.json``), typed and checked by OmegaConf."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), values))
+
+
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
     OmegaConf.save(OmegaConf.structured(config), path)

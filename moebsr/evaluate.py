@@ -74,17 +74,15 @@ def evaluate_run(run_dir: str, tasks: Optional[Sequence[str]] = None, split: str
     another token budget (enabling dropping at the configured blocks if the run trained without it)."""
     from pathlib import Path
 
-    from omegaconf import OmegaConf
-
     from .build import image_spec_of, model_from_config
-    from .config import RunConfig
+    from .config import config_from_dict
     from .export import find_weights, load_weights, read_run_document
     from .model.spec import check_keep_rate
     from .run_data import RunData
     from .tasks import SPLITS, TaskError
 
     document = read_run_document(run_dir)
-    config: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), document["config"]))
+    config = config_from_dict(document["config"])
     if split not in SPLITS:
         raise TaskError(f"--split: unknown split {split!r}; accepted: {', '.join(SPLITS)}")
     for name in tasks or ():

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import CheckpointError, list_checkpoints
-from .config import RunConfig, config_to_dict
+from .config import RunConfig, config_from_dict, config_to_dict
 from .model import MoEViT
 
 MODEL_FILE = "model.safetensors"
@@ -119,11 +119,9 @@ def load_weights(model: MoEViT, path: Path) -> None:
 def load_exported_model(run_dir: str | os.PathLike, heads: Optional[Mapping[str, Any]] = None,
                         weights: Optional[Path] = None) -> tuple[MoEViT, RunConfig, dict[str, Any]]:
     """Rebuild the run's model from its config and load its weights (no pretrained download)."""
-    from omegaconf import OmegaConf
-
     from .build import model_from_config
     document = read_run_document(run_dir)
-    config: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), document["config"]))
+    config = config_from_dict(document["config"])
     model = model_from_config(config, heads or document["task_outputs"], load_weights=False)
     load_weights(model, weights or find_weights(run_dir))
     return model, config, document

@@ -8,17 +8,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .checkpoint import CheckpointError
 from .config import ConfigError, RunConfig, load_config
+from .user_errors import is_user_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input, printed as one line instead of a stack trace."""
-    from .tasks import TaskError
-    from .train import TrainingAborted
-    return ConfigError, CheckpointError, TaskError, TrainingAborted, FileNotFoundError
 
 
 def _world_size() -> int:
@@ -43,19 +36,20 @@ def ensure_backbone(config: RunConfig) -> None:
 
 def run_training_cli(config_path: str, overrides: Sequence[str]) -> int:
     """Parse, validate, train; bad input exits 2 with one line on stderr; always exits cleanly."""
-    errors = user_errors()
     exit_code = 0
     try:
         config = load_config(config_path, overrides)
         ensure_backbone(config)
         from .train import train
         train(config)
-    except errors as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        exit_code = 2
     except subprocess.CalledProcessError as error:
         print(f"error: pretraining failed with exit code {error.returncode}", file=sys.stderr, flush=True)
         exit_code = 1
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        exit_code = 2
     clean_exit(exit_code)
     return exit_code
 
