@@ -83,8 +83,9 @@ def main() -> None:
                     samples.setdefault(count, []).append(profile(overrides, args, count)["step_time_s"])
             joint[router] = {count: statistics.median(times) for count, times in samples.items()}
 
-    results = {"size": args.size, "batch_size": args.batch_size, "repeats": args.repeats, "device": next(iter(rows.values()))["device"],
-               "torch_threads": next(iter(rows.values()))["torch_threads"], "recipes": rows, "joint_step_time_s": joint}
+    first = next(iter(rows.values()))
+    results = {"size": args.size, "batch_size": args.batch_size, "repeats": args.repeats, "device": first["device"],
+               "torch_threads": first["torch_threads"], "recipes": rows, "joint_step_time_s": joint}
     accuracy_path = Path(args.out) / f"accuracy_{args.size}.json"
     if accuracy_path.is_file():
         results["accuracy"] = json.loads(accuracy_path.read_text())

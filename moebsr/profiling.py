@@ -15,7 +15,7 @@ import subprocess
 import sys
 import statistics
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -48,10 +48,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
 
 
-def synthetic_labels(model: MoEViT, tasks: Sequence[str], batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def synthetic_labels(task_outputs: Mapping[str, int], batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random labels in each task's class range (from the task, not its head: a custom head may hide it)."""
     generator = torch.Generator().manual_seed(seed)
-    return {task: torch.randint(0, model.heads[task].out_features if hasattr(model.heads[task], "out_features")
-                                else 2, (batch,), generator=generator) for task in tasks}
+    return {task: torch.randint(0, outputs, (batch,), generator=generator) for task, outputs in task_outputs.items()}
 
 
 def training_loss(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor],
@@ -155,16 +155,17 @@ def measure_peak_memory(step_fn: Callable[[], None], device: torch.device, resid
     return resident_bytes + max(0, peak - before) * 1024, f"cpu_params_optimizer_plus_step_rss_rise_{allocator}"
 
 
-def profile_step(model: MoEViT, tasks: Sequence[str], batch_size: int, optimizer: torch.optim.Optimizer,
-                 steps: int = 5, warmup: int = 2, aux_weight: float = 0.01, peak_only: bool = False
-                 ) -> dict[str, Any]:
+def profile_step(model: MoEViT, task_outputs: Mapping[str, int], batch_size: int,
+                 optimizer: torch.optim.Optimizer, steps: int = 5, warmup: int = 2, aux_weight: float = 0.01,
+                 peak_only: bool = False) -> dict[str, Any]:
     """Everything ``moebsr profile`` reports, for one training step on synthetic images and labels."""
     device = next(model.parameters()).device
     image_size = int(model.backbone.patch_embed.img_size[0])
     in_chans = int(model.backbone.patch_embed.proj.in_channels)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, in_chans, image_size, image_size, generator=generator).to(device)
-    labels = {t: v.to(device) for t, v in synthetic_labels(model, tasks, batch_size).items()}
+    tasks = list(task_outputs)
+    labels = {t: v.to(device) for t, v in synthetic_labels(task_outputs, batch_size).items()}
     trainable, total = count_parameters(model)
 
     def step() -> None:
@@ -246,11 +247,10 @@ def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device:
     """
     from .build import check_config_against_model, model_from_config
     from .optim import build_optimizer
-    from .tasks import create_task, discover_tasks
+    from .run_data import RunData
 
     check_config_against_model(config)
-    discover_tasks(config.data.task_dirs)
-    tasks = {name: create_task(name, **config.data.task_options.get(name, {})) for name in config.tasks}
+    tasks = RunData.from_config(config, check_data=False).tasks  # the run's own tasks, options and checks
     config.model.pretrained, config.model.checkpoint = False, None
     torch.manual_seed(config.train.seed)
     model = model_from_config(config, {name: task.build_head for name, task in tasks.items()})
@@ -265,7 +265,8 @@ def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device:
         shared = tasks[config.tasks[0]].shared_dataset
         if shared is not None:
             step_tasks = [name for name in config.tasks if tasks[name].shared_dataset == shared]
-    report = profile_step(model, step_tasks, config.train.batch_size, build_optimizer(model, config.train),
+    step_outputs = {name: tasks[name].num_outputs for name in step_tasks}
+    report = profile_step(model, step_outputs, config.train.batch_size, build_optimizer(model, config.train),
                           steps=steps, warmup=warmup, aux_weight=config.moe.aux_loss_weight, peak_only=peak_only)
     if peak_only:
         return report
@@ -282,8 +283,10 @@ def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device:
 
 def format_profile(report: dict[str, Any]) -> str:
     gib = 1024 ** 3
+    state_bytes = report["parameter_bytes"] + report["gradient_bytes"] + report["optimizer_state_bytes"]
     rows = [
-        ("model", f"{report['model']} · batch {report['batch_size']} · {report['image_size']} px · {report['device']}"),
+        ("model", f"{report['model']} · batch {report['batch_size']} · {report['image_size']} px · "
+                  f"{report['device']}"),
         ("tasks in the step", ", ".join(report["tasks"])),
         ("blocks: MoE / trained / dropping", f"{report['moe_blocks']} / {report['trainable_blocks']} / "
                                              f"{report['token_drop_blocks']}"),
@@ -291,7 +294,7 @@ def format_profile(report: dict[str, Any]) -> str:
         ("training GFLOPs per image", f"{report['train_flops_per_image'] / 1e9:.3f} (forward + backward)"),
         ("inference GFLOPs per image", f"{report['infer_flops_per_image'] / 1e9:.3f}"),
         ("saved for backward per image", f"{report['saved_activation_bytes_per_image'] / 1024 ** 2:.2f} MiB"),
-        ("params + grads + optimizer", f"{(report['parameter_bytes'] + report['gradient_bytes'] + report['optimizer_state_bytes']) / gib:.3f} GiB"),
+        ("params + grads + optimizer", f"{state_bytes / gib:.3f} GiB"),
         ("training memory (activations+above)", f"{report['train_memory_bytes'] / gib:.3f} GiB"),
         ("peak memory measured", f"{report['peak_memory_bytes'] / gib:.3f} GiB ({report['peak_memory_source']})"),
         ("step time (median)", f"{report['step_time_s'] * 1000:.1f} ms over {len(report['step_times_s'])} steps, "

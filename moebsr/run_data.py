@@ -110,7 +110,8 @@ class RunData:
     def next_train_batch(self, tasks: Sequence[str]) -> dict[str, Any]:
         key = tuple(tasks)
         if key not in self.train_loaders:
-            raise TaskError(f"no train loader for tasks {list(tasks)}; loaders: {[list(k) for k in self.train_loaders]}")
+            known = [list(k) for k in self.train_loaders]
+            raise TaskError(f"no train loader for tasks {list(tasks)}; loaders: {known}")
         return self._to_device(self.train_loaders[key].next_batch(), tasks)
 
     def eval_groups(self, task_names: Optional[Sequence[str]] = None) -> list[list[str]]:
