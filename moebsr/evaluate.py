@@ -97,9 +97,9 @@ def evaluate_run(run_dir: str, tasks: Optional[Sequence[str]] = None, split: str
     config.tasks = list(tasks) if tasks else config.tasks
     config.data.task_options = {k: v for k, v in config.data.task_options.items() if k in config.tasks}
     data = RunData.from_config(config, check_data=False)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # first: a tutel model shards over its processes
     model = model_from_config(config, {**document["task_outputs"], **data.heads()}, load_weights=False)
     load_weights(model, weights_path)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = accelerator.prepare_model(model, evaluation_mode=True)
     data.attach_image_spec(image_spec_of(accelerator.unwrap_model(model)), accelerator, build_train=False)
     return evaluate(accelerator, model, data, split=split, max_examples=max_examples)

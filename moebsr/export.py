@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import CheckpointError, list_checkpoints
 from .config import RunConfig, config_from_dict, config_to_dict
+from .expert_parallel import parameter_count
 from .model import MoEViT
 
 MODEL_FILE = "model.safetensors"
@@ -31,12 +32,16 @@ def _contiguous_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def export_run(output_dir: str | os.PathLike, model: MoEViT, config: RunConfig,
-               task_outputs: Mapping[str, int], metrics: Mapping[str, Mapping[str, float]]) -> Path:
+               task_outputs: Mapping[str, int], metrics: Mapping[str, Mapping[str, float]],
+               state: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
     """Write the exported model. A dense model also gets ``backbone.safetensors`` in timm's key layout, which
-    ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` and ``model.checkpoint`` load."""
+    ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` and ``model.checkpoint`` load.
+
+    ``state`` is ``model.state_dict()`` taken beforehand on every process when experts are sharded across
+    processes (gathering them is collective, and only the main process exports)."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    state = _contiguous_state(model.state_dict())
+    state = _contiguous_state(model.state_dict() if state is None else state)
     temporary = output / f".{MODEL_FILE}.tmp"
     save_file(state, str(temporary), metadata={"format": "pt", "library": "moebsr"})
     os.replace(temporary, output / MODEL_FILE)
@@ -53,8 +58,8 @@ def export_run(output_dir: str | os.PathLike, model: MoEViT, config: RunConfig,
 
 def model_card(config: RunConfig, task_outputs: Mapping[str, int], metrics: Mapping[str, Mapping[str, float]],
                model: MoEViT) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = parameter_count(p for p in model.parameters() if p.requires_grad)
+    total = parameter_count(model.parameters())
     lines = [
         f"# moebsr run: {Path(config.train.output_dir).name}", "",
         f"- backbone: `{config.model.name}` ({model.depth} blocks), MoE blocks {list(model.moe_blocks)} "

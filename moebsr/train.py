@@ -23,6 +23,7 @@ from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .config import RunConfig, config_to_dict, save_config
 from .run_data import RunData
 from .evaluate import evaluate
+from .expert_parallel import ShardedOptimizerState, clip_grad_norm_, exclude_sharded_from_ddp, parameter_count
 from .export import export_run
 from .model import MoEViT
 from .optim import build_optimizer, build_scheduler
@@ -101,8 +102,11 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     data.attach_image_spec(image_spec_of(model), accelerator)
     optimizer = build_optimizer(model, config.train)
     scheduler = build_scheduler(optimizer, config.train)
+    sharded = exclude_sharded_from_ddp(model)  # tutel experts split over processes: not DDP's to all-reduce
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped: MoEViT = accelerator.unwrap_model(model)
+    if sharded:
+        accelerator.register_for_checkpointing(ShardedOptimizerState(unwrapped, optimizer))
 
     start_step = 0
     if config.train.resume:
@@ -128,8 +132,9 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     accelerator.print(
         f"moebsr: {len(data.tasks)} task(s) {list(data.tasks)} · {accelerator.num_processes} process(es) on "
         f"{accelerator.device} · batch {config.train.batch_size}/process · sampler {config.train.sampler} · "
-        f"trainable {sum(p.numel() for p in unwrapped.trainable_parameters()):,} of "
-        f"{sum(p.numel() for p in unwrapped.parameters()):,} parameters · output {output_dir}")
+        f"trainable {parameter_count(unwrapped.trainable_parameters()):,} of "
+        f"{parameter_count(unwrapped.parameters()):,} parameters"
+        f"{f' ({len(sharded)} expert tensors sharded over the processes)' if sharded else ''} · output {output_dir}")
     model.train()
     step = start_step
     micro_step = start_step * config.train.grad_accum_steps
@@ -157,7 +162,7 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
             bad_in_a_row = 0
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.train.grad_clip:
-                accelerator.clip_grad_norm_(unwrapped.trainable_parameters(), config.train.grad_clip)
+                clip_grad_norm_(accelerator, unwrapped.trainable_parameters(), config.train.grad_clip)
             optimizer.step()
             if accelerator.sync_gradients:
                 scheduler.step()
@@ -189,8 +194,9 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
                     config.train.keep_checkpoints)
     metrics = _evaluate_and_log(accelerator, model, data, config, step)
+    state = unwrapped.state_dict()  # every process: sharded experts are gathered here
     if accelerator.is_main_process:
-        export_run(output_dir, unwrapped, config, data.task_outputs(), metrics)
+        export_run(output_dir, unwrapped, config, data.task_outputs(), metrics, state)
         with open(output_dir / "metrics.json", "w") as handle:
             json.dump({"step": step, "metrics": metrics}, handle, indent=2)
     accelerator.wait_for_everyone()

@@ -47,7 +47,7 @@ def test_grouped_dispatch_gradients_match_the_reference():
 
 
 def test_capacity_drops_assignments_past_the_cap_first_choices_first():
-    # 4 tokens all prefer expert 0 then expert 1; capacity = ceil(0.5 * 4 * 2 / 2) = 2
+    # 4 tokens all prefer expert 0 then expert 1; capacity = 2 * floor(0.5 * ceil(4 / 2)) = 2
     index = torch.tensor([[0, 1]] * 4)
     weight = torch.full((4, 2), 0.5)
     from moebsr.model.routing import Routing

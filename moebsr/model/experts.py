@@ -44,6 +44,13 @@ class Experts(nn.Module):
         hidden = self.drop(self.act(F.linear(tokens, self.fc1_weight[expert], self.fc1_bias[expert])))
         return self.drop(F.linear(hidden, self.fc2_weight[expert], self.fc2_bias[expert]))
 
+    def forward_batched(self, slots: torch.Tensor) -> torch.Tensor:
+        """``[E, slots, dim] -> [E, slots, dim]``, expert e on row e: two batched matmuls over tutel's dispatch
+        layout instead of one ``F.linear`` per expert."""
+        hidden = torch.baddbmm(self.fc1_bias.unsqueeze(1), slots, self.fc1_weight.transpose(1, 2))
+        hidden = self.drop(self.act(hidden))
+        return self.drop(torch.baddbmm(self.fc2_bias.unsqueeze(1), hidden, self.fc2_weight.transpose(1, 2)))
+
     @classmethod
     def upcycle(cls, mlp: nn.Module, num_experts: int, hidden_features: Optional[int] = None) -> "Experts":
         """Experts that each start as an exact copy of ``mlp`` (a timm ``Mlp``).

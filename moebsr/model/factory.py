@@ -11,7 +11,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .block import MoEViTBlock
 from .bsr import BSRPlan, as_bsr_plan
-from .dispatch import dispatch_grouped
 from .experts import Experts
 from .moe import MoEMlp
 from .moevit import HeadFactory, MoEViT
@@ -116,8 +115,10 @@ def create_moevit(
     if drop_spec is not None:
         drop_spec.validate(depth)
     resolved_plan = plan.resolve(depth)
-    if moe_spec.backend != "torch":
-        raise ValueError(f"moe.backend: {moe_spec.backend!r} is not available yet; accepted: torch")
+    moe_layer_type = MoEMlp
+    if moe_spec.backend == "tutel":
+        from .tutel_backend import TutelMoEMlp
+        moe_layer_type = TutelMoEMlp
 
     moe_blocks = set(moe_spec.resolve_blocks(depth))
     drop_blocks = set(drop_spec.resolve_blocks(depth)) if drop_spec is not None else set()
@@ -129,8 +130,7 @@ def create_moevit(
             experts = Experts.upcycle(block.mlp, moe_spec.num_experts, moe_spec.hidden_features)
             router = TaskRouter(backbone.embed_dim, moe_spec.num_experts, moe_spec.top_k, task_names,
                                 mode=moe_spec.router, renormalize=moe_spec.renormalize)
-            mlp = MoEMlp(router.to(experts.fc1_weight.device), experts, moe_spec.capacity_factor,
-                         dispatcher=dispatch_grouped)
+            mlp = moe_layer_type(router.to(experts.fc1_weight.device), experts, moe_spec.capacity_factor)
         keep_rate = drop_spec.keep_rate if index in drop_blocks else None
         fuse = drop_spec.fuse if drop_spec is not None else True
         blocks.append(MoEViTBlock(block, mlp, keep_rate, fuse, backbone.num_prefix_tokens))

@@ -41,7 +41,8 @@ class MoEMlp(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.experts.num_experts
+        """All experts of the layer (the router's outputs), also when this process holds only some of them."""
+        return self.router.num_experts
 
     def route(self, x: torch.Tensor, task_rows: TaskRows) -> tuple[torch.Tensor, torch.Tensor]:
         """Route every token of ``x`` ``[R, N, C]`` with its rows' task gate; returns flat index/weight."""

@@ -95,12 +95,12 @@ def load_balancing_loss(routing: Routing, num_experts: int) -> torch.Tensor:
 def apply_capacity(routing: Routing, num_experts: int, capacity_factor: float) -> Routing:
     """Zero the weight of assignments past each expert's capacity, all first choices before any second.
 
-    Capacity is ``ceil(capacity_factor * tokens * top_k / num_experts)``; within a choice rank earlier tokens
-    win (GShard's order). Dropped assignments keep their index but carry weight 0, so the token simply gets
+    Capacity is ``top_k * floor(capacity_factor * ceil(tokens / num_experts))`` slots per expert, tutel's formula,
+    so both MoE backends drop the same assignments; within a choice rank earlier tokens win (GShard's order). Dropped assignments keep their index but carry weight 0, so the token simply gets
     less (or no) MoE output and passes on through the residual.
     """
     num_tokens, top_k = routing.expert_index.shape
-    capacity = int(torch.tensor(capacity_factor * num_tokens * top_k / num_experts).ceil().item())
+    capacity = top_k * int(capacity_factor * -(-num_tokens // num_experts))
     # rank-major order: all tokens' first choice, then all second choices, ...
     rank_major = routing.expert_index.t().reshape(-1)
     one_hot = torch.nn.functional.one_hot(rank_major, num_experts)

@@ -53,9 +53,10 @@ class MoESpec:
         router: ``task`` = one gate per task (M³ViT multi-gate), ``shared`` = one gate for all tasks.
         renormalize: Rescale the top-k gate weights to sum to 1. With it, an upcycled MoE layer equals the
             dense MLP at step 0; without it (the paper's choice) the raw softmax probabilities are used.
-        capacity_factor: Cap on tokens per expert, ``ceil(factor * tokens * top_k / num_experts)``; ``None`` is
-            dropless. Assignments over the cap are dropped first-choice-first (GShard order).
-        backend: ``torch`` (built in) or ``tutel`` (optional, expert parallel).
+        capacity_factor: Cap on tokens per expert, ``top_k * floor(factor * ceil(tokens / num_experts))`` (tutel's
+            formula, for both backends); ``None`` is dropless. Assignments over the cap are dropped
+            first-choice-first (GShard order).
+        backend: ``torch`` (built in) or ``tutel`` (optional; shards the experts across processes).
     """
 
     blocks: Optional[List[int]] = None  # List, not Sequence: the config subclasses this for OmegaConf
@@ -87,6 +88,9 @@ class MoESpec:
             raise ValueError(f"moe.capacity_factor: {self.capacity_factor} is invalid; accepted: > 0 or null")
         if self.backend not in MOE_BACKENDS:
             raise ValueError(f"moe.backend: unknown backend {self.backend!r}; accepted: {', '.join(MOE_BACKENDS)}")
+        if self.backend == "tutel":
+            from .tutel_backend import require_tutel
+            require_tutel()
 
 
 @dataclass
