@@ -11,6 +11,7 @@ _USER_ERROR_CLASSES = {
     "moebsr.config": ("ConfigError",),
     "moebsr.checkpoint": ("CheckpointError",),
     "moebsr.train": ("TrainingAborted",),
+    "moebsr.model.tutel_backend": ("TutelBackendError",),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,8 +20,25 @@ SHORT_RUN = [
 ]
 
 
+def launch_command(processes: int) -> list[str]:
+    """``accelerate launch`` for P CPU processes (gloo DDP); the flags accelerate 1.15 needs for that, see README."""
+    flags = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    return [str(VENV_BIN / "accelerate"), "launch", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", *flags, str(REPO / "launch" / "multitask.py"), "--config", str(QUICKSTART)]
+
+
 def short_run_overrides(output_dir: Path, steps: int, extra: Sequence[str] = ()) -> list[str]:
     return SHORT_RUN + [f"train.output_dir={output_dir}", f"train.steps={steps}", *extra]
+
+
+def launch_run(output_dir: Path, processes: int, steps: int, extra: Sequence[str] = ()) -> str:
+    """A short quickstart run under ``accelerate launch``; asserts it ended cleanly, returns its stdout."""
+    command = [*launch_command(processes), *short_run_overrides(output_dir, steps, extra)]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "terminate called" not in result.stderr  # no abort at interpreter exit
+    assert f"{processes} process(es)" in result.stdout
+    return result.stdout
 
 
 def read_losses(output_dir: Path) -> list[dict]:

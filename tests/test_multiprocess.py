@@ -1,28 +1,19 @@
 """Two CPU processes (gloo DDP through ``accelerate launch``) train to the result of one with the same global batch."""
 
 import json
-import subprocess
 
 import torch
 from safetensors.torch import load_file
 
-from run_helpers import QUICKSTART, REPO, VENV_BIN, short_run_overrides, subprocess_env
+from run_helpers import launch_run
 
-LAUNCH = [str(VENV_BIN / "accelerate"), "launch", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no"]
 # aux loss off: its cv^2 is computed per process batch, the one term that is not a mean over examples
 SAME_RUN = ["moe.aux_loss_weight=0", "train.checkpoint_every=3", "logging.trackers=[none]", "train.lr=2e-3"]
 
 
 def _run(tmp_path, processes: int, batch: int):
     output = tmp_path / f"p{processes}"
-    flags = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    command = [*LAUNCH, *flags, str(REPO / "launch" / "multitask.py"), "--config", str(QUICKSTART),
-               *short_run_overrides(output, 6, SAME_RUN + [f"train.batch_size={batch}"])]
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "terminate called" not in result.stderr
-    assert f"{processes} process(es)" in result.stdout
+    launch_run(output, processes, 6, SAME_RUN + [f"train.batch_size={batch}"])
     return output
 
 

@@ -45,12 +45,16 @@ class ExpertShard:
     experts: slice
 
 
+class TutelBackendError(ValueError):
+    """tutel is missing, or the job cannot shard the experts as asked; the message says what to change."""
+
+
 def require_tutel() -> Any:
     """tutel's ``moe`` module, or a one-line error saying how to install it."""
     try:
         return importlib.import_module("tutel.moe")
     except ImportError as error:
-        raise ValueError(f"moe.backend: 'tutel' is selected but tutel cannot be imported ({error}); accepted: "
+        raise TutelBackendError(f"moe.backend: 'tutel' is selected but tutel cannot be imported ({error}); accepted: "
                          f"torch, or install tutel first: {TUTEL_INSTALL}") from None
 
 
@@ -138,7 +142,7 @@ class TutelMoEMlp(MoEMlp):
         tutel_moe = require_tutel()
         rank, world = process_group_size(group)
         if experts.num_experts % world:
-            raise ValueError(f"moe.num_experts: {experts.num_experts} experts cannot be split over {world} processes "
+            raise TutelBackendError(f"moe.num_experts: {experts.num_experts} experts cannot be split over {world} processes "
                              f"with the tutel backend; accepted: a multiple of {world}")
         if world > 1:
             experts = ShardedExperts(experts, group)
