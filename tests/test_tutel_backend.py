@@ -11,6 +11,7 @@ from tiny_models import images, tiny_moevit
 from moebsr.config import ConfigError, RunConfig, validate_against_model
 from moebsr.user_errors import is_user_error
 
+NO_TUTEL = "tutel is not installed (not on PyPI): see README, MoE backends"
 TASKS = {"a": 10, "b": 3}
 CASES = {
     "top2-renormalised": dict(moe=dict(num_experts=4, top_k=2)),
@@ -39,7 +40,7 @@ def _pair(case: dict):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_same_weights_give_the_same_outputs_loss_and_gradients(name):
-    pytest.importorskip("tutel", reason="tutel is not installed (not on PyPI): see README, MoE backends")
+    pytest.importorskip("tutel", reason=NO_TUTEL)
     reference, candidate = _pair(CASES[name])
     x = images(4)
     losses = []
@@ -62,7 +63,7 @@ def test_same_weights_give_the_same_outputs_loss_and_gradients(name):
 
 
 def test_tutel_layer_really_dispatches_through_tutel(monkeypatch):
-    pytest.importorskip("tutel", reason="tutel is not installed")
+    pytest.importorskip("tutel", reason=NO_TUTEL)
     from tutel.impls import moe_layer
 
     _, candidate = _pair(CASES["top2-renormalised"])
@@ -75,7 +76,7 @@ def test_tutel_layer_really_dispatches_through_tutel(monkeypatch):
 
 
 def test_state_dicts_move_between_backends_both_ways(tmp_path):
-    pytest.importorskip("tutel", reason="tutel is not installed")
+    pytest.importorskip("tutel", reason=NO_TUTEL)
     from safetensors.torch import save_file
 
     from moebsr.export import load_weights
@@ -99,7 +100,7 @@ def test_state_dicts_move_between_backends_both_ways(tmp_path):
 
 
 def test_building_a_tutel_model_draws_the_same_random_numbers_as_torch():
-    pytest.importorskip("tutel", reason="tutel is not installed")
+    pytest.importorskip("tutel", reason=NO_TUTEL)
     built = []
     for backend in ("torch", "tutel"):  # tutel initialises gates of its own; they must not shift the seed
         model = tiny_moevit(TASKS, moe=dict(num_experts=4, top_k=2, backend=backend))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from run_helpers import launch_run
 
-pytest.importorskip("tutel", reason="tutel is not installed (not on PyPI): see README, MoE backends")
+pytest.importorskip("tutel", reason="tutel is not installed (not on PyPI): see README, MoE backends")  # as test_tutel_backend
 
 # SGD, not AdamW: Adam's update is nearly blind to a gradient's scale, SGD shows an expert gradient off by W at once
 SGD = ["train.optimizer=sgd", "train.lr=0.05", "moe.aux_loss_weight=0", "train.checkpoint_every=3",
