@@ -155,7 +155,8 @@ def table(single: dict[str, dict], multi: dict[str, dict], args: argparse.Namesp
     ]
     if torchp.get("peak_cuda_bytes"):
         rows.append((f"{p} processes: peak CUDA memory", f"{torchp['peak_cuda_bytes'] / mib:.0f} MiB",
-                     f"{tutelp['peak_cuda_bytes'] / mib:.0f} MiB", tutelp["peak_cuda_bytes"] / torchp["peak_cuda_bytes"]))
+                     f"{tutelp['peak_cuda_bytes'] / mib:.0f} MiB",
+                     tutelp["peak_cuda_bytes"] / torchp["peak_cuda_bytes"]))
     lines = [f"`python bench/backends.py {' '.join(sys.argv[1:])}`: size {args.size}, global batch {args.batch_size}, "
              f"device {args.device}, {args.repeats} rotation(s), median step of {args.steps}", "",
              "| measure | torch backend | tutel backend | tutel / torch |", "|---|---|---|---|"]

@@ -96,8 +96,9 @@ def apply_capacity(routing: Routing, num_experts: int, capacity_factor: float) -
     """Zero the weight of assignments past each expert's capacity, all first choices before any second.
 
     Capacity is ``top_k * floor(capacity_factor * ceil(tokens / num_experts))`` slots per expert, tutel's formula,
-    so both MoE backends drop the same assignments; within a choice rank earlier tokens win (GShard's order). Dropped assignments keep their index but carry weight 0, so the token simply gets
-    less (or no) MoE output and passes on through the residual.
+    so both MoE backends drop the same assignments; within a choice rank earlier tokens win (GShard's order).
+    Dropped assignments keep their index but carry weight 0, so the token simply gets less (or no) MoE output
+    and passes on through the residual.
     """
     num_tokens, top_k = routing.expert_index.shape
     capacity = top_k * int(capacity_factor * -(-num_tokens // num_experts))

@@ -54,8 +54,8 @@ def require_tutel() -> Any:
     try:
         return importlib.import_module("tutel.moe")
     except ImportError as error:
-        raise TutelBackendError(f"moe.backend: 'tutel' is selected but tutel cannot be imported ({error}); accepted: "
-                         f"torch, or install tutel first: {TUTEL_INSTALL}") from None
+        raise TutelBackendError(f"moe.backend: 'tutel' is selected but tutel cannot be imported ({error}); "
+                                f"accepted: torch, or install tutel first: {TUTEL_INSTALL}") from None
 
 
 def process_group_size(group: Optional[dist.ProcessGroup] = None) -> tuple[int, int]:
@@ -140,10 +140,10 @@ class TutelMoEMlp(MoEMlp):
             group: Optional[dist.ProcessGroup] = None,
     ) -> None:
         tutel_moe = require_tutel()
-        rank, world = process_group_size(group)
+        _, world = process_group_size(group)
         if experts.num_experts % world:
-            raise TutelBackendError(f"moe.num_experts: {experts.num_experts} experts cannot be split over {world} processes "
-                             f"with the tutel backend; accepted: a multiple of {world}")
+            raise TutelBackendError(f"moe.num_experts: {experts.num_experts} experts cannot be split over {world} "
+                                    f"processes with the tutel backend; accepted: a multiple of {world}")
         if world > 1:
             experts = ShardedExperts(experts, group)
         super().__init__(router, experts, capacity_factor)
