@@ -36,20 +36,17 @@ def dispatch_grouped(
     active = flat_weight != 0
     if not bool(active.all()):
         flat_expert, flat_weight, flat_token = flat_expert[active], flat_weight[active], flat_token[active]
+    output = tokens.new_zeros(num_tokens, experts.dim)
+    if flat_expert.numel() == 0:  # every assignment dropped by the capacity cap
+        return output
     order = torch.argsort(flat_expert, stable=True)
     sorted_token = flat_token[order]
-    sorted_weight = flat_weight[order]
     counts = torch.bincount(flat_expert, minlength=experts.num_experts).tolist()
-    output = tokens.new_zeros(num_tokens, experts.dim)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        token_ids = sorted_token[start:start + count]
-        expert_out = experts.forward_expert(expert, tokens.index_select(0, token_ids))
-        output.index_add_(0, token_ids, expert_out * sorted_weight[start:start + count, None])
-        start += count
-    return output
+    # one gather in expert order, one run per expert on its contiguous chunk, one scatter back
+    chunks = tokens.index_select(0, sorted_token).split(counts)
+    weights = experts.split()
+    expert_out = torch.cat([experts.forward_expert(e, chunk, weights) for e, chunk in enumerate(chunks) if len(chunk)])
+    return output.index_add_(0, sorted_token, expert_out * flat_weight[order, None])
 
 
 def dispatch_dense_reference(
@@ -59,6 +56,7 @@ def dispatch_dense_reference(
         experts: Experts,
 ) -> torch.Tensor:
     """Every token through every expert, then a gather of the chosen ones. Slow; for tests only."""
-    every_expert = torch.stack([experts.forward_expert(e, tokens) for e in range(experts.num_experts)], dim=1)
+    weights = experts.split()
+    every_expert = torch.stack([experts.forward_expert(e, tokens, weights) for e in range(experts.num_experts)], dim=1)
     chosen = every_expert.gather(1, expert_index[..., None].expand(-1, -1, experts.dim))
     return (chosen * expert_weight[..., None]).sum(dim=1)

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 class Experts(nn.Module):
     """``num_experts`` two-layer MLPs ``fc2(act(fc1(x)))`` with shared activation and dropout."""
@@ -40,9 +42,20 @@ class Experts(nn.Module):
         nn.init.trunc_normal_(self.fc1_weight, std=0.02)
         nn.init.trunc_normal_(self.fc2_weight, std=0.02)
 
-    def forward_expert(self, expert: int, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.drop(self.act(F.linear(tokens, self.fc1_weight[expert], self.fc1_bias[expert])))
-        return self.drop(F.linear(hidden, self.fc2_weight[expert], self.fc2_bias[expert]))
+    def split(self) -> list[ExpertWeights]:
+        """Each expert's ``(fc1_weight, fc1_bias, fc2_weight, fc2_bias)`` as views, split once per forward.
+
+        Indexing a stacked parameter per expert would make autograd allocate and add a full-size zero gradient
+        for every index (``SelectBackward``: 16 experts cost 16 stacks of zeros per parameter); ``unbind`` writes
+        all the experts' gradients into one.
+        """
+        return list(zip(*(p.unbind(0) for p in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias))))
+
+    def forward_expert(self, expert: int, tokens: torch.Tensor,
+                       split: Optional[list[ExpertWeights]] = None) -> torch.Tensor:
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = (split or self.split())[expert]
+        hidden = self.drop(self.act(F.linear(tokens, fc1_weight, fc1_bias)))
+        return self.drop(F.linear(hidden, fc2_weight, fc2_bias))
 
     def forward_batched(self, slots: torch.Tensor) -> torch.Tensor:
         """``[E, slots, dim] -> [E, slots, dim]``, expert e on row e: two batched matmuls over tutel's dispatch
