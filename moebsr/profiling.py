@@ -180,16 +180,7 @@ def profile_step(model: MoEViT, task_outputs: Mapping[str, int], batch_size: int
         peak_bytes, peak_source = measure_peak_memory(step, device, parameter_bytes + optimizer_state_bytes(
             optimizer, model))
         return dict(peak_memory_bytes=peak_bytes, peak_memory_source=peak_source)
-    times = []
-    for index in range(max(1, warmup) + steps):  # warm-up: lazy initialisation, optimizer state
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index >= max(1, warmup):
-            times.append(time.perf_counter() - start)
+    times = wall_times(step, device, steps, warmup=max(1, warmup))  # warm-up: lazy init, optimizer state
     infer_times = inference_times(model, images, list(tasks), steps=steps, warmup=warmup)
     state_bytes = optimizer_state_bytes(optimizer, model)
     peak_bytes, peak_source = measure_peak_memory(step, device, parameter_bytes + state_bytes)
@@ -213,22 +204,27 @@ def profile_step(model: MoEViT, task_outputs: Mapping[str, int], batch_size: int
     )
 
 
+def wall_times(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int) -> list[float]:
+    """Wall time of ``steps`` calls of ``fn`` after ``warmup`` untimed ones (CUDA work waited for)."""
+    times = []
+    for index in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def inference_times(model: MoEViT, images: torch.Tensor, tasks: Sequence[str], steps: int, warmup: int
                     ) -> list[float]:
     """Wall time of ``steps`` evaluation forwards (no autograd) after ``warmup`` untimed ones."""
-    device = images.device
     model.eval()
-    times = []
     with torch.no_grad():
-        for index in range(warmup + steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(images, tasks)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
+        times = wall_times(lambda: model(images, tasks), images.device, steps, warmup)
     model.train()
     return times
 
@@ -247,7 +243,7 @@ def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device:
     """
     from .build import check_config_against_model, model_from_config
     from .optim import build_optimizer
-    from .run_data import RunData
+    from .run_data import RunData, group_by_shared_dataset
 
     check_config_against_model(config)
     tasks = RunData.from_config(config, check_data=False).tasks  # the run's own tasks, options and checks
@@ -262,9 +258,7 @@ def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device:
             raise ValueError(f"--tasks-per-step: {tasks_per_step} is invalid; accepted: 1..{len(config.tasks)}")
         step_tasks = list(config.tasks[:tasks_per_step])
     elif config.train.sampler == "joint":
-        shared = tasks[config.tasks[0]].shared_dataset
-        if shared is not None:
-            step_tasks = [name for name in config.tasks if tasks[name].shared_dataset == shared]
+        step_tasks = group_by_shared_dataset(tasks, config.tasks)[0]
     step_outputs = {name: tasks[name].num_outputs for name in step_tasks}
     report = profile_step(model, step_outputs, config.train.batch_size, build_optimizer(model, config.train),
                           steps=steps, warmup=warmup, aux_weight=config.moe.aux_loss_weight, peak_only=peak_only)
