@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -21,10 +21,15 @@ BACKBONE_FILE = "backbone.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(temporary)`` beside ``path``, then rename over it: readers see the old file or the whole new one."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
+    write(temporary)
     os.replace(temporary, path)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
 def _contiguous_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -42,17 +47,16 @@ def export_run(output_dir: str | os.PathLike, model: MoEViT, config: RunConfig,
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     state = _contiguous_state(model.state_dict() if state is None else state)
-    temporary = output / f".{MODEL_FILE}.tmp"
-    save_file(state, str(temporary), metadata={"format": "pt", "library": "moebsr"})
-    os.replace(temporary, output / MODEL_FILE)
+    write_atomically(output / MODEL_FILE, lambda temporary: save_file(
+        state, str(temporary), metadata={"format": "pt", "library": "moebsr"}))
     if not model.moe_blocks:
         backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        save_file(backbone, str(output / f".{BACKBONE_FILE}.tmp"), metadata={"format": "pt"})
-        os.replace(output / f".{BACKBONE_FILE}.tmp", output / BACKBONE_FILE)
+        write_atomically(output / BACKBONE_FILE,
+                         lambda temporary: save_file(backbone, str(temporary), metadata={"format": "pt"}))
     document = dict(config=config_to_dict(config), task_outputs=dict(task_outputs),
                     metrics={t: dict(m) for t, m in metrics.items()}, library="moebsr")
-    _atomic_write_text(output / CONFIG_FILE, json.dumps(document, indent=2))
-    _atomic_write_text(output / "README.md", model_card(config, task_outputs, metrics, model))
+    write_text_atomically(output / CONFIG_FILE, json.dumps(document, indent=2))
+    write_text_atomically(output / "README.md", model_card(config, task_outputs, metrics, model))
     return output / MODEL_FILE
 
 

@@ -24,7 +24,7 @@ from .config import RunConfig, config_to_dict, save_config
 from .run_data import RunData
 from .evaluate import evaluate
 from .expert_parallel import ShardedOptimizerState, clip_grad_norm_, exclude_sharded_from_ddp, parameter_count
-from .export import export_run
+from .export import export_run, write_text_atomically
 from .model import MoEViT
 from .optim import build_optimizer, build_scheduler
 from .sampling import TaskSampler
@@ -242,6 +242,4 @@ def truncate_log(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(line + "\n" for line in kept))
-    temporary.replace(path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
