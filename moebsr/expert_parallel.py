@@ -8,7 +8,7 @@ the optimizer state. Each has one function here; with no sharded parameter they 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -80,18 +80,20 @@ class ShardedOptimizerState:
         for name, parameter in self.parameters.items():
             state = self.optimizer.state.get(parameter, {})
             gathered[name] = {key: gather_along_experts(value, shard_of(parameter).group).cpu()
-                              if _is_per_element(value, parameter) else value for key, value in state.items()}
+                              if _shaped_like(value, parameter.shape) else value for key, value in state.items()}
         return gathered
 
     def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
         for name, parameter in self.parameters.items():
             if name not in state:
                 continue
-            shard = shard_of(parameter).experts
+            shard = shard_of(parameter)
+            whole = (parameter.shape[0] * shard.world_size, *parameter.shape[1:])  # what state_dict gathered
             self.optimizer.state[parameter] = {
-                key: value[shard].to(parameter.device).clone() if torch.is_tensor(value) and value.dim() > 0
-                and value.shape[1:] == parameter.shape[1:] else value for key, value in state[name].items()}
+                key: value[shard.experts].to(parameter.device).clone() if _shaped_like(value, whole) else value
+                for key, value in state[name].items()}
 
 
-def _is_per_element(value: Any, parameter: torch.Tensor) -> bool:
-    return torch.is_tensor(value) and value.shape == parameter.shape
+def _shaped_like(value: Any, shape: Sequence[int]) -> bool:
+    """A per-element optimizer state (Adam's moments), as opposed to a scalar such as ``step``."""
+    return torch.is_tensor(value) and tuple(value.shape) == tuple(shape)

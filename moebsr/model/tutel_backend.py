@@ -80,7 +80,6 @@ class ShardedExperts(Experts):
         local = experts.num_experts // world
         with torch.random.fork_rng(devices=[]):  # the slice is copied in: its init must not move the caller's RNG
             super().__init__(local, experts.dim, experts.hidden_features, experts.act, drop=experts.drop.p)
-        self.global_num_experts = experts.num_experts
         self.shard = ExpertShard(group, rank, world, slice(rank * local, (rank + 1) * local))
         with torch.no_grad():
             for name, parameter in self.named_parameters():
@@ -90,6 +89,10 @@ class ShardedExperts(Experts):
         self.to(experts.fc1_weight.device)
         self.register_state_dict_post_hook(self._gather_state)
         self.register_load_state_dict_pre_hook(self._take_local_slice)
+
+    @property
+    def global_num_experts(self) -> int:
+        return self.num_experts * self.shard.world_size
 
     def _average_over_processes(self, grad: torch.Tensor) -> torch.Tensor:
         return grad / self.shard.world_size
