@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from compare import profile
 from recipes import BASE_CONFIG, COMMON, RECIPES, REPO, SIZES
@@ -34,17 +35,19 @@ def overrides(args: argparse.Namespace, backend: str) -> list[str]:
             f"train.batch_size={args.batch_size}", "train.sampler=round_robin", f"moe.backend={backend}"]
 
 
-def one_process(args: argparse.Namespace) -> dict[str, dict]:
+def in_rotation(measure: Callable[[str], dict], repeats: int) -> dict[str, dict]:
+    """``measure(backend)`` for torch, tutel, torch, tutel, ... (a slow spell of the machine hits both alike);
+    each backend's last report, with its median step time over the repeats."""
     runs: dict[str, list[dict]] = {backend: [] for backend in BACKENDS}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for backend in BACKENDS:
-            runs[backend].append(profile(overrides(args, backend), args))
-    result = {}
-    for backend, reports in runs.items():
-        report = dict(reports[-1])
-        report["step_time_s"] = statistics.median(r["step_time_s"] for r in reports)
-        result[backend] = report
-    return result
+            runs[backend].append(measure(backend))
+    return {backend: dict(reports[-1], step_time_s=statistics.median(r["step_time_s"] for r in reports))
+            for backend, reports in runs.items()}
+
+
+def one_process(args: argparse.Namespace) -> dict[str, dict]:
+    return in_rotation(lambda backend: profile(overrides(args, backend), args), args.repeats)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -116,20 +119,16 @@ def worker(args: argparse.Namespace) -> None:
 
 def many_processes(args: argparse.Namespace) -> dict[str, dict]:
     torchrun = Path(sys.executable).parent / "torchrun"
-    runs: dict[str, list[dict]] = {backend: [] for backend in BACKENDS}
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
-    for _ in range(args.repeats):
-        for backend in BACKENDS:
-            command = [str(torchrun), "--standalone", "--nproc_per_node", str(args.processes), __file__, "--worker",
-                       "--backend", backend, *sys.argv[1:]]
-            result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
-            if result.returncode != 0:
-                raise SystemExit(f"{backend} with {args.processes} processes failed:\n{result.stderr[-3000:]}")
-            runs[backend].append(json.loads(result.stdout.strip().splitlines()[-1]))
-    result = {}
-    for backend, reports in runs.items():
-        result[backend] = dict(reports[-1], step_time_s=statistics.median(r["step_time_s"] for r in reports))
-    return result
+
+    def measure(backend: str) -> dict:
+        command = [str(torchrun), "--standalone", "--nproc_per_node", str(args.processes), __file__, "--worker",
+                   "--backend", backend, *sys.argv[1:]]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+        if result.returncode != 0:
+            raise SystemExit(f"{backend} with {args.processes} processes failed:\n{result.stderr[-3000:]}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    return in_rotation(measure, args.repeats)
 
 
 def table(single: dict[str, dict], multi: dict[str, dict], args: argparse.Namespace) -> str:
