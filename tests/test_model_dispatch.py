@@ -1,7 +1,8 @@
+import pytest
 import torch
 import torch.nn as nn
 
-from moebsr.model import (Experts, TaskRouter, apply_capacity, dispatch_dense_reference, dispatch_grouped,
+from moebsr.model import (Experts, MoEMlp, TaskRouter, apply_capacity, dispatch_dense_reference, dispatch_grouped,
                           load_balancing_loss)
 
 
@@ -63,14 +64,47 @@ def test_capacity_drops_assignments_past_the_cap_first_choices_first():
 def test_load_balancing_loss_is_cv_squared_of_importance_plus_load():
     from moebsr.model.routing import Routing
     index = torch.tensor([[0, 1], [0, 2], [0, 1]])
-    weight = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]], requires_grad=True)
-    loss = load_balancing_loss(Routing(index, weight, torch.zeros(3, 3)), num_experts=3)
-    importance = torch.tensor([1.8, 0.9, 0.3])
+    weight = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
+    probabilities = torch.tensor([[0.6, 0.4, 0.0], [0.7, 0.0, 0.3], [0.5, 0.5, 0.0]], requires_grad=True)
+    loss = load_balancing_loss(Routing(index, weight, probabilities), num_experts=3)
+    importance = torch.tensor([1.8, 0.9, 0.3])  # the full softmax summed over tokens
     load = torch.tensor([3.0, 2.0, 1.0])
     expected = importance.var() / importance.mean() ** 2 + load.var() / load.mean() ** 2
     torch.testing.assert_close(loss, expected)
     loss.backward()
-    assert weight.grad.abs().sum() > 0
+    assert probabilities.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_balancing_loss_trains_the_gates_in_every_routing_mode(top_k, renormalize):
+    # top-1 renormalised weights are always 1: a loss built on them had a gate gradient of ~3.5e-9
+    torch.manual_seed(0)
+    router = TaskRouter(dim=16, num_experts=8, top_k=top_k, tasks=["a"], renormalize=renormalize)
+    routing = router(torch.randn(64, 16), "a")
+    load_balancing_loss(routing, 8).backward()
+    assert router.gates["a"].weight.grad.norm() > 1e-3
+
+
+def test_balancing_loss_is_measured_before_the_capacity_cut():
+    # 12 tokens choose expert 0 and 4 choose expert 1; capacity 4 per expert caps expert 0 at 4, which makes the
+    # experts look balanced ([4, 4, 0, 0]) when they are not ([12, 4, 0, 0])
+    layer = MoEMlp(TaskRouter(8, 4, 1, ["a"]), Experts(4, 8, 16, nn.GELU()), capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.gates["a"].weight.zero_()
+        layer.router.gates["a"].weight[0, 0] = layer.router.gates["a"].weight[1, 1] = 10.0
+    x = torch.zeros(1, 16, 8)
+    x[0, :12, 0] = x[0, 12:, 1] = 1.0
+    layer(x, [("a", 0, 1)])
+    capped = layer.last_routing["a"]
+    assert (capped.expert_weight > 0).sum().item() == 8  # the cap did drop 8 assignments
+    uncapped = layer.router(x.reshape(-1, 8), "a")
+    torch.testing.assert_close(layer.aux_loss, load_balancing_loss(uncapped, 4))
+    kept = capped.expert_index[capped.expert_weight[:, 0] > 0]
+    load = lambda index: torch.bincount(index.reshape(-1), minlength=4).float()  # noqa: E731
+    cv2 = lambda values: values.var() / values.mean() ** 2  # noqa: E731
+    assert cv2(load(uncapped.expert_index)) == pytest.approx(2.0)  # [12, 4, 0, 0]
+    assert cv2(load(kept)) == pytest.approx(4 / 3)  # what a loss after the cut would have seen
 
 
 def test_router_top_k_and_renormalisation():

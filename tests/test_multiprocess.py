@@ -7,8 +7,11 @@ from safetensors.torch import load_file
 
 from run_helpers import launch_run
 
-# aux loss off: its cv^2 is computed per process batch, the one term that is not a mean over examples
-SAME_RUN = ["moe.aux_loss_weight=0", "train.checkpoint_every=3", "logging.trackers=[none]", "train.lr=2e-3"]
+# Token dropping off: this randomly initialised backbone's CLS attention is near-uniform (kept and dropped tokens
+# differ by ~1e-6), so the ~1e-7 rounding differences between one batch of 16 and two of 8 flip which tokens survive
+# within a few AdamW steps. That batch-splitting itself is exact with dropping on is tested directly in
+# tests/test_model_shared_trunk.py; the balancing loss is tested here (its statistics are summed over processes).
+SAME_RUN = ["token_drop.enabled=false", "train.checkpoint_every=3", "logging.trackers=[none]", "train.lr=2e-3"]
 
 
 def _run(tmp_path, processes: int, batch: int):

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn as nn
 
 from .dispatch import dispatch_grouped
 from .experts import Experts
-from .routing import Routing, TaskRouter, apply_capacity, load_balancing_loss
+from .routing import Routing, TaskRouter, apply_capacity, balancing_loss_from_statistics, routing_statistics
 
 # Rows of a batch that belong to one task: (task, first row, end row). After the shared trunk the batch
 # holds one copy of the images per task, stacked, so each task's rows are contiguous.
@@ -17,11 +19,22 @@ TaskRows = Sequence[tuple[str, int, int]]
 Dispatcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Experts], torch.Tensor]
 
 
+def sum_over_processes(statistics: torch.Tensor) -> torch.Tensor:
+    """Sum over the processes of a job, differentiably, while training (the balancing loss's statistics); as is
+    outside a distributed job and without autograd (evaluation needs no balancing loss)."""
+    if not (torch.is_grad_enabled() and statistics.requires_grad and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
+        return statistics
+    return dist_nn.all_reduce(statistics)
+
+
 class MoEMlp(nn.Module):
     """Drop-in replacement for a ViT block's ``mlp``: ``[R, N, C] -> [R, N, C]``, routed per task.
 
     The balancing loss of the latest forward is kept in ``aux_loss`` (mean over the tasks in the batch) so
-    the training loop can add it with its own weight; it is ``None`` before the first forward.
+    the training loop can add it with its own weight; it is ``None`` before the first forward. In a job of several
+    processes its statistics are summed over the processes (one small all-reduce per layer, with autograd), so it
+    is the loss of the global batch: P processes with batch B train exactly as one process with batch B*P.
     """
 
     def __init__(
@@ -46,18 +59,19 @@ class MoEMlp(nn.Module):
 
     def route(self, x: torch.Tensor, task_rows: TaskRows) -> tuple[torch.Tensor, torch.Tensor]:
         """Route every token of ``x`` ``[R, N, C]`` with its rows' task gate; returns flat index/weight."""
-        indices, weights, losses = [], [], []
+        indices, weights, statistics = [], [], []
         self.last_routing = {}
         for task, start, end in task_rows:
             tokens = x[start:end].reshape(-1, x.shape[-1])
             routing = self.router(tokens, task)
+            statistics.append(routing_statistics(routing, self.num_experts))  # before the capacity cut (GShard)
             if self.capacity_factor is not None:
                 routing = apply_capacity(routing, self.num_experts, self.capacity_factor)
             self.last_routing[task] = routing
             indices.append(routing.expert_index)
             weights.append(routing.expert_weight)
-            losses.append(load_balancing_loss(routing, self.num_experts))
-        self.aux_loss = torch.stack(losses).mean()
+        per_task = sum_over_processes(torch.stack(statistics))
+        self.aux_loss = torch.stack([balancing_loss_from_statistics(s) for s in per_task]).mean()
         return torch.cat(indices), torch.cat(weights)
 
     def forward(self, x: torch.Tensor, task_rows: TaskRows) -> torch.Tensor:

@@ -79,17 +79,31 @@ def squared_coefficient_of_variation(values: torch.Tensor, eps: float = 1e-10) -
     return values.var() / (values.mean() ** 2 + eps)
 
 
-def load_balancing_loss(routing: Routing, num_experts: int) -> torch.Tensor:
-    """cv^2(importance) + cv^2(load) for one gate's tokens (M³ViT's loss without noisy gating).
+def routing_statistics(routing: Routing, num_experts: int) -> torch.Tensor:
+    """``[2, E]``: each expert's importance and load for one gate's tokens, the sums the balancing loss needs.
 
-    importance: the gate weight each expert received, summed over tokens (differentiable);
-    load: how many tokens each expert received (a count, so it only shifts the value).
+    importance: the full softmax probability each expert received, summed over tokens (differentiable). It is
+    taken from the whole softmax, as Switch, GShard and V-MoE do, not from the top-k weights: with top-1 and
+    renormalisation those are always 1 and the loss would have no gradient at all.
+    load: how many assignments each expert received (a count, so it only shifts the value). Take it from the
+    routing *before* any capacity cut, or overfull experts look capped and the imbalance is underestimated.
+    Both are sums over tokens, so the statistics of a global batch are the sum of its shards' statistics.
     """
-    weights = routing.expert_weight.float()
-    importance = weights.new_zeros(num_experts).index_add(0, routing.expert_index.reshape(-1), weights.reshape(-1))
-    assigned = (routing.expert_weight > 0).float().reshape(-1)
-    load = weights.new_zeros(num_experts).index_add(0, routing.expert_index.reshape(-1), assigned)
-    return squared_coefficient_of_variation(importance) + squared_coefficient_of_variation(load)
+    importance = routing.probabilities.float().sum(dim=0)
+    flat_index = routing.expert_index.reshape(-1)
+    load = importance.new_zeros(num_experts).index_add(0, flat_index, torch.ones_like(flat_index, dtype=torch.float))
+    return torch.stack([importance, load])
+
+
+def balancing_loss_from_statistics(statistics: torch.Tensor) -> torch.Tensor:
+    """cv^2(importance) + cv^2(load) from :func:`routing_statistics` (or their sum over processes)."""
+    return squared_coefficient_of_variation(statistics[0]) + squared_coefficient_of_variation(statistics[1])
+
+
+def load_balancing_loss(routing: Routing, num_experts: int) -> torch.Tensor:
+    """cv^2(importance) + cv^2(load) for one gate's tokens (M³ViT's loss without noisy gating); see
+    :func:`routing_statistics` for what importance and load are."""
+    return balancing_loss_from_statistics(routing_statistics(routing, num_experts))
 
 
 def apply_capacity(routing: Routing, num_experts: int, capacity_factor: float) -> Routing:
