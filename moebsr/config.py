@@ -82,7 +82,7 @@ class TokenDropConfig(TokenDropSpec):
     enabled: bool = False
 
     def spec(self) -> Optional[TokenDropSpec]:
-        return TokenDropSpec(self.blocks, self.keep_rate, self.fuse) if self.enabled else None
+        return TokenDropSpec(self.blocks, self.keep_rate, self.fuse, self.decision) if self.enabled else None
 
 
 @dataclass
@@ -250,9 +250,10 @@ def validate_config(config: RunConfig) -> None:
         _positive("lora.rank", config.lora.rank)
         for name in config.lora.modules:
             _choice("lora.modules", name, list(LORA_MODULES))
-    from .model.spec import check_keep_rate
+    from .model.spec import check_decision, check_keep_rate
     try:
         check_keep_rate(config.token_drop.keep_rate)
+        check_decision(config.token_drop.decision)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

@@ -93,3 +93,37 @@ def test_presets_resolve_by_depth():
     assert BSRPlan("last_k", last_k=3).resolve(12).trainable_blocks == (9, 10, 11)
     assert BSRPlan("all").resolve(4).train_embeddings
     assert BSRPlan("none").resolve(4).trainable_blocks == ()
+
+
+def _block_outputs(model, x):
+    """Each block's output (its MLP half's), for one train-mode forward."""
+    outputs = {}
+    hooks = [block.drop_path2.register_forward_hook(lambda m, a, o, i=index: outputs.__setitem__(i, o.detach().clone()))
+             for index, block in enumerate(model.blocks)]
+    model(x, ["a"])
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+def test_frozen_blocks_are_deterministic_in_training_trainable_ones_keep_stochastic_depth():
+    # stochastic depth grows with depth in timm (0 at block 0); blocks 1 and 2 are frozen, block 3 trains
+    model = tiny_moevit(bsr=dict(preset="custom", trainable_blocks=[3]), drop_path_rate=0.5).train()
+    x = images(64)
+    first, second = _block_outputs(model, x), _block_outputs(model, x)
+    for frozen in (1, 2):
+        assert torch.equal(first[frozen], second[frozen]), frozen
+    assert not torch.equal(first[3], second[3])  # the trainable block keeps its regularisation
+    assert [block.training for block in model.blocks] == [False, False, False, True]
+    assert model.training and model.heads.training
+
+
+def test_train_and_eval_modes_follow_what_trains():
+    model = tiny_moevit(bsr="paper", drop_path_rate=0.1)  # depth 4 -> blocks 0, 2, 3 train
+    model.eval()
+    assert not any(module.training for module in model.modules())
+    model.train()
+    assert [block.training for block in model.blocks] == [True, False, True, True]
+    assert not model.backbone.patch_embed.training  # the frozen stem
+    full = tiny_moevit(bsr="all").train()
+    assert all(module.training for module in full.modules())

@@ -1,19 +1,93 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from tiny_models import images, tiny_moevit
+from moebsr.model.token_drop import FUSED_TOKEN
+from tiny_models import distinct_experts, images, tiny_moevit
+
+TASKS = {"a": 10, "b": 3, "c": 5}
+
+
+def _dropping_model(decision: str, **kwargs):
+    """MoE at blocks 1 and 3, dropping at 0, 2 and 3: one stage before the per-task split, two after it."""
+    kwargs.setdefault("moe", dict(blocks=[1, 3], num_experts=4, top_k=2))
+    model = tiny_moevit(tasks=TASKS, token_drop=dict(blocks=[0, 2, 3], keep_rate=0.5, decision=decision), **kwargs)
+    return distinct_experts(model)
 
 
 @pytest.mark.parametrize("router", ["task", "shared"])
-@pytest.mark.parametrize("drop", [None, dict(keep_rate=0.5)])
+@pytest.mark.parametrize("drop", [None, dict(keep_rate=0.5, decision="shared"),
+                                  dict(keep_rate=0.5, decision="per_task")])
 def test_joint_outputs_equal_each_task_run_alone(router, drop):
-    model = tiny_moevit(tasks={"a": 10, "b": 3, "c": 5}, moe=dict(num_experts=4, top_k=2, router=router),
-                        token_drop=drop).eval()
+    model = tiny_moevit(tasks=TASKS, moe=dict(num_experts=4, top_k=2, router=router), token_drop=drop)
+    model = distinct_experts(model).eval()
     x = images(5)
     with torch.no_grad():
-        joint = model(x, ["a", "b", "c"])
-        for task in ("a", "b", "c"):
+        joint = model(x, list(TASKS))
+        joint_kept = model.last_kept_tokens
+        for task in TASKS:
             torch.testing.assert_close(joint[task], model(x, task)[task], rtol=1e-5, atol=1e-6)
+            for block, kept in model.last_kept_tokens.items():
+                assert torch.equal(kept[task], joint_kept[block][task])
+
+
+def test_shared_decision_keeps_the_same_tokens_for_every_task_at_every_block():
+    model = _dropping_model("shared").eval()
+    assert model.ranking_block() == 1  # the first per-task MoE block: the last attention all tasks share
+    kept = model.kept_tokens(images(6), list(TASKS))
+    assert sorted(kept) == [0, 2, 3]
+    for block, per_task in kept.items():
+        for task in TASKS:
+            assert torch.equal(per_task[task], per_task["a"]), (block, task)
+    # the decision is the top of block 1's CLS attention, nested across the later stages
+    patches_2 = set(kept[2]["a"][0].tolist()) - {FUSED_TOKEN}
+    patches_3 = set(kept[3]["a"][0].tolist()) - {FUSED_TOKEN}
+    assert patches_3 <= patches_2 <= set(kept[0]["a"][0].tolist())
+
+
+def test_per_task_decision_lets_the_tasks_disagree_after_the_split():
+    model = _dropping_model("per_task").eval()
+    assert model.ranking_block() is None
+    kept = model.kept_tokens(images(6), list(TASKS))
+    assert all(torch.equal(kept[0][task], kept[0]["a"]) for task in TASKS)  # before the split: one stream
+    assert any(not torch.equal(kept[block][task], kept[block]["a"]) for block in (2, 3) for task in TASKS)
+
+
+def test_shared_ranking_is_the_cls_attention_of_the_ranking_block():
+    model = _dropping_model("shared").eval()
+    x = images(3)
+    ranking = {}
+    block = model.blocks[1]
+    original = block.forward_attention
+
+    def spy(tokens, selection, make_ranking=False):
+        out, new_selection = original(tokens, selection, make_ranking)
+        ranking["scores"], ranking["origin"] = new_selection.ranking, new_selection.origin
+        return out, new_selection
+    block.forward_attention = spy
+    kept = model.kept_tokens(x, ["a"])
+    scores, origin = ranking["scores"], ranking["origin"]
+    keep = kept[2]["a"].shape[1] - 1  # block 2 appends its fused token
+    for row in range(3):
+        expected = origin[row, scores[row].topk(keep).indices.sort().values]
+        assert torch.equal(kept[2]["a"][row], torch.cat([expected, torch.tensor([FUSED_TOKEN])]))
+
+
+@pytest.mark.parametrize("decision", ["shared", "per_task"])
+def test_a_batch_trains_as_the_mean_of_its_halves(decision):
+    # what data parallelism relies on: the gradient of a batch equals the mean over its shards, dropping included
+    model = _dropping_model(decision, bsr="all").train()
+    x, generator = images(8), torch.Generator().manual_seed(3)
+    labels = {task: torch.randint(0, outputs, (8,), generator=generator) for task, outputs in TASKS.items()}
+
+    def grads(rows: slice):
+        model.zero_grad()
+        out = model(x[rows], list(TASKS))
+        sum(F.cross_entropy(out[t], labels[t][rows]) for t in TASKS).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    whole, first, second = grads(slice(0, 8)), grads(slice(0, 4)), grads(slice(4, 8))
+    for name, grad in whole.items():
+        torch.testing.assert_close((first[name] + second[name]) / 2, grad, rtol=1e-4, atol=1e-6)
 
 
 def test_joint_gradients_equal_the_sum_of_separate_runs():

@@ -1,9 +1,9 @@
 import math
 
-import timm
 import torch
 
 from moebsr.model import attention_with_cls_scores, create_moevit, select_tokens
+from moebsr.model.token_drop import TokenSelection
 from tiny_models import images, tiny_moevit, tiny_vit
 
 
@@ -56,7 +56,7 @@ def test_block_drops_by_its_own_cls_attention():
     block = model.blocks[1]
     x = torch.randn(2, 65, 64)
     scores = _reference_cls_scores(block.attn, block.norm1(x))
-    out = block.forward_attention(x)
+    out, _ = block.forward_attention(x, TokenSelection.start(2, 64, x.device))
     expected = scores.topk(16, dim=1).indices.sort(dim=1).values
     assert torch.equal(block.last_kept_index, expected)
     assert out.shape == (2, 1 + 16 + 1, 64)

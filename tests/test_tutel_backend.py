@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tiny_models import images, tiny_moevit
+from tiny_models import distinct_experts, images, tiny_moevit
 
 from moebsr.config import ConfigError, RunConfig, validate_against_model
 from moebsr.user_errors import is_user_error
@@ -25,13 +25,7 @@ CASES = {
 
 def _pair(case: dict):
     """A torch-backend model with distinct experts and gates, and a tutel-backend one with its weights."""
-    reference = tiny_moevit(TASKS, bsr="all", **case)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # upcycled experts are identical copies: make routing matter
-        for name, parameter in reference.named_parameters():
-            if ".mlp." in name:
-                scale = 0.5 if ".router." in name else 0.05
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    reference = distinct_experts(tiny_moevit(TASKS, bsr="all", **case))
     tutel_case = {**case, "moe": {**case["moe"], "backend": "tutel"}}
     candidate = tiny_moevit(TASKS, bsr="all", **tutel_case)
     candidate.load_state_dict(reference.state_dict())

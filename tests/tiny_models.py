@@ -25,3 +25,15 @@ def tiny_moevit(tasks: Any = None, seed: int = 0, **kwargs: Any) -> MoEViT:
 
 def images(batch: int = 4, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def distinct_experts(model: MoEViT, seed: int = 5) -> MoEViT:
+    """Perturb experts and gates in place: upcycled experts are identical copies, so routing would not matter and
+    every task's stream would stay equal to the dense model's."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".mlp." in name:
+                scale = 0.5 if ".router." in name else 0.05
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model

@@ -9,11 +9,13 @@ from .moe import MoEMlp, TaskRows
 from .moevit import MoEViT
 from .routing import Routing, TaskRouter, apply_capacity, load_balancing_loss
 from .spec import MoESpec, TokenDropSpec, scale_block_indices
-from .token_drop import attention_with_cls_scores, select_tokens
+from .token_drop import (FUSED_TOKEN, TOKEN_DROP_DECISIONS, TokenSelection, attention_with_cls_scores,
+                         select_tokens)
 
 __all__ = [
-    "BSR_PRESETS", "SUBLAYERS", "BSRPlan", "ResolvedBSRPlan", "Experts", "MoEMlp", "MoESpec", "MoEViT",
-    "MoEViTBlock", "Routing", "TaskRouter", "TaskRows", "TokenDropSpec", "apply_capacity",
+    "BSR_PRESETS", "FUSED_TOKEN", "SUBLAYERS", "TOKEN_DROP_DECISIONS", "BSRPlan", "ResolvedBSRPlan", "Experts",
+    "MoEMlp", "MoESpec", "MoEViT", "MoEViTBlock", "Routing", "TaskRouter", "TaskRows", "TokenDropSpec",
+    "TokenSelection", "apply_capacity",
     "attention_with_cls_scores", "build_backbone", "create_moevit", "dispatch_dense_reference",
     "dispatch_grouped", "load_balancing_loss", "scale_block_indices", "select_tokens",
 ]

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block
 
 from .moe import MoEMlp, TaskRows
 from .spec import check_keep_rate
-from .token_drop import attention_with_cls_scores, check_attention_supported, select_tokens
+from .token_drop import TokenSelection, attention_with_cls_scores, check_attention_supported, select_tokens
 
 
 class MoEViTBlock(nn.Module):
@@ -67,15 +67,27 @@ class MoEViTBlock(nn.Module):
             keep_rate = check_keep_rate(keep_rate)
         self.keep_rate = keep_rate
 
-    def forward_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention residual, then token dropping if this block drops tokens."""
-        if not self.drops_tokens:
-            return x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def forward_attention(self, x: torch.Tensor, selection: TokenSelection, make_ranking: bool = False
+                          ) -> tuple[torch.Tensor, TokenSelection]:
+        """Attention residual, then token dropping if this block drops tokens.
+
+        ``make_ranking``: this block's CLS attention becomes the shared ranking that this and every later dropping
+        stage keep the top of (``decision: shared``); otherwise a block ranks by its own CLS attention unless
+        ``selection`` already carries a ranking. Returns the new tokens and selection (nothing is mutated, so
+        activation checkpointing can re-run it).
+        """
+        if not (self.drops_tokens or make_ranking):
+            return x + self.drop_path1(self.ls1(self.attn(self.norm1(x)))), selection
         attn_out, cls_scores = attention_with_cls_scores(self.attn, self.norm1(x), self.num_prefix_tokens)
         x = x + self.drop_path1(self.ls1(attn_out))
-        x, kept_index = select_tokens(x, cls_scores, self.keep_rate, self.fuse, self.num_prefix_tokens)
+        if make_ranking:
+            selection = selection.with_ranking(cls_scores)
+        if not self.drops_tokens:
+            return x, selection
+        x, kept_index = select_tokens(x, cls_scores, self.keep_rate, self.fuse, self.num_prefix_tokens,
+                                      ranking=selection.ranking)
         self.last_kept_index = kept_index
-        return x
+        return x, (selection if kept_index is None else selection.keep(kept_index, self.fuse))
 
     def forward_mlp(self, x: torch.Tensor, task_rows: TaskRows) -> torch.Tensor:
         hidden = self.norm2(x)
@@ -83,7 +95,9 @@ class MoEViTBlock(nn.Module):
         return x + self.drop_path2(self.ls2(hidden))
 
     def forward(self, x: torch.Tensor, task_rows: TaskRows) -> torch.Tensor:
-        return self.forward_mlp(self.forward_attention(x), task_rows)
+        """The whole block on its own, dropping by its own CLS attention (the model drives the halves itself)."""
+        selection = TokenSelection.start(x.shape[0], x.shape[1] - self.num_prefix_tokens, x.device)
+        return self.forward_mlp(self.forward_attention(x, selection)[0], task_rows)
 
     def sublayer_modules(self, sublayer: str) -> list[nn.Module]:
         """The modules a BSR sub-layer name stands for in this block."""

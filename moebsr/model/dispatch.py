@@ -8,6 +8,7 @@ kept as the ground truth the tests compare against.
 from __future__ import annotations
 
 import torch
+from einops import repeat
 
 from .experts import Experts
 
@@ -32,7 +33,7 @@ def dispatch_grouped(
     num_tokens, top_k = expert_index.shape
     flat_expert = expert_index.reshape(-1)
     flat_weight = expert_weight.reshape(-1)
-    flat_token = torch.arange(num_tokens, device=tokens.device).repeat_interleave(top_k)
+    flat_token = repeat(torch.arange(num_tokens, device=tokens.device), "t -> (t k)", k=top_k)
     active = flat_weight != 0
     if not bool(active.all()):
         flat_expert, flat_weight, flat_token = flat_expert[active], flat_weight[active], flat_token[active]
@@ -46,7 +47,7 @@ def dispatch_grouped(
     chunks = tokens.index_select(0, sorted_token).split(counts)
     weights = experts.split()
     expert_out = torch.cat([experts.forward_expert(e, chunk, weights) for e, chunk in enumerate(chunks) if len(chunk)])
-    return output.index_add_(0, sorted_token, expert_out * flat_weight[order, None])
+    return output.index_add_(0, sorted_token, (expert_out * flat_weight[order, None]).to(output.dtype))
 
 
 def dispatch_dense_reference(

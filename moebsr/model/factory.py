@@ -30,6 +30,27 @@ def _as_spec(value: Any, spec_type: type, key: str) -> Any:
     raise ValueError(f"{key}: expected a {spec_type.__name__} or a mapping, got {type(value).__name__}")
 
 
+VIT_MODULES = ("vision_transformer", "deit")  # timm modules whose models build a VisionTransformer
+
+
+def check_model_name(name: str) -> str:
+    """A timm ViT/DeiT name, or a one-line error naming the accepted families (before any kwargs reach timm,
+    where a CNN would fail on ``img_size`` with a TypeError)."""
+    accepted = ("accepted: a timm ViT/DeiT (models of timm's vision_transformer and deit modules, e.g. "
+                "vit_tiny_patch16_224, deit_small_patch16_224; see timm.list_models(module='vision_transformer'))")
+    if name not in timm.list_models():
+        raise ValueError(f"model.name: unknown timm model {name!r}; {accepted}")
+    if not timm.models.is_model_in_modules(name, VIT_MODULES):
+        raise ValueError(f"model.name: {name!r} is not a ViT (it is a timm "
+                         f"{_model_module(name)!r} model); {accepted}")
+    return name
+
+
+def _model_module(name: str) -> str:
+    from timm.models._registry import _model_to_module
+    return _model_to_module.get(name, "?")
+
+
 def build_backbone(
         model: Union[str, nn.Module],
         pretrained: bool = False,
@@ -41,9 +62,7 @@ def build_backbone(
     if isinstance(model, nn.Module):
         backbone = model
     else:
-        if model not in timm.list_models():
-            raise ValueError(f"model.name: unknown timm model {model!r}; accepted: a timm ViT/DeiT such as "
-                             "vit_tiny_patch16_224, deit_small_patch16_224 (see timm.list_models('*vit*'))")
+        check_model_name(model)
         kwargs = dict(timm_kwargs)
         if checkpoint_path is not None:
             if not os.path.isfile(checkpoint_path):
@@ -137,6 +156,6 @@ def create_moevit(
     backbone.blocks = nn.Sequential(*blocks)
 
     heads = {name: _build_head(name, head, backbone.num_features) for name, head in tasks.items()}
-    moevit = MoEViT(backbone, heads)
+    moevit = MoEViT(backbone, heads, token_drop_decision=drop_spec.decision if drop_spec is not None else "shared")
     moevit.apply_bsr(resolved_plan)
     return moevit

@@ -5,24 +5,36 @@ Data flow of ``forward(images, tasks)``: the stem and the blocks before the firs
 one pass over the images (including its token-dropping decisions); from there the batch is stacked once per
 task (rows ``[t*B, (t+1)*B)`` belong to task t) so every later layer, expert dispatch included, still runs as
 one batched computation; the pooled features of each task's rows go to that task's head.
+
+Token dropping after that split stays shared across tasks (``token_drop_decision="shared"``): the attention of
+the first per-task-routed block is the last one every task shares, its CLS attention ranks the tokens once per
+image, and every later dropping stage keeps the top of that ranking among the tokens still present. An image
+therefore keeps the same tokens for every task, and a task's output does not depend on which other tasks share
+its batch. ``"per_task"`` lets every stage after the split rank by its own task's CLS attention instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from einops import repeat
+from timm.layers import RmsNorm
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from .block import MoEViTBlock
 from .bsr import ResolvedBSRPlan, SUBLAYERS, set_requires_grad
 from .moe import MoEMlp, TaskRows
-from .token_drop import num_kept_tokens
+from .spec import check_decision
+from .token_drop import TokenSelection, num_kept_tokens
 
 HeadFactory = Union[int, nn.Module, Callable[[int], nn.Module]]
+NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, RmsNorm,
+                               getattr(nn, "RMSNorm", None)) if t is not None)
 
 
 class MoEViT(nn.Module):
@@ -32,11 +44,14 @@ class MoEViT(nn.Module):
     ``backbone.state_dict()`` outside the MoE MLPs is a timm state dict.
     """
 
-    def __init__(self, backbone: VisionTransformer, heads: Mapping[str, nn.Module]) -> None:
+    def __init__(self, backbone: VisionTransformer, heads: Mapping[str, nn.Module],
+                 token_drop_decision: str = "shared") -> None:
         super().__init__()
         self.backbone = backbone
         self.heads = nn.ModuleDict(dict(heads))
         self.grad_checkpointing = False
+        self.token_drop_decision = check_decision(token_drop_decision)
+        self.last_kept_tokens: dict[int, dict[str, torch.Tensor]] = {}
 
     # ---- introspection -------------------------------------------------------------------------------------
     @property
@@ -102,6 +117,20 @@ class MoEViT(nn.Module):
             counts.append(num_tokens)
         return counts
 
+    def ranking_block(self) -> Optional[int]:
+        """The block whose CLS attention ranks the tokens for every later dropping stage (``decision: shared``).
+
+        It is the first per-task-routed MoE block: its attention is the last that every task shares. ``None``
+        when no stage comes after it (or dropping is per task, or nothing routes per task): then every stage
+        already ranks on a stream all tasks share, or by its own task's attention.
+        """
+        if self.token_drop_decision != "shared":
+            return None
+        split = next((i for i, block in enumerate(self.blocks) if block.routes_per_task), None)
+        if split is None or not any(i > split for i in self.token_drop_blocks):
+            return None
+        return split
+
     def set_keep_rate(self, keep_rate: Optional[float]) -> None:
         """Use ``keep_rate`` at every block that drops tokens (e.g. to evaluate other token budgets)."""
         for block in self.blocks:
@@ -125,6 +154,26 @@ class MoEViT(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """The stem (when it does not train) and every block none of whose parameters train."""
+        backbone = self.backbone
+        stem = [backbone.patch_embed, backbone.pos_drop, backbone.patch_drop, backbone.norm_pre]
+        frozen = stem if not any(p.requires_grad for p in self.stem_parameters()) else []
+        return frozen + [block for block in self.blocks if not any(p.requires_grad for p in block.parameters())]
+
+    def train(self, mode: bool = True) -> "MoEViT":
+        """Train mode for what trains; frozen modules stay in eval mode (timm's freeze convention).
+
+        A frozen block is a fixed function: no stochastic depth or dropout in it, in training as at inference, so
+        the trainable blocks see the features they will see at test time. Derived from ``requires_grad`` at each
+        call: after freezing by hand, call ``train()`` again.
+        """
+        super().train(mode)
+        if mode:
+            for module in self.frozen_modules():
+                module.eval()
+        return self
+
     # ---- timm compatibility --------------------------------------------------------------------------------
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -132,7 +181,15 @@ class MoEViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        """Parameters exempt from weight decay by their role: tokens and position embeddings (timm's list), every
+        bias (the experts' stacked ``[E, ...]`` biases too, which timm's ``ndim <= 1`` rule misses), every norm."""
+        names = {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        for module_name, module in self.named_modules():
+            is_norm = isinstance(module, NORM_TYPES)
+            for name, _ in module.named_parameters(recurse=False):
+                if is_norm or name == "bias" or name.endswith("_bias"):
+                    names.add(f"{module_name}.{name}" if module_name else name)
+        return names
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -162,30 +219,54 @@ class MoEViT(nn.Module):
 
     def forward_features(self, images: torch.Tensor, tasks: Union[str, Sequence[str]]
                          ) -> tuple[torch.Tensor, TaskRows]:
-        """Tokens after the final norm, ``[rows, N, C]``, and which rows belong to which task."""
+        """Tokens after the final norm, ``[rows, N, C]``, and which rows belong to which task.
+
+        Also records :attr:`last_kept_tokens`: for each dropping block, for each task, the image patches it kept.
+        """
         task_list = self.check_tasks(tasks)
         batch = images.shape[0]
         grad_from = self.first_grad_block()
+        ranking_block = self.ranking_block()
         backbone = self.backbone
         with _no_grad_if(grad_from >= 0):
             x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images))))
+        selection = TokenSelection.start(batch, x.shape[1] - backbone.num_prefix_tokens, x.device)
         task_rows: TaskRows = [(task_list[0], 0, batch)]  # the shared trunk: one pass, any task's gate
         shared = True
+        kept: dict[int, tuple[torch.Tensor, bool]] = {}
         for index, block in enumerate(self.blocks):
             with _no_grad_if(index < grad_from):
                 use_checkpoint = self.grad_checkpointing and index >= grad_from and torch.is_grad_enabled()
-                x = checkpoint(block.forward_attention, x, use_reentrant=False) if use_checkpoint \
-                    else block.forward_attention(x)
+                attention_args = (x, selection, index == ranking_block)
+                x, selection = checkpoint(block.forward_attention, *attention_args, use_reentrant=False) \
+                    if use_checkpoint else block.forward_attention(*attention_args)
                 if shared and len(task_list) > 1 and block.routes_per_task:
-                    x = x.repeat(len(task_list), 1, 1)
+                    x = repeat(x, "b n c -> (t b) n c", t=len(task_list))
+                    selection = selection.repeat(len(task_list))
                     task_rows = [(task, t * batch, (t + 1) * batch) for t, task in enumerate(task_list)]
                     shared = False
+                if block.drops_tokens:
+                    kept[index] = (selection.origin, shared)
                 x = checkpoint(block.forward_mlp, x, task_rows, use_reentrant=False) if use_checkpoint \
                     else block.forward_mlp(x, task_rows)
         x = backbone.norm(x)  # records nothing for autograd when frozen and fed by a no-grad trunk
         if shared:
             task_rows = [(task, 0, batch) for task in task_list]
+        self.last_kept_tokens = {
+            index: {task: origin if was_shared else origin[start:end] for task, start, end in task_rows}
+            for index, (origin, was_shared) in kept.items()}
         return x, task_rows
+
+    @torch.no_grad()
+    def kept_tokens(self, images: torch.Tensor, tasks: Union[str, Sequence[str]]) -> dict[int, dict[str, torch.Tensor]]:
+        """Which image patches each dropping block keeps: ``{block: {task: [B, kept] patch indices}}``.
+
+        Patch indices count row-major over the patch grid of ``images``; a fused token (it holds the dropped
+        patches, see :func:`select_tokens`) appears as ``FUSED_TOKEN`` (-1). With ``decision: shared`` the tensors
+        are equal across tasks at every block. Runs a forward in the model's current mode.
+        """
+        self.forward_features(images, tasks)
+        return self.last_kept_tokens
 
     def forward_heads(self, features: torch.Tensor, task_rows: TaskRows) -> dict[str, torch.Tensor]:
         pooled = self.backbone.forward_head(features, pre_logits=True)
@@ -202,7 +283,13 @@ def _no_grad_if(condition: bool) -> contextlib.AbstractContextManager:
 
 
 def _prefix_pattern(value: Any, prefix: str) -> Any:
-    """Prefix timm group_matcher patterns (a regex string or a list of (regex, ...) tuples) with ``prefix``."""
+    """Prefix timm group_matcher patterns (a regex string or a list of (regex, ...) tuples) with ``prefix``.
+
+    The whole pattern is wrapped, ``^prefix(?:...)``: timm's stem pattern is an alternation
+    (``^cls_token|reg_token|pos_embed|...``), and prefixing only its first alternative would leave the others
+    unmatched (they would fall into the heads' group).
+    """
     if isinstance(value, str):
-        return "^" + prefix + value.lstrip("^")
+        alternatives = re.sub(r"(^|\|)\^", r"\1", value)  # the anchor moves in front of the prefix
+        return f"^{re.escape(prefix)}(?:{alternatives})"
     return [(_prefix_pattern(pattern, prefix), *rest) for pattern, *rest in value]

@@ -101,11 +101,15 @@ class TokenDropSpec:
         blocks: Blocks that drop tokens; ``None`` = the paper's (3, 6, 9) scaled to depth; ``()`` = none.
         keep_rate: Fraction of patch tokens kept, in (0, 1]; ``ceil(keep_rate * (N - 1))`` survive.
         fuse: Fold the dropped tokens into one extra token, their CLS-attention-weighted sum (EViT).
+        decision: ``shared`` = one ranking per image, made by the CLS attention of the last block all tasks
+            share, decides every later stage, so an image keeps the same tokens for every task; ``per_task`` =
+            after the per-task split each stage ranks by its own task's CLS attention.
     """
 
     blocks: Optional[List[int]] = None
     keep_rate: float = 0.5
     fuse: bool = True
+    decision: str = "shared"
 
     def resolve_blocks(self, depth: int) -> tuple[int, ...]:
         if self.blocks is None:
@@ -115,6 +119,14 @@ class TokenDropSpec:
     def validate(self, depth: int) -> None:
         self.resolve_blocks(depth)
         check_keep_rate(self.keep_rate)
+        check_decision(self.decision)
+
+
+def check_decision(decision: str) -> str:
+    from .token_drop import TOKEN_DROP_DECISIONS
+    if decision not in TOKEN_DROP_DECISIONS:
+        raise ValueError(f"token_drop.decision: {decision!r} is invalid; accepted: {', '.join(TOKEN_DROP_DECISIONS)}")
+    return decision
 
 
 def check_keep_rate(keep_rate: float, key: str = "token_drop.keep_rate") -> float:

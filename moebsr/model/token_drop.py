@@ -3,16 +3,25 @@
 The CLS attention row is computed on its own (``q_cls @ k^T``, O(N) per head) next to the block's regular
 attention, so timm's fused ``scaled_dot_product_attention`` path stays in use and the full N x N attention
 matrix is never materialised just to read one row of it.
+
+Which tokens a block keeps is decided by a *ranking*: the block's own CLS attention (``decision: per_task``, and
+every block of the shared trunk), or one ranking made on the shared stream and carried along in a
+:class:`TokenSelection` (``decision: shared``), so that every task keeps the same tokens of an image.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from timm.layers import Attention
+
+TOKEN_DROP_DECISIONS = ("shared", "per_task")
+FUSED_TOKEN = -1  # origin of the fused token in TokenSelection.origin (it is no patch of the image)
 
 
 def check_attention_supported(attn: torch.nn.Module) -> None:
@@ -30,10 +39,8 @@ def attention_with_cls_scores(attn: Attention, x: torch.Tensor, num_prefix_token
         ``(output [B, N, C], cls_scores [B, N - num_prefix_tokens])``; the scores of each row sum to at most 1
         (the rest of the CLS token's attention goes to the prefix tokens).
     """
-    batch, num_tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    q, k, v = rearrange(attn.qkv(x), "b n (three h d) -> three b h n d", three=3, h=attn.num_heads)
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     if attn.fused_attn:
@@ -43,8 +50,7 @@ def attention_with_cls_scores(attn: Attention, x: torch.Tensor, num_prefix_token
         weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         cls_attention = weights[:, :, :1]
         out = attn.attn_drop(weights) @ v
-    out = out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim)
-    out = attn.norm(out)
+    out = attn.norm(rearrange(out, "b h n d -> b n (h d)"))
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
@@ -62,11 +68,13 @@ def select_tokens(
         keep_rate: float,
         fuse: bool,
         num_prefix_tokens: int = 1,
+        ranking: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Keep the top ``ceil(keep_rate * P)`` of the P non-prefix tokens by CLS score, in their original order.
+    """Keep the top ``ceil(keep_rate * P)`` of the P non-prefix tokens, in their original order.
 
-    With ``fuse`` the dropped tokens become one token appended at the end, ``sum_j a_j x_j`` over the dropped
-    j with ``a_j`` their CLS attention (EViT); it is treated as a patch token by later dropping stages.
+    The kept tokens are the top of ``ranking`` (default: ``cls_scores``). With ``fuse`` the dropped tokens become
+    one token appended at the end, ``sum_j a_j x_j`` over the dropped j with ``a_j`` their CLS attention in this
+    block (EViT); it is treated as a patch token by later dropping stages.
 
     Returns:
         ``(tokens [B, prefix + kept (+1), C], kept_index [B, kept])``; ``kept_index`` (positions among the
@@ -77,10 +85,49 @@ def select_tokens(
     keep = num_kept_tokens(num_patches, keep_rate)
     if keep >= num_patches:
         return x, None
-    kept_index = cls_scores.topk(keep, dim=1).indices.sort(dim=1).values
-    kept = patches.gather(1, kept_index[..., None].expand(-1, -1, patches.shape[-1]))
+    kept_index = (cls_scores if ranking is None else ranking).topk(keep, dim=1).indices.sort(dim=1).values
+    kept = patches.gather(1, repeat(kept_index, "b k -> b k c", c=patches.shape[-1]))
     parts = [prefix, kept]
     if fuse:
         dropped_weight = cls_scores.scatter(1, kept_index, 0.0)
         parts.append(torch.einsum("bn,bnc->bc", dropped_weight.to(patches.dtype), patches)[:, None])
     return torch.cat(parts, dim=1), kept_index
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """What the dropping stages decided so far, per row of the batch (a value: every stage returns a new one).
+
+    Attributes:
+        origin: ``[R, P]`` for each non-prefix token still present, the index of the image patch it is
+            (``FUSED_TOKEN`` for a fused token).
+        ranking: ``[R, P]`` the shared ranking of the present tokens (``decision: shared``), or ``None`` while every
+            block ranks by its own CLS attention. A fused token ranks by the summed scores of the tokens it holds.
+    """
+
+    origin: torch.Tensor
+    ranking: Optional[torch.Tensor] = None
+
+    @classmethod
+    def start(cls, batch: int, num_patches: int, device: torch.device) -> "TokenSelection":
+        return cls(torch.arange(num_patches, device=device).expand(batch, num_patches))
+
+    def with_ranking(self, scores: torch.Tensor) -> "TokenSelection":
+        return TokenSelection(self.origin, scores.detach().float())  # a decision, not a path for gradients
+
+    def keep(self, kept_index: torch.Tensor, fuse: bool) -> "TokenSelection":
+        """The selection after keeping ``kept_index`` (and appending a fused token with ``fuse``)."""
+        origin = self.origin.gather(1, kept_index)
+        ranking = self.ranking.gather(1, kept_index) if self.ranking is not None else None
+        if fuse:
+            origin = torch.cat([origin, origin.new_full((origin.shape[0], 1), FUSED_TOKEN)], dim=1)
+            if ranking is not None:
+                dropped = self.ranking.scatter(1, kept_index, 0.0).sum(dim=1, keepdim=True)
+                ranking = torch.cat([ranking, dropped], dim=1)
+        return TokenSelection(origin, ranking)
+
+    def repeat(self, times: int) -> "TokenSelection":
+        """One copy per task, stacked as the model stacks the batch (rows ``[t*B, (t+1)*B)`` are copy t)."""
+        def stack(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if tensor is None else repeat(tensor, "b p -> (t b) p", t=times)
+        return TokenSelection(stack(self.origin), stack(self.ranking))
