@@ -9,17 +9,23 @@ import torch
 
 from .config import ConfigError, RunConfig, validate_against_model
 from .model import MoEViT, create_moevit
+from .model.factory import check_model_name
 from .model.moevit import HeadFactory
 
 
 def backbone_depth(config: RunConfig) -> int:
     """Depth of the configured backbone, from a build on the meta device (no memory, no weights, no network)."""
-    if config.model.name not in timm.list_models():
-        raise ConfigError(f"model.name: unknown timm model {config.model.name!r}; accepted: a timm ViT/DeiT such as "
-                          "vit_tiny_patch16_224, deit_small_patch16_224")
-    with torch.device("meta"):
-        backbone = timm.create_model(config.model.name, pretrained=False, num_classes=0,
-                                     **config.model.timm_kwargs())
+    try:
+        check_model_name(config.model.name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    kwargs = config.model.timm_kwargs()
+    try:
+        with torch.device("meta"):
+            backbone = timm.create_model(config.model.name, pretrained=False, num_classes=0, **kwargs)
+    except (TypeError, ValueError, AssertionError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"model: {config.model.name} cannot be built with {kwargs}: {first_line}") from None
     if not hasattr(backbone, "blocks"):
         raise ConfigError(f"model.name: {config.model.name!r} is not a ViT; accepted: timm vit_*/deit_* models")
     return len(backbone.blocks)

@@ -54,28 +54,44 @@ def synthetic_labels(task_outputs: Mapping[str, int], batch: int, seed: int = 0)
     return {task: torch.randint(0, outputs, (batch,), generator=generator) for task, outputs in task_outputs.items()}
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast a run with ``train.mixed_precision=precision`` trains under (accelerate's choice of dtype)."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
 def training_loss(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor],
-                  aux_weight: float = 0.01) -> torch.Tensor:
-    outputs = model(images, list(labels))
-    loss = sum(F.cross_entropy(outputs[task], target) for task, target in labels.items())
-    return loss + aux_weight * model.aux_loss()
+                  aux_weight: float = 0.01, precision: str = "no") -> torch.Tensor:
+    with autocast(precision, images.device):
+        outputs = model(images, list(labels))
+    loss = sum(F.cross_entropy(outputs[task].float(), target) for task, target in labels.items())
+    return loss + aux_weight * model.aux_loss().float()
 
 
-def training_step_flops(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> int:
+def training_step_flops(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor],
+                        precision: str = "no") -> int:
     """FLOPs of forward + backward of one step (the optimizer's elementwise update is not counted)."""
     with unfused_attention(model), FlopCounterMode(display=False) as counter:
-        training_loss(model, images, labels).backward()
+        training_loss(model, images, labels, precision=precision).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
-def inference_flops(model: MoEViT, images: torch.Tensor, tasks: Union[str, Sequence[str]]) -> int:
-    with unfused_attention(model), FlopCounterMode(display=False) as counter, torch.no_grad():
+def inference_flops(model: MoEViT, images: torch.Tensor, tasks: Union[str, Sequence[str]],
+                    precision: str = "no") -> int:
+    with unfused_attention(model), FlopCounterMode(display=False) as counter, torch.no_grad(), \
+            autocast(precision, images.device):
         model(images, tasks)
     return counter.get_total_flops()
 
 
-def saved_activation_bytes(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> int:
+def saved_activation_bytes(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor],
+                           precision: str = "no") -> int:
     """Bytes of the distinct storages autograd keeps for backward (parameters excluded), for the whole batch."""
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -87,7 +103,7 @@ def saved_activation_bytes(model: MoEViT, images: torch.Tensor, labels: dict[str
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = training_loss(model, images, labels)
+        loss = training_loss(model, images, labels, precision=precision)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
@@ -157,8 +173,9 @@ def measure_peak_memory(step_fn: Callable[[], None], device: torch.device, resid
 
 def profile_step(model: MoEViT, task_outputs: Mapping[str, int], batch_size: int,
                  optimizer: torch.optim.Optimizer, steps: int = 5, warmup: int = 2, aux_weight: float = 0.01,
-                 peak_only: bool = False) -> dict[str, Any]:
-    """Everything ``moebsr profile`` reports, for one training step on synthetic images and labels."""
+                 peak_only: bool = False, precision: str = "no") -> dict[str, Any]:
+    """Everything ``moebsr profile`` reports, for one training step on synthetic images and labels, under the
+    autocast of ``precision`` (``train.mixed_precision``): bf16 saves about half the bytes for backward."""
     device = next(model.parameters()).device
     image_size = int(model.backbone.patch_embed.img_size[0])
     in_chans = int(model.backbone.patch_embed.proj.in_channels)
@@ -169,7 +186,7 @@ def profile_step(model: MoEViT, task_outputs: Mapping[str, int], batch_size: int
     trainable, total = count_parameters(model)
 
     def step() -> None:
-        training_loss(model, images, labels, aux_weight).backward()
+        training_loss(model, images, labels, aux_weight, precision).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -181,17 +198,17 @@ def profile_step(model: MoEViT, task_outputs: Mapping[str, int], batch_size: int
             optimizer, model))
         return dict(peak_memory_bytes=peak_bytes, peak_memory_source=peak_source)
     times = wall_times(step, device, steps, warmup=max(1, warmup))  # warm-up: lazy init, optimizer state
-    infer_times = inference_times(model, images, list(tasks), steps=steps, warmup=warmup)
+    infer_times = inference_times(model, images, list(tasks), steps=steps, warmup=warmup, precision=precision)
     state_bytes = optimizer_state_bytes(optimizer, model)
     peak_bytes, peak_source = measure_peak_memory(step, device, parameter_bytes + state_bytes)
-    train_flops = training_step_flops(model, images, labels)
+    train_flops = training_step_flops(model, images, labels, precision)
     model.eval()
-    infer_flops = inference_flops(model, images, list(tasks))
+    infer_flops = inference_flops(model, images, list(tasks), precision)
     model.train()
-    saved_bytes = saved_activation_bytes(model, images, labels)
+    saved_bytes = saved_activation_bytes(model, images, labels, precision)
     gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return dict(
-        tasks=list(tasks), batch_size=batch_size, image_size=image_size, device=str(device),
+        tasks=list(tasks), batch_size=batch_size, image_size=image_size, device=str(device), precision=precision,
         trainable_params=trainable, total_params=total,
         train_flops_per_image=train_flops / batch_size, infer_flops_per_image=infer_flops / batch_size,
         saved_activation_bytes_per_image=saved_bytes / batch_size,
@@ -219,11 +236,11 @@ def wall_times(fn: Callable[[], Any], device: torch.device, steps: int, warmup: 
     return times
 
 
-def inference_times(model: MoEViT, images: torch.Tensor, tasks: Sequence[str], steps: int, warmup: int
-                    ) -> list[float]:
+def inference_times(model: MoEViT, images: torch.Tensor, tasks: Sequence[str], steps: int, warmup: int,
+                    precision: str = "no") -> list[float]:
     """Wall time of ``steps`` evaluation forwards (no autograd) after ``warmup`` untimed ones."""
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision, images.device):
         times = wall_times(lambda: model(images, tasks), images.device, steps, warmup)
     model.train()
     return times
@@ -261,7 +278,8 @@ def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device:
         step_tasks = group_by_shared_dataset(tasks, config.tasks)[0]
     step_outputs = {name: tasks[name].num_outputs for name in step_tasks}
     report = profile_step(model, step_outputs, config.train.batch_size, build_optimizer(model, config.train),
-                          steps=steps, warmup=warmup, aux_weight=config.moe.aux_loss_weight, peak_only=peak_only)
+                          steps=steps, warmup=warmup, aux_weight=config.moe.aux_loss_weight, peak_only=peak_only,
+                          precision=config.train.mixed_precision)
     if peak_only:
         return report
     if target.type == "cpu" and cpu_peak_command is not None:
@@ -280,7 +298,7 @@ def format_profile(report: dict[str, Any]) -> str:
     state_bytes = report["parameter_bytes"] + report["gradient_bytes"] + report["optimizer_state_bytes"]
     rows = [
         ("model", f"{report['model']} · batch {report['batch_size']} · {report['image_size']} px · "
-                  f"{report['device']}"),
+                  f"{report['device']} · precision {PRECISION_NAMES[report['precision']]}"),
         ("tasks in the step", ", ".join(report["tasks"])),
         ("blocks: MoE / trained / dropping", f"{report['moe_blocks']} / {report['trainable_blocks']} / "
                                              f"{report['token_drop_blocks']}"),

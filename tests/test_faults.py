@@ -1,7 +1,6 @@
 """Runs that get killed, losses that go non-finite, and bad input tried the way a new user would."""
 
 import json
-import os
 import random
 import re
 import signal
@@ -174,6 +173,10 @@ def bad_task_dir(tmp_path_factory):
     (["moe.top_k=9"], r"^error: moe.top_k: 9 is invalid; accepted: 1..moe.num_experts \(4\)$"),
     (["moe.blocks=[1,8]"], r"^error: moe.blocks: block index 8 out of range; accepted: 0..3 \(depth 4\)$"),
     (["bsr.preset=mostly"], r"^error: bsr.preset: unknown preset 'mostly'"),
+    (["model.name=resnet50"], r"^error: model.name: 'resnet50' is not a ViT \(it is a timm 'resnet' model\); "
+                              r"accepted: a timm ViT/DeiT"),
+    (["token_drop.decision=sometimes"], r"^error: token_drop.decision: 'sometimes' is invalid; accepted: shared, "
+                                        r"per_task$"),
     (["tasks=[imagefolder]", "data.task_options.imagefolder.data_dir=/nonexistent/photos"],
      r"^error: .*imagefolder.*/nonexistent/photos"),
     (["train.resume=/nonexistent/step_00000004"], r"^error: train.resume: no checkpoint folder at"),

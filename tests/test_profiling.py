@@ -1,0 +1,40 @@
+"""``moebsr profile``: what it measures follows the config, mixed precision included."""
+
+import subprocess
+import sys
+
+import pytest
+
+from moebsr.config import load_config
+from moebsr.profiling import format_profile, profile_config
+from run_helpers import QUICKSTART, REPO, subprocess_env
+
+TINY = ["model.checkpoint=null", "model.depth=4", "model.embed_dim=64", "model.num_heads=2", "moe.num_experts=4",
+        "train.batch_size=8"]
+
+
+def _profile(*overrides: str) -> dict:
+    return profile_config(load_config(QUICKSTART, [*TINY, *overrides]), steps=1, warmup=1)
+
+
+def test_profile_measures_under_the_configured_autocast():
+    fp32, bf16 = _profile(), _profile("train.mixed_precision=bf16")
+    assert (fp32["precision"], bf16["precision"]) == ("no", "bf16")
+    # matmul inputs are saved in bf16 under autocast (norms and the residual stream stay fp32): 0.72x measured
+    assert bf16["saved_activation_bytes_per_image"] < 0.8 * fp32["saved_activation_bytes_per_image"]
+    assert bf16["train_flops_per_image"] == pytest.approx(fp32["train_flops_per_image"], rel=0.02)
+    assert "precision bf16 autocast" in format_profile(bf16) and "precision fp32" in format_profile(fp32)
+
+
+def test_python_dash_m_moebsr_is_the_moebsr_command():
+    result = subprocess.run([sys.executable, "-m", "moebsr", "tasks", "digits*"], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "digits_parity" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "moebsr", "profile", "--config", str(QUICKSTART),
+                          "model.name=resnet50"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: model.name: 'resnet50' is not a ViT (it is a timm 'resnet' model); accepted: a timm ViT/DeiT (models "
+        "of timm's vision_transformer and deit modules, e.g. vit_tiny_patch16_224, deit_small_patch16_224; see "
+        "timm.list_models(module='vision_transformer'))"]
