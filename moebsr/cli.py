@@ -1,4 +1,4 @@
-"""The ``moebsr`` command: one sub-command per job (``moebsr tasks``; ``eval`` and ``profile`` plug in the same way).
+"""The ``moebsr`` command: one sub-command per job (``tasks``, ``eval``, ``tokens``, ``profile``).
 
 Bad input (unknown task, broken task file, bad config) exits 2 with one line on stderr, not a stack trace.
 """
@@ -87,6 +87,15 @@ def command_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_tokens(args: argparse.Namespace) -> int:
+    """A PNG of the patches each token-dropping block keeps on a few test images of a task."""
+    from .token_map import plot_kept_tokens
+    fractions = plot_kept_tokens(args.run, args.out, args.task, args.images, args.split)
+    kept = ", ".join(f"block {block} {fraction:.0%}" for block, fraction in fractions.items())
+    print(f"wrote {args.out} (patches kept: {kept})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moebsr", description="Multitask MoE-ViT fine-tuning with BSR.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -107,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--weights", default=None, help="a model.safetensors other than the run's own")
     evaluation.add_argument("--json", action="store_true", help="print one JSON object")
     evaluation.set_defaults(handler=command_eval)
+
+    tokens = commands.add_parser("tokens", help="picture of the patches each token-dropping block keeps")
+    tokens.add_argument("--run", required=True, help="run folder (train.output_dir)")
+    tokens.add_argument("--task", default=None, help="task whose test images to show (default: the run's first)")
+    tokens.add_argument("--images", type=int, default=6, help="how many images (default: 6)")
+    tokens.add_argument("--split", default="test", help="split to draw the images from (default: test)")
+    tokens.add_argument("--out", required=True, help="PNG file to write")
+    tokens.set_defaults(handler=command_tokens)
 
     profile = commands.add_parser("profile", help="measure one training step of a config (no data needed)")
     profile.add_argument("--config", required=True, help="YAML file in configs/")

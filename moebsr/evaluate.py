@@ -8,10 +8,13 @@ over N processes equal those of one.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator
+
+if TYPE_CHECKING:
+    from .run_data import RunData
 
 
 class EvaluationData(Protocol):
@@ -67,11 +70,14 @@ def first_occurrences(indices: torch.Tensor, max_examples: Optional[int] = None)
     return order[first]
 
 
-def evaluate_run(run_dir: str, tasks: Optional[Sequence[str]] = None, split: str = "test",
-                 keep_rate: Optional[float] = None, max_examples: Optional[int] = None,
-                 batch_size: Optional[int] = None, weights: Optional[str] = None) -> dict[str, dict[str, float]]:
-    """Load an exported (or checkpointed) run and evaluate it; ``keep_rate`` re-evaluates the same weights with
-    another token budget (enabling dropping at the configured blocks if the run trained without it)."""
+def open_run(run_dir: str, tasks: Optional[Sequence[str]] = None, keep_rate: Optional[float] = None,
+             batch_size: Optional[int] = None, weights: Optional[str] = None
+             ) -> tuple[Accelerator, torch.nn.Module, "RunData"]:
+    """A saved run's model (its weights loaded, prepared for this job's processes) and its evaluation data.
+
+    ``keep_rate`` re-evaluates the same weights with another token budget (enabling dropping at the configured
+    blocks if the run trained without it); ``tasks`` keeps only those tasks' data.
+    """
     from pathlib import Path
 
     from .build import image_spec_of, model_from_config
@@ -79,12 +85,10 @@ def evaluate_run(run_dir: str, tasks: Optional[Sequence[str]] = None, split: str
     from .export import find_weights, load_weights, read_run_document
     from .model.spec import check_keep_rate
     from .run_data import RunData
-    from .tasks import SPLITS, TaskError
+    from .tasks import TaskError
 
     document = read_run_document(run_dir)
     config = config_from_dict(document["config"])
-    if split not in SPLITS:
-        raise TaskError(f"--split: unknown split {split!r}; accepted: {', '.join(SPLITS)}")
     for name in tasks or ():
         if name not in config.tasks:
             raise TaskError(f"--task: unknown task {name!r}; this run has: {', '.join(config.tasks)}")
@@ -102,4 +106,16 @@ def evaluate_run(run_dir: str, tasks: Optional[Sequence[str]] = None, split: str
     load_weights(model, weights_path)
     model = accelerator.prepare_model(model, evaluation_mode=True)
     data.attach_image_spec(image_spec_of(accelerator.unwrap_model(model)), accelerator, build_train=False)
+    return accelerator, model, data
+
+
+def evaluate_run(run_dir: str, tasks: Optional[Sequence[str]] = None, split: str = "test",
+                 keep_rate: Optional[float] = None, max_examples: Optional[int] = None,
+                 batch_size: Optional[int] = None, weights: Optional[str] = None) -> dict[str, dict[str, float]]:
+    """Load an exported (or checkpointed) run and evaluate it (see :func:`open_run` for the options)."""
+    from .tasks import SPLITS, TaskError
+
+    if split not in SPLITS:
+        raise TaskError(f"--split: unknown split {split!r}; accepted: {', '.join(SPLITS)}")
+    accelerator, model, data = open_run(run_dir, tasks, keep_rate, batch_size, weights)
     return evaluate(accelerator, model, data, split=split, max_examples=max_examples)

@@ -43,3 +43,12 @@ def test_accelerate_launch_trains_saves_and_evaluates(tmp_path):
                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --task: unknown task 'cifar10'; this run has: mnist, mnist_parity, digits, animals"]
+
+    picture = tmp_path / "tokens.png"
+    drawn = subprocess.run([sys.executable, "-m", "moebsr", "tokens", "--run", str(output), "--task", "digits",
+                            "--images", "3", "--out", str(picture)],
+                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    # depth 4: dropping at blocks 0, 1, 2, keeping 50 % of the patch tokens each time (the fused token is no patch)
+    assert f"wrote {picture} (patches kept: block 0 50%, block 1 2" in drawn.stdout
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
