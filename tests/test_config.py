@@ -9,7 +9,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("name", ["quickstart", "quickstart_full", "pretrain", "paper_bsr", "paper_full",
-                                  "paper_lastk"])
+                                  "paper_lastk", "paper_bsr_adamw"])
 def test_shipped_configs_parse_and_fit_their_model(name):
     config = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(config, RunConfig) and config.tasks
@@ -23,7 +23,23 @@ def test_paper_configs_differ_only_in_what_trains():
     assert bsr.bsr.plan().resolve(12).trainable_blocks == (3, 7, 11)
     assert full.bsr.plan().resolve(12).trainable_blocks == tuple(range(12)) and not full.token_drop.enabled
     assert lastk.bsr.plan().resolve(12).trainable_blocks == (9, 10, 11)
-    assert bsr.token_drop.enabled and bsr.token_drop.blocks == [3, 6, 9] and bsr.token_drop.keep_rate == 0.5
+    assert bsr.token_drop.enabled and bsr.token_drop.blocks == [3, 6, 9]
+    for key in ("optimizer", "lr", "momentum", "weight_decay", "layer_decay", "warmup_steps", "grad_clip", "batch_size",
+                "label_smoothing", "steps", "mixed_precision"):
+        assert getattr(bsr.train, key) == getattr(full.train, key) == getattr(lastk.train, key), key
+
+
+def test_paper_configs_follow_the_authors_moe_script():
+    config = load_config(CONFIGS / "paper_bsr.yaml")
+    train = config.train
+    assert (train.optimizer, train.momentum, train.lr) == ("sgd", 0.9, 0.01)
+    assert (train.weight_decay, train.layer_decay) == (0, None)
+    assert (train.warmup_steps, train.grad_clip, train.batch_size, train.label_smoothing) == (500, 1.0, 128, 0.0)
+    assert config.model.drop_path_rate == 0 and config.moe.aux_loss_weight == 0 and not config.moe.renormalize
+    assert (config.moe.num_experts, config.moe.top_k, config.moe.blocks) == (16, 4, [3, 7, 11])
+    assert (config.token_drop.keep_rate, config.token_drop.fuse) == (0.7, False)
+    adamw = load_config(CONFIGS / "paper_bsr_adamw.yaml")
+    assert (adamw.train.optimizer, adamw.train.layer_decay, adamw.token_drop.keep_rate) == ("adamw", 0.75, 0.5)
 
 
 def test_overrides_are_typed_and_nested():
@@ -42,6 +58,7 @@ def test_overrides_are_typed_and_nested():
     ("token_drop.keep_rate=0", r"token_drop.keep_rate: 0.0 is invalid; accepted: a number in \(0, 1\]"),
     ("token_drop.keep_rate=1.5", r"token_drop.keep_rate: 1.5 is invalid"),
     ("train.mixed_precision=fp8", r"train.mixed_precision: 'fp8' is invalid; accepted: no, bf16, fp16"),
+    ("token_drop.decision=random", r"token_drop.decision: 'random' is invalid; accepted: shared, per_task"),
     ("tasks=[]", r"tasks: empty"),
     ("train.steps", r"expected key=value"),
 ])
@@ -56,6 +73,9 @@ def test_bad_values_are_rejected_naming_key_and_value(override, message):
     ("bsr.preset=most", r"bsr.preset: unknown preset 'most'"),
     ("bsr.trainable_blocks=[7]", r"bsr.trainable_blocks: block index 7 out of range"),
     ("model.name=resnet_nope", r"model.name: unknown timm model 'resnet_nope'"),
+    ("model.name=resnet50", r"^model.name: 'resnet50' is not a ViT \(it is a timm 'resnet' model\); accepted: a timm "
+                            r"ViT/DeiT \(models of timm's vision_transformer and deit modules"),
+    ("model.img_size=-3", r"^model: vit_tiny_patch16_224 cannot be built with"),
 ])
 def test_model_dependent_values_are_rejected_before_building(override, message):
     config = load_config(CONFIGS / "quickstart.yaml", [override])
