@@ -167,6 +167,20 @@ def test_splits_are_seeded_stratified_and_disjoint():
     assert torch.equal(create_task("mnist").build_dataset("test").images, mnist.images)
 
 
+def test_a_validation_split_is_carved_from_training_data_never_from_test():
+    plain, tuned = create_task("digits"), create_task("digits", validation_fraction=0.15)
+    train, test = (plain.build_dataset(split).images.reshape(-1, 64) for split in ("train", "test"))
+    fit, validation = (tuned.build_dataset(split).images.reshape(-1, 64) for split in ("train", "test"))
+    rows = lambda images: {bytes(row.numpy()) for row in images}  # noqa: E731
+    assert len(fit) + len(validation) == len(train) and len(validation) == pytest.approx(0.15 * len(train), abs=10)
+    assert rows(fit) | rows(validation) == rows(train)  # every validation image is a training image
+    assert rows(validation) <= rows(train) and len(rows(validation) - rows(test)) > 0.95 * len(rows(validation))
+    assert tuned.shared_dataset != plain.shared_dataset  # joint batches never mix the two layouts
+    assert set(tuned.build_dataset("test").labels.tolist()) == set(range(10))  # stratified
+    with pytest.raises(TaskError, match="validation_fraction=1.5; accepted: 0 <= value < 1"):
+        create_task("mnist", validation_fraction=1.5)
+
+
 def test_split_cache_on_disk_gives_the_same_arrays(isolated_caches):
     from moebsr.data import packaged
     cached = packaged._split_arrays("sklearn_digits", 0.2, 0)

@@ -83,11 +83,25 @@ def _split_arrays(source: str, test_fraction: float, seed: int) -> dict[str, np.
 
 
 @functools.lru_cache(maxsize=None)
-def packaged_split(source: str, split: str, test_fraction: float = 0.2, seed: int = 0) -> TensorImageDataset:
-    """One split of a packaged source as a uint8 tensor dataset (cached on disk and in this process)."""
+def packaged_split(source: str, split: str, test_fraction: float = 0.2, seed: int = 0,
+                   validation_fraction: float = 0.0) -> TensorImageDataset:
+    """One split of a packaged source as a uint8 tensor dataset (cached on disk and in this process).
+
+    With ``validation_fraction`` the test split is never touched: a stratified, seeded ``validation_fraction`` of
+    the *training* examples becomes the ``test`` split (for tuning), and ``train`` is the rest.
+    """
     if source not in SOURCES:
         raise KeyError(f"unknown packaged source {source!r}; known: {', '.join(SOURCES)}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction}; accepted: 0 < value < 1")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction={validation_fraction}; accepted: 0 <= value < 1")
     arrays = _split_arrays(source, test_fraction, seed)
-    return TensorImageDataset(arrays[f"{split}_images"], arrays[f"{split}_labels"], f"{source}/{split}")
+    images, labels = arrays["train_images" if validation_fraction else f"{split}_images"], \
+        arrays["train_labels" if validation_fraction else f"{split}_labels"]
+    name = f"{source}/{split}"
+    if validation_fraction:
+        train, validation = seeded_split(labels, validation_fraction, seed + 1)
+        chosen = train if split == "train" else validation
+        images, labels, name = images[chosen], labels[chosen], f"{source}/{split} (validation {validation_fraction:g})"
+    return TensorImageDataset(images, labels, name)

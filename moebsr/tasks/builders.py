@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .errors import DatasetUnavailableError, TaskError
 from .spec import SPLITS, Task
@@ -13,18 +13,44 @@ PathLike = Union[str, os.PathLike]
 
 
 def packaged_task(name: str, source: str, num_outputs: int, *, test_fraction: float = 0.2, seed: int = 0,
-                  **fields: Any) -> Task:
+                  validation_fraction: float = 0.0, **fields: Any) -> Task:
     """A task on a dataset shipped in a pip package (``moebsr.data.packaged.SOURCES``), split with a fixed seed.
 
-    The default ``shared_dataset`` key names source, fraction and seed, so tasks on the same split share batches.
+    ``validation_fraction`` > 0 holds out that share of the *training* examples as the task's ``test`` split, for
+    tuning without touching the test split. The default ``shared_dataset`` key names source, fractions and seed,
+    so tasks on the same split share batches.
     """
     from ..data.packaged import SOURCES, packaged_split
     if source not in SOURCES:
         raise TaskError(f"task {name!r}: unknown packaged source {source!r}; known: {', '.join(SOURCES)}")
-    fields.setdefault("shared_dataset", f"{source}:test{test_fraction:g}:seed{seed}")
-    fields.setdefault("source", f"package {SOURCES[source][1]}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise TaskError(f"task {name!r}: validation_fraction={validation_fraction}; accepted: 0 <= value < 1")
+    holdout = f":validation{validation_fraction:g}" if validation_fraction else ""
+    fields.setdefault("shared_dataset", f"{source}:test{test_fraction:g}{holdout}:seed{seed}")
+    fields.setdefault("source", f"package {SOURCES[source][1]}{' (validation split)' if holdout else ''}")
     return Task(name=name, num_outputs=num_outputs,
-                dataset_fn=lambda split: packaged_split(source, split, test_fraction, seed), **fields)
+                dataset_fn=lambda split: packaged_split(source, split, test_fraction, seed, validation_fraction),
+                **fields)
+
+
+def generated_task(name: str, generate: Callable[..., tuple[Any, Any]], *, num_classes: int, images_per_class: int,
+                   test_images_per_class: int, image_size: int, seed: int, version: int, source: str,
+                   **fields: Any) -> Task:
+    """A task on images drawn by seeded code, ``generate(num_classes, per_class, image_size, seed, instance_seed)``
+    (train instances come from ``instance_seed`` 1, test instances of the same classes from 2), cached on disk under a
+    key that names every argument and the generator's ``version``."""
+    from ..data.cache import cached_arrays
+
+    def dataset_fn(split: str) -> dict:
+        per_class = images_per_class if split == "train" else test_images_per_class
+        key = f"{name}-v{version}-c{num_classes}-i{per_class}-s{image_size}-seed{seed}-{split}"
+
+        def build() -> dict:
+            images, labels = generate(num_classes, per_class, image_size, seed, 1 if split == "train" else 2)
+            return {"images": images, "labels": labels}
+        return cached_arrays(key, build)
+    fields.setdefault("size_hint", f"{num_classes * images_per_class} generated")
+    return Task(name=name, num_outputs=num_classes, dataset_fn=dataset_fn, source=f"generated ({source})", **fields)
 
 
 def hub_task(name: str, hub_name: str, num_outputs: int, *, splits: Optional[Mapping[str, str]] = None,
@@ -95,4 +121,4 @@ def at_least_five(labels: Any) -> Any:
     return (labels >= 5).long()
 
 
-__all__: Sequence[str] = ("packaged_task", "hub_task", "folder_task", "parity", "at_least_five")
+__all__: Sequence[str] = ("packaged_task", "generated_task", "hub_task", "folder_task", "parity", "at_least_five")
