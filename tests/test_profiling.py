@@ -9,8 +9,9 @@ from moebsr.config import load_config
 from moebsr.profiling import format_profile, profile_config
 from run_helpers import QUICKSTART, REPO, subprocess_env
 
-TINY = ["model.checkpoint=null", "model.depth=4", "model.embed_dim=64", "model.num_heads=2", "moe.num_experts=4",
-        "train.batch_size=8"]
+# 64 patch tokens: activations, not the bf16 weight copies autocast saves for backward, make up most saved bytes
+TINY = ["model.checkpoint=null", "model.img_size=32", "model.patch_size=4", "model.depth=4", "model.embed_dim=64",
+        "model.num_heads=2", "moe.num_experts=4", "train.batch_size=8"]
 
 
 def _profile(*overrides: str) -> dict:

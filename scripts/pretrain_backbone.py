@@ -1,0 +1,53 @@
+"""Reproduce the committed backbone: pretrain ``configs/pretrain.yaml`` and store its weights in fp16.
+
+    python scripts/pretrain_backbone.py                      # ~17 min on 2 CPU cores; writes backbones/...
+    python scripts/pretrain_backbone.py --config configs/pretrain.yaml train.steps=500 --out /tmp/b.safetensors
+
+The fp16 file is what the quickstart and the benchmarks load (``model.checkpoint``); timm loads it too:
+``timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=28, patch_size=7, depth=6,
+embed_dim=128, num_heads=4, pretrained_cfg_overlay=dict(file=...))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "backbones" / "formula_vit_6x128_28px.safetensors"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "pretrain.yaml"))
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="fp16 safetensors file to write")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the pretraining config")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from moebsr.config import load_config
+    config = load_config(args.config, args.overrides)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    subprocess.run([sys.executable, str(REPO / "launch" / "multitask.py"), "--config", args.config, *args.overrides],
+                   check=True, env=env, cwd=REPO)
+    run = Path(config.train.output_dir)
+    run = run if run.is_absolute() else REPO / run
+    state = {name: tensor.to(torch.float16) for name, tensor in load_file(str(run / "backbone.safetensors")).items()}
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    metadata = {"format": "pt", "library": "moebsr", "pretrain_config": Path(args.config).name,
+                "overrides": " ".join(args.overrides), "pretrain_metrics": json.dumps(metrics)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, args.out, metadata=metadata)
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out}: {sum(t.numel() for t in state.values()):,} parameters, {size / 2 ** 20:.1f} MiB fp16; "
+          f"pretraining test metrics {metrics}")
+
+
+if __name__ == "__main__":
+    main()
