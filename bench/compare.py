@@ -147,17 +147,20 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = results["recipes"]
-    accuracy = results.get("accuracy", {}).get("mean_top1", {})
+    accuracy = {name: recipe["summary"]["mean"]["mean"] * 100
+                for name, recipe in results.get("accuracy", {}).get("recipes", {}).items()}
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for axis, key, label in ((axes[0], "train_memory_bytes", "training memory (MiB)"),
                              (axes[1], "train_flops_per_image", "training GFLOPs per image")):
         for name, row in rows.items():
+            if accuracy and name not in accuracy:
+                continue  # a recipe without an accuracy figure has no place on an accuracy axis
             x = row[key] / (2 ** 20 if "memory" in key else 1e9)
             y = accuracy.get(name, row["step_time_s"] * 1e3)
             axis.scatter(x, y, s=40, marker="o" if not name.startswith("dense") else "s")
             axis.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         axis.set_xlabel(label)
-        axis.set_ylabel("mean top-1 accuracy" if accuracy else "step time (ms)")
+        axis.set_ylabel("mean top-1 over the tasks (%, bench/accuracy.py)" if accuracy else "step time (ms)")
         axis.grid(alpha=0.3)
     figure.suptitle(f"moebsr recipes, {results['size']}, batch {results['batch_size']}, {results['device']}")
     figure.tight_layout()

@@ -22,15 +22,18 @@ SIZES = {
 }
 # the paper's MoE (16 experts, top-4, one gate per task) and dropping (keep 0.5, fused), blocks scaled to depth
 COMMON = ["moe.blocks=null", "moe.num_experts=16", "moe.top_k=4", "moe.router=task", "token_drop.blocks=null",
+          "token_drop.decision=shared",
           "token_drop.keep_rate=0.5", "token_drop.fuse=true"]
 NO_DROP = ["token_drop.enabled=false"]
 DROP = ["token_drop.enabled=true"]
 DENSE = ["moe.blocks=[]"]
 RECIPES = {
     "full": ["bsr.preset=all", *NO_DROP],
+    "full_drop": ["bsr.preset=all", *DROP],
     "head_only": ["bsr.preset=none", *NO_DROP],
     "last_3": ["bsr.preset=last_k", "bsr.last_k=3", *NO_DROP],
     "paper_bsr": ["bsr.preset=paper", *DROP],
+    "paper_bsr_per_task": ["bsr.preset=paper", *DROP, "token_drop.decision=per_task"],
     "paper_bsr_frozen_experts": ["bsr.preset=paper", "bsr.sublayers=[attn,router,norm]", *DROP],
     "bsr_last_3": ["bsr.preset=last_k", "bsr.last_k=3", *DROP],
     "bsr_no_drop": ["bsr.preset=paper", *NO_DROP],
