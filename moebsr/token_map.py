@@ -62,8 +62,12 @@ def plot_kept_tokens(run_dir: str, out: str | os.PathLike, task: Optional[str] =
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
-                axis.set_title("input" if block is None else f"block {block}: {int(masks[0].sum())} kept", fontsize=8)
-    figure.suptitle(f"{Path(run_dir).name} · {task} · decision `{network.token_drop_decision}`", fontsize=9)
+                # the count of kept tokens is fixed per block; how many of them are patches varies per image,
+                # since the fused token (drawn nowhere) competes with the patches in later rankings
+                axis.set_title("input" if block is None else f"block {block}: {indices.shape[1]} tokens kept",
+                               fontsize=8)
+    figure.suptitle(f"{Path(run_dir).name} · {task} · decision `{network.token_drop_decision}` · bright: kept patches",
+                    fontsize=9)
     figure.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
