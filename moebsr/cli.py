@@ -1,4 +1,4 @@
-"""The ``moebsr`` command: one sub-command per job (``tasks``, ``eval``, ``tokens``, ``profile``).
+"""The ``moebsr`` command: one sub-command per job (``tasks``, ``train``, ``eval``, ``tokens``, ``profile``).
 
 Bad input (unknown task, broken task file, bad config) exits 2 with one line on stderr, not a stack trace.
 """
@@ -55,19 +55,31 @@ def command_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_train(args: argparse.Namespace) -> int:
+    """``moebsr train`` for users who installed the package; under ``accelerate launch`` it runs on every process."""
+    from .runner import run_training_cli
+    return run_training_cli(args.config, args.overrides)
+
+
 def command_eval(args: argparse.Namespace) -> int:
     """Per-task metrics of a saved run, as a table or JSON."""
     import json
 
     from .evaluate import evaluate_run
+    from .export import format_class_names, read_run_document
     from .train import format_metrics
     metrics = evaluate_run(args.run, args.task or None, args.split, args.keep_rate, args.max_examples,
                            args.batch_size, args.weights)
+    class_names = {task: names for task, names in read_run_document(args.run).get("class_names", {}).items()
+                   if task in metrics}
     if args.json:
-        print(json.dumps({"run": args.run, "split": args.split, "keep_rate": args.keep_rate, "metrics": metrics}))
+        print(json.dumps({"run": args.run, "split": args.split, "keep_rate": args.keep_rate, "metrics": metrics,
+                          "class_names": class_names}))
     else:
         budget = f" · keep rate {args.keep_rate}" if args.keep_rate is not None else ""
         print(format_metrics(metrics, title=f"{args.run} · {args.split}{budget}"))
+        for task, names in class_names.items():
+            print(f"classes of {task}: {format_class_names(names)}")
     return 0
 
 
@@ -124,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--split", default="test", help="split to draw the images from (default: test)")
     tokens.add_argument("--out", required=True, help="PNG file to write")
     tokens.set_defaults(handler=command_tokens)
+
+    training = commands.add_parser("train", help="train as configured (the same job as launch/multitask.py)")
+    training.add_argument("--config", required=True, help="YAML file, e.g. configs/quickstart.yaml")
+    training.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+    training.set_defaults(handler=command_train)
 
     profile = commands.add_parser("profile", help="measure one training step of a config (no data needed)")
     profile.add_argument("--config", required=True, help="YAML file in configs/")

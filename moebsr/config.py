@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .model.bsr import BSRPlan
@@ -126,6 +126,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: Optional[str] = None  # a checkpoint folder or "latest"
+    overwrite: bool = False  # clear another run's outputs from output_dir first (else such a folder is refused)
     max_bad_steps: int = 5  # consecutive non-finite losses before aborting
 
 
@@ -178,6 +179,29 @@ def _schema_section(section: str) -> Any:
     return node
 
 
+# Files a config names. Relative paths written in a config file are relative to that file, so a run does not
+# depend on the working directory; paths given as key=value overrides are relative to it, as on any command line.
+# (train.output_dir is an output: relative to the working directory, like every tool's output folder.)
+PATH_KEYS = ("model.checkpoint", "model.pretrain_config", "data.task_dirs")
+
+
+def resolve_config_paths(layer: Any, path: Path) -> Any:
+    """Rewrite ``PATH_KEYS`` in one YAML layer as absolute paths against the file's folder."""
+    folder = path.resolve().parent
+    for key in PATH_KEYS:
+        value = OmegaConf.select(layer, key, default=None) if isinstance(layer, DictConfig) else None
+        if isinstance(value, str):
+            OmegaConf.update(layer, key, _against(folder, value))
+        elif isinstance(value, ListConfig):
+            OmegaConf.update(layer, key, [_against(folder, item) if isinstance(item, str) else item
+                                          for item in value])
+    return layer
+
+
+def _against(folder: Path, value: str) -> str:
+    return value if Path(value).is_absolute() else os.path.normpath(folder / value)
+
+
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Parse a YAML file plus ``key=value`` overrides into a :class:`RunConfig` and validate it."""
     schema = OmegaConf.structured(RunConfig)
@@ -186,7 +210,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         if not Path(path).is_file():
             raise ConfigError(f"--config: no file at {os.fspath(path)!r}")
         try:
-            layers.append(OmegaConf.load(path))
+            layers.append(resolve_config_paths(OmegaConf.load(path), Path(path)))
         except Exception as error:  # YAML syntax
             raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from error
     for override in overrides:
@@ -203,7 +227,28 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         source = "override" if from_override or path is None else os.fspath(path)
         raise ConfigError(_omegaconf_message(error, source)) from None
     validate_config(config)
+    check_overrides_take_effect(config, overrides)
     return config
+
+
+SWITCHED_SECTIONS = ("token_drop", "lora")  # sections whose other keys act only while their `enabled` is true
+
+
+def check_overrides_take_effect(config: RunConfig, overrides: Sequence[str]) -> None:
+    """An override that would silently do nothing is an error naming the key that would make it count."""
+    keys = {override.split("=", 1)[0].strip(): override for override in overrides}
+    for section in SWITCHED_SECTIONS:
+        switch = f"{section}.enabled"
+        if getattr(config, section).enabled or switch in keys:
+            continue
+        for key, override in keys.items():
+            if key.startswith(f"{section}."):
+                raise ConfigError(f"{override}: does nothing while {switch} is false; accepted: add {switch}=true, "
+                                  f"or leave {key} out")
+    if "bsr.last_k" in keys and (config.bsr.preset != "last_k" or config.bsr.trainable_blocks is not None):
+        raise ConfigError(f"{keys['bsr.last_k']}: does nothing with bsr.preset={config.bsr.preset}"
+                          f"{' and bsr.trainable_blocks set' if config.bsr.trainable_blocks is not None else ''}; "
+                          "accepted: add bsr.preset=last_k, or leave bsr.last_k out")
 
 
 def _choice(key: str, value: Any, accepted: Sequence[Any]) -> None:
@@ -234,6 +279,9 @@ def validate_config(config: RunConfig) -> None:
         _positive(f"train.{key}", getattr(train, key), allow_zero=True)
     if train.grad_clip is not None:
         _positive("train.grad_clip", train.grad_clip)
+    if train.overwrite and train.resume:
+        raise ConfigError(f"train.overwrite: true would clear the run train.resume={train.resume!r} continues; "
+                          "accepted: one of them")
     if train.layer_decay is not None and not 0 < train.layer_decay <= 1:
         raise ConfigError(f"train.layer_decay: {train.layer_decay!r} is invalid; accepted: (0, 1] or null")
     if not 0 <= train.label_smoothing < 1:

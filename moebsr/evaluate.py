@@ -8,6 +8,7 @@ over N processes equal those of one.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 import torch
@@ -93,6 +94,7 @@ def open_run(run_dir: str, tasks: Optional[Sequence[str]] = None, keep_rate: Opt
         if name not in config.tasks:
             raise TaskError(f"--task: unknown task {name!r}; this run has: {', '.join(config.tasks)}")
     weights_path = Path(weights) if weights else find_weights(run_dir)
+    trained_with_dropping = config.token_drop.enabled
     if keep_rate is not None:
         config.token_drop.keep_rate = check_keep_rate(keep_rate, "--keep-rate")
         config.token_drop.enabled = True
@@ -104,6 +106,12 @@ def open_run(run_dir: str, tasks: Optional[Sequence[str]] = None, keep_rate: Opt
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # first: a tutel model shards over its processes
     model = model_from_config(config, {**document["task_outputs"], **data.heads()}, load_weights=False)
     load_weights(model, weights_path)
+    if keep_rate is not None and not trained_with_dropping and accelerator.is_main_process:
+        where = (f"the paper's 3/6/9 scaled to depth {model.depth}" if config.token_drop.blocks is None
+                 else "token_drop.blocks of its config")
+        print(f"--keep-rate {keep_rate:g}: this run trained without token dropping; it now drops at blocks "
+              f"{list(model.token_drop_blocks)} ({where}), keeping {keep_rate:g} of the tokens at each",
+              file=sys.stderr, flush=True)
     model = accelerator.prepare_model(model, evaluation_mode=True)
     data.attach_image_spec(image_spec_of(accelerator.unwrap_model(model)), accelerator, build_train=False)
     return accelerator, model, data

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -38,7 +38,8 @@ def _contiguous_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def export_run(output_dir: str | os.PathLike, model: MoEViT, config: RunConfig,
                task_outputs: Mapping[str, int], metrics: Mapping[str, Mapping[str, float]],
-               state: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+               state: Optional[Mapping[str, torch.Tensor]] = None,
+               class_names: Optional[Mapping[str, Sequence[str]]] = None) -> Path:
     """Write the exported model. A dense model also gets ``backbone.safetensors`` in timm's key layout, which
     ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` and ``model.checkpoint`` load.
 
@@ -53,15 +54,24 @@ def export_run(output_dir: str | os.PathLike, model: MoEViT, config: RunConfig,
         backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         write_atomically(output / BACKBONE_FILE,
                          lambda temporary: save_file(backbone, str(temporary), metadata={"format": "pt"}))
-    document = dict(config=config_to_dict(config), task_outputs=dict(task_outputs),
-                    metrics={t: dict(m) for t, m in metrics.items()}, library="moebsr")
-    write_text_atomically(output / CONFIG_FILE, json.dumps(document, indent=2))
-    write_text_atomically(output / "README.md", model_card(config, task_outputs, metrics, model))
+    write_run_document(output, config, task_outputs, metrics, class_names)
+    write_text_atomically(output / "README.md", model_card(config, task_outputs, metrics, model, class_names))
     return output / MODEL_FILE
 
 
+def write_run_document(output_dir: str | os.PathLike, config: RunConfig, task_outputs: Mapping[str, int],
+                       metrics: Mapping[str, Mapping[str, float]],
+                       class_names: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+    """``config.json``: the resolved config, each task's outputs and class names, known from step 0, so that an
+    unfinished run can be evaluated from its newest checkpoint; the export adds the final metrics."""
+    document = dict(config=config_to_dict(config), task_outputs=dict(task_outputs),
+                    class_names={t: list(names) for t, names in (class_names or {}).items()},
+                    metrics={t: dict(m) for t, m in metrics.items()}, library="moebsr")
+    write_text_atomically(Path(output_dir) / CONFIG_FILE, json.dumps(document, indent=2))
+
+
 def model_card(config: RunConfig, task_outputs: Mapping[str, int], metrics: Mapping[str, Mapping[str, float]],
-               model: MoEViT) -> str:
+               model: MoEViT, class_names: Optional[Mapping[str, Sequence[str]]] = None) -> str:
     trainable = parameter_count(p for p in model.parameters() if p.requires_grad)
     total = parameter_count(model.parameters())
     lines = [
@@ -69,7 +79,8 @@ def model_card(config: RunConfig, task_outputs: Mapping[str, int], metrics: Mapp
         f"- backbone: `{config.model.name}` ({model.depth} blocks), MoE blocks {list(model.moe_blocks)} "
         f"({config.moe.num_experts} experts, top-{config.moe.top_k}, router `{config.moe.router}`)",
         f"- trainable blocks: {list(config.bsr.plan().resolve(model.depth).trainable_blocks)} "
-        f"(preset `{config.bsr.preset}`); trainable parameters {trainable:,} of {total:,}",
+        f"({'`bsr.trainable_blocks`' if config.bsr.trainable_blocks is not None else f'preset `{config.bsr.preset}`'}"
+        f"); trainable parameters {trainable:,} of {total:,}",
         f"- token dropping: blocks {list(model.token_drop_blocks)}, keep rate {config.token_drop.keep_rate}, "
         f"fuse {config.token_drop.fuse}" if config.token_drop.enabled else "- token dropping: off",
         f"- steps: {config.train.steps}, batch {config.train.batch_size}, lr {config.train.lr}, "
@@ -79,10 +90,23 @@ def model_card(config: RunConfig, task_outputs: Mapping[str, int], metrics: Mapp
     metric_names = sorted({m for v in metrics.values() for m in v})
     lines.append("|---|---|" + "---|" * len(metric_names))
     for task, outputs in task_outputs.items():
-        values = [f"{metrics.get(task, {}).get(m, float('nan')):.4f}" for m in metric_names]
+        values = [card_value(m, metrics.get(task, {}).get(m)) for m in metric_names]
         lines.append(f"| {task} | {outputs} | " + " | ".join(values) + " |")
+    lines += [""] + [f"Classes of `{task}`: {format_class_names(names)}" for task, names in (class_names or {}).items()]
     lines += ["", "Evaluate: `moebsr eval --run <this folder>`."]
     return "\n".join(lines) + "\n"
+
+
+def format_class_names(names: Sequence[str], shown: int = 20) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(map(str, names[:shown])) + more
+
+
+def card_value(name: str, value: Optional[float]) -> str:
+    """As the console prints it: counts as integers, a metric the task does not have as ``-``."""
+    if value is None:
+        return "-"
+    return f"{int(value)}" if name == "examples" else f"{value:.4f}"
 
 
 def read_run_document(run_dir: str | os.PathLike) -> dict[str, Any]:

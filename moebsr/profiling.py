@@ -287,7 +287,9 @@ def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device:
                                env={**os.environ, MMAP_THRESHOLD_VARIABLE: "65536"})
         if child.returncode == 0:
             report.update(json.loads(child.stdout.strip().splitlines()[-1]))
-    report.update(model=config.model.name, moe_blocks=list(model.moe_blocks),
+    from .recipe import describe_recipe
+    report.update(recipe=describe_recipe(config, model, task_outputs={n: t.num_outputs for n, t in tasks.items()}),
+                  model=config.model.name, moe_blocks=list(model.moe_blocks),
                   trainable_blocks=list(config.bsr.plan().resolve(model.depth).trainable_blocks),
                   token_drop_blocks=list(model.token_drop_blocks))
     return report
@@ -315,4 +317,5 @@ def format_profile(report: dict[str, Any]) -> str:
         ("tokens per block", " ".join(map(str, report["tokens_per_block"]))),
     ]
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    recipe = ["recipe:", report["recipe"], ""] if "recipe" in report else []
+    return "\n".join([*recipe, *(f"{name:<{width}}  {value}" for name, value in rows)])

@@ -61,6 +61,10 @@ class RunData:
     def task_outputs(self) -> dict[str, int]:
         return {name: task.num_outputs for name, task in self.tasks.items()}
 
+    def class_names(self) -> dict[str, list[str]]:
+        """The tasks that name their classes (a folder task's sub-folders, for one): kept in the export."""
+        return {name: list(task.class_names) for name, task in self.tasks.items() if task.class_names is not None}
+
     def train_sizes(self) -> dict[str, int]:
         return {name: task.num_examples("train") for name, task in self.tasks.items()}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import ConfigError, RunConfig, load_config
+from .interrupt import TrainingInterrupted
 from .user_errors import is_user_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,9 @@ def run_training_cli(config_path: str, overrides: Sequence[str]) -> int:
         ensure_backbone(config)
         from .train import train
         train(config)
+    except TrainingInterrupted as error:  # a signal: the checkpoint is saved, the message says how to resume
+        print(f"stopped: {error}", file=sys.stderr, flush=True)
+        exit_code = error.exit_code
     except subprocess.CalledProcessError as error:
         print(f"error: pretraining failed with exit code {error.returncode}", file=sys.stderr, flush=True)
         exit_code = 1

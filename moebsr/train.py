@@ -8,6 +8,7 @@ shared-trunk joint batches, the MoE balancing loss, the BSR freeze) lives in the
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,17 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from .build import check_config_against_model, image_spec_of, model_from_config
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from .config import RunConfig, config_to_dict, save_config
 from .run_data import RunData
 from .evaluate import evaluate
 from .expert_parallel import ShardedOptimizerState, clip_grad_norm_, exclude_sharded_from_ddp, parameter_count
-from .export import export_run, write_text_atomically
+from .export import export_run, write_run_document, write_text_atomically
+from .interrupt import StopRequest, TrainingInterrupted
 from .model import MoEViT
 from .optim import build_optimizer, build_scheduler
+from .recipe import describe_recipe
+from .run_folder import check_output_dir, clear_run_outputs, set_aside_log
 from .sampling import TaskSampler
 
 
@@ -87,19 +91,51 @@ class _RunningLoss:
         return {task: f"{value:.3f}" for task, value in self.values.items()}
 
 
+class LogWindow:
+    """Means over the steps since the last tracker write: each task's loss over the steps that drew it, the total
+    and balancing losses, the learning rate, and images/s. The sampler rotates tasks, so logging one step's
+    record every ``log_every`` steps would show the same task each time and never the others."""
+
+    def __init__(self) -> None:
+        self._start()
+
+    def _start(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.images = 0
+        self.started = time.perf_counter()
+
+    def add(self, record: Mapping[str, Any], images: int) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, float):
+                self.sums[key] = self.sums.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+        self.images += images
+
+    def means(self) -> dict[str, float]:
+        values = {key: total / self.counts[key] for key, total in self.sums.items()}
+        values["images_per_s"] = self.images / max(time.perf_counter() - self.started, 1e-9)
+        self._start()
+        return values
+
+
 def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> TrainResult:
     """Run one training job as configured; returns the final step and per-task metrics."""
     check_config_against_model(config)  # block indices, top-k, presets: before any data or weights
     data = RunData.from_config(config)  # tasks resolved (unknown names fail here), datasets checked
     accelerator = accelerator or make_accelerator(config)
     set_seed(config.train.seed, device_specific=False)
+    model = model_from_config(config, data.heads())
+    data.attach_image_spec(image_spec_of(model), accelerator)  # batch-size checks: the last bad input caught
+
     output_dir = Path(config.train.output_dir)
-    if accelerator.is_main_process:
+    check_output_dir(output_dir, config.train.resume, config.train.overwrite)  # another run's folder: refused
+    if accelerator.is_main_process:  # the first write to the folder
+        if config.train.overwrite and (removed := clear_run_outputs(output_dir)):
+            accelerator.print(f"train.overwrite: removed {', '.join(removed)} from {output_dir}")
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
-
-    model = model_from_config(config, data.heads())
-    data.attach_image_spec(image_spec_of(model), accelerator)
+        write_run_document(output_dir, config, data.task_outputs(), {}, data.class_names())  # eval works mid-run
     optimizer = build_optimizer(model, config.train)
     scheduler = build_scheduler(optimizer, config.train)
     sharded = exclude_sharded_from_ddp(model)  # tutel experts split over processes: not DDP's to all-reduce
@@ -116,6 +152,9 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
             start_step = int(state["step"])
             data.load_state_dict(state["data"])
             accelerator.print(f"resumed from {resume_path} at step {start_step}")
+        else:
+            accelerator.print(f"train.resume={config.train.resume}: no checkpoint in {checkpoint_dir(output_dir)}; "
+                              "starting from step 0")
 
     sampler = TaskSampler(config.train.sampler, data.train_sizes(), data.sampling_weights(),
                           groups=data.joint_groups(), temperature=config.train.temperature, seed=config.train.seed)
@@ -123,9 +162,13 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
         accelerator.init_trackers("moebsr", config=_flat_hparams(config))
     log_path = output_dir / "train_log.jsonl"
     if accelerator.is_main_process:
-        truncate_log(log_path, start_step)  # a killed run may have logged steps past its last checkpoint
+        if start_step:
+            truncate_log(log_path, start_step)  # a killed run may have logged steps past its last checkpoint
+        elif (kept := set_aside_log(output_dir)) is not None:  # a run that saved nothing: its log stays
+            accelerator.print(f"an earlier {log_path.name} without a checkpoint was kept as {kept.name}")
     losses_seen: list[dict[str, Any]] = []
     running = _RunningLoss()
+    window = LogWindow()
     bad_in_a_row = 0
     progress = tqdm(total=config.train.steps, initial=start_step, desc="train", dynamic_ncols=True,
                     disable=not (accelerator.is_local_main_process and config.logging.progress))
@@ -135,68 +178,80 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
         f"trainable {parameter_count(unwrapped.trainable_parameters()):,} of "
         f"{parameter_count(unwrapped.parameters()):,} parameters"
         f"{f' ({len(sharded)} expert tensors sharded over the processes)' if sharded else ''} · output {output_dir}")
+    accelerator.print(describe_recipe(config, unwrapped, data.train_sizes(), data.task_outputs()))
     model.train()
     step = start_step
     micro_step = start_step * config.train.grad_accum_steps
     metrics: dict[str, dict[str, float]] = {}
-    while step < config.train.steps:
-        tasks = sampler.tasks_for_step(micro_step)
-        batch = data.next_train_batch(tasks)
-        micro_step += 1
-        with accelerator.accumulate(model):
-            outputs = model(batch["images"], tasks)
-            task_losses = {t: data.tasks[t].loss(outputs[t], batch["labels"][t]) for t in tasks}
-            aux_loss = unwrapped.aux_loss()
-            loss = sum(data.tasks[t].loss_weight * task_losses[t] for t in tasks) \
-                + config.moe.aux_loss_weight * aux_loss
-            if not _finite_everywhere(accelerator, loss):
-                bad_in_a_row += 1
+    stop_signal = 0  # the signal every process agreed to stop on
+    with StopRequest() as stop:  # SIGINT/SIGTERM: finish the step, save, exit
+        while step < config.train.steps:
+            if stop_signal and micro_step % config.train.grad_accum_steps == 0:
+                break
+            tasks = sampler.tasks_for_step(micro_step)
+            batch = data.next_train_batch(tasks)
+            micro_step += 1
+            with accelerator.accumulate(model):
+                outputs = model(batch["images"], tasks)
+                task_losses = {t: data.tasks[t].loss(outputs[t], batch["labels"][t]) for t in tasks}
+                aux_loss = unwrapped.aux_loss()
+                loss = sum(data.tasks[t].loss_weight * task_losses[t] for t in tasks) \
+                    + config.moe.aux_loss_weight * aux_loss
+                finite, agreed_signal = _agree(accelerator, loss, stop.signal_number)
+                stop_signal = stop_signal or agreed_signal
+                if not finite:
+                    bad_in_a_row += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    warnings.warn(f"step {step}: non-finite loss for {tasks}; step skipped "
+                                  f"({bad_in_a_row}/{config.train.max_bad_steps} in a row)", stacklevel=1)
+                    if bad_in_a_row >= config.train.max_bad_steps:
+                        raise TrainingAborted(
+                            f"train: {bad_in_a_row} non-finite losses in a row at step {step}; stopped without "
+                            "saving (last good checkpoint kept). Try a lower train.lr or train.mixed_precision=no")
+                    continue
+                bad_in_a_row = 0
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.train.grad_clip:
+                    clip_grad_norm_(accelerator, unwrapped.trainable_parameters(), config.train.grad_clip)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                warnings.warn(f"step {step}: non-finite loss for {tasks}; step skipped "
-                              f"({bad_in_a_row}/{config.train.max_bad_steps} in a row)", stacklevel=1)
-                if bad_in_a_row >= config.train.max_bad_steps:
-                    raise TrainingAborted(
-                        f"train: {bad_in_a_row} non-finite losses in a row at step {step}; stopped without "
-                        "saving (last good checkpoint kept). Try a lower train.lr or train.mixed_precision=no")
+            if not accelerator.sync_gradients:
                 continue
-            bad_in_a_row = 0
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.train.grad_clip:
-                clip_grad_norm_(accelerator, unwrapped.trainable_parameters(), config.train.grad_clip)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        record = {"step": step, "tasks": tasks, "loss": loss.detach().item(), "aux_loss": aux_loss.detach().item(),
-                  "lr": scheduler.get_last_lr()[0], **{f"{t}/loss": v.detach().item() for t, v in task_losses.items()}}
-        losses_seen.append(record)
-        for task, value in task_losses.items():
-            running.update(task, value.detach().item())
-        progress.update(1)
-        progress.set_postfix(running.postfix(), refresh=False)
-        if accelerator.is_main_process:
-            with open(log_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-        if step % config.logging.log_every == 0 or step == config.train.steps:
-            accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=step)
-        if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
-            metrics = _evaluate_and_log(accelerator, model, data, config, step)
-            model.train()
-        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 \
-                and step < config.train.steps:
-            save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
-                            config.train.keep_checkpoints)
-    progress.close()
+            step += 1
+            record = {"step": step, "tasks": tasks, "loss": loss.detach().item(),
+                      "aux_loss": aux_loss.detach().item(), "lr": scheduler.get_last_lr()[0],
+                      **{f"{t}/loss": v.detach().item() for t, v in task_losses.items()}}
+            losses_seen.append(record)
+            window.add(record, images=len(batch["images"]) * accelerator.num_processes)
+            for task, value in task_losses.items():
+                running.update(task, value.detach().item())
+            progress.update(1)
+            progress.set_postfix(running.postfix(), refresh=False)
+            if accelerator.is_main_process:
+                with open(log_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            if step % config.logging.log_every == 0 or step == config.train.steps:
+                accelerator.log(window.means(), step=step)  # every task, whichever tasks this step drew
+            if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
+                metrics = _evaluate_and_log(accelerator, model, data, config, step)
+                model.train()
+            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 \
+                    and step < config.train.steps:
+                save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
+                                config.train.keep_checkpoints)
+        progress.close()
+        if stop_signal and step < config.train.steps:  # at the last step, finishing is the better stop
+            _save_and_stop(accelerator, config, output_dir, step, data, stop_signal)
+    # from here on (evaluation, export) a signal interrupts as usual: the final checkpoint is saved first
 
     save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
                     config.train.keep_checkpoints)
     metrics = _evaluate_and_log(accelerator, model, data, config, step)
     state = unwrapped.state_dict()  # every process: sharded experts are gathered here
     if accelerator.is_main_process:
-        export_run(output_dir, unwrapped, config, data.task_outputs(), metrics, state)
+        export_run(output_dir, unwrapped, config, data.task_outputs(), metrics, state, data.class_names())
         with open(output_dir / "metrics.json", "w") as handle:
             json.dump({"step": step, "metrics": metrics}, handle, indent=2)
     accelerator.wait_for_everyone()
@@ -204,12 +259,30 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     return TrainResult(output_dir, step, metrics, losses_seen)
 
 
-def _finite_everywhere(accelerator: Accelerator, loss: torch.Tensor) -> bool:
-    """All processes must agree to skip a step, or DDP's collectives would desynchronise."""
-    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+def _agree(accelerator: Accelerator, loss: torch.Tensor, signal_number: Optional[int]) -> tuple[bool, int]:
+    """Whether the loss is finite on every process, and the signal any process was asked to stop on (0: none).
+
+    All processes must agree to skip a step or to stop at it, or DDP's collectives would desynchronise; both
+    answers travel in one small all-reduce, the loop's one host read per micro-step."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32),
+                         torch.tensor(float(signal_number or 0), device=loss.device)])
     if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-    return bool(finite.item() == 1.0)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    not_finite, agreed_signal = flags.tolist()
+    return not_finite == 0.0, int(agreed_signal)
+
+
+def _save_and_stop(accelerator: Accelerator, config: RunConfig, output_dir: Path, step: int, data: RunData,
+                   signal_number: int) -> None:
+    """Save a complete checkpoint at the last finished step, then stop with one line saying how to resume."""
+    import signal
+
+    path = save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
+                           config.train.keep_checkpoints)
+    accelerator.end_training()
+    raise TrainingInterrupted(
+        f"{signal.Signals(signal_number).name} at step {step} of {config.train.steps}: saved {path}; continue with "
+        "the same command and train.resume=latest", signal_number)
 
 
 def _evaluate_and_log(accelerator: Accelerator, model: torch.nn.Module, data: RunData, config: RunConfig,
@@ -238,7 +311,7 @@ def _format_value(name: str, value: Optional[float]) -> str:
 
 
 def truncate_log(path: Path, last_step: int) -> None:
-    """Keep the records of steps up to ``last_step`` (all of them gone when starting from scratch)."""
+    """Keep the records of steps up to ``last_step``, where the same run resumes."""
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]

@@ -10,6 +10,7 @@ _USER_ERROR_CLASSES = {
     "moebsr.tasks.errors": ("TaskError",),
     "moebsr.config": ("ConfigError",),
     "moebsr.checkpoint": ("CheckpointError",),
+    "moebsr.run_folder": ("RunFolderError",),
     "moebsr.train": ("TrainingAborted",),
     "moebsr.model.tutel_backend": ("TutelBackendError",),
 }

@@ -96,3 +96,26 @@ def test_resolved_config_round_trips(tmp_path):
     config = load_config(CONFIGS / "quickstart.yaml", ["train.steps=9"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("config_name, override, message", [
+    ("quickstart_full.yaml", "token_drop.blocks=[2,4]", r"^token_drop.blocks=\[2,4\]: does nothing while "
+                                                        r"token_drop.enabled is false; accepted: add "
+                                                        r"token_drop.enabled=true, or leave token_drop.blocks out$"),
+    ("quickstart_full.yaml", "token_drop.keep_rate=0.5", r"token_drop.keep_rate=0.5: does nothing while"),
+    ("quickstart.yaml", "lora.rank=4", r"^lora.rank=4: does nothing while lora.enabled is false"),
+    ("quickstart.yaml", "bsr.last_k=2", r"^bsr.last_k=2: does nothing with bsr.preset=paper; accepted: add "
+                                        r"bsr.preset=last_k"),
+])
+def test_an_override_that_would_do_nothing_names_the_switch(config_name, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / config_name, [override])
+
+
+def test_overrides_with_their_switch_take_effect():
+    dropping = load_config(CONFIGS / "quickstart_full.yaml", ["token_drop.enabled=true", "token_drop.blocks=[2,4]"])
+    assert dropping.token_drop.spec().blocks == [2, 4]
+    kept_off = load_config(CONFIGS / "quickstart_full.yaml", ["token_drop.keep_rate=0.3", "token_drop.enabled=false"])
+    assert kept_off.token_drop.spec() is None and kept_off.token_drop.keep_rate == 0.3  # explicit: kept for eval
+    assert load_config(CONFIGS / "quickstart.yaml", ["bsr.preset=last_k", "bsr.last_k=2"]).bsr.plan().resolve(
+        6).trainable_blocks == (4, 5)

@@ -1,6 +1,7 @@
 """Runs that get killed, losses that go non-finite, and bad input tried the way a new user would."""
 
 import json
+import os
 import random
 import re
 import signal
@@ -68,6 +69,73 @@ def test_kill_9_at_random_steps_then_resume_latest_finishes_identically(uninterr
         losses = {r["step"]: r["loss"] for r in read_losses(output)}
         assert losses == expected_losses, f"trial {trial} (killed after {kill_after} steps)"
         assert not list((output / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_to_an_accelerate_launch_run_saves_and_resume_latest_equals_uninterrupted(uninterrupted, tmp_path):
+    from run_helpers import launch_command
+    output = tmp_path / "preempted"
+    command = [*launch_command(1), *short_run_overrides(output, 12, KILL_RUN + ["train.checkpoint_every=5"])]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # its own group, as a cluster job's
+    deadline = time.time() + 240
+    while _logged_steps(output) < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)  # the launcher and the training process, as a preemption does
+    stdout, stderr = process.communicate(timeout=120)  # returns once the training process closed the pipes too
+    stopped = re.search(r"^stopped: SIGTERM at step (\d+) of 12: saved (\S+); continue with the same command and "
+                        r"train.resume=latest$", stderr, re.MULTILINE)
+    assert stopped, stderr[-2000:]
+    step = int(stopped[1])
+    assert 3 <= step < 12 and Path(stopped[2]) == list_checkpoints(output)[-1] and stopped[2].endswith(f"{step:08d}")
+    assert "Traceback" not in stderr and not (output / "metrics.json").exists()
+    assert [r["step"] for r in read_losses(output)] == list(range(1, step + 1))
+    resumed = _launch(output, ["train.resume=latest", "train.checkpoint_every=5"])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    assert json.loads((output / "metrics.json").read_text()) == json.loads((uninterrupted / "metrics.json").read_text())
+    assert read_losses(output) == read_losses(uninterrupted)
+
+
+def test_sigint_exits_130_and_a_second_signal_exits_at_once_leaving_checkpoints_intact(tmp_path):
+    output = tmp_path / "twice"
+    process = _launch(output, ["train.steps=400"])
+    deadline = time.time() + 240
+    while _logged_steps(output) < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    stderr = process.stderr.read()
+    assert "SIGINT: finishing this step and saving a checkpoint" in stderr and "KeyboardInterrupt" not in stderr
+    assert re.search(r"^stopped: SIGINT at step \d+ of 400", stderr, re.MULTILINE)
+
+    again = _launch(output, ["train.steps=400", "train.resume=latest"])
+    while _logged_steps(output) < 8 and again.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    again.send_signal(signal.SIGTERM)
+    for line in iter(again.stderr.readline, ""):  # wait until the first one was handled, then send the second
+        if "SIGTERM: finishing this step" in line:
+            break
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=60) == 143
+    assert "SIGTERM again: exiting now without saving" in again.stderr.read()
+    for checkpoint in list_checkpoints(output):
+        assert load_file(str(checkpoint / "model.safetensors"))
+
+
+def test_eval_of_a_run_killed_mid_way_uses_its_newest_checkpoint(tmp_path):
+    from moebsr.evaluate import evaluate_run
+    output = tmp_path / "killed"
+    process = _launch(output, ["train.steps=400"])
+    deadline = time.time() + 240
+    while not list_checkpoints(output) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (output / "model.safetensors").exists() and not (output / "metrics.json").exists()
+    newest = list_checkpoints(output)[-1]
+    metrics = evaluate_run(str(output), tasks=["digits"], max_examples=80)
+    assert set(metrics) == {"digits"} and metrics["digits"]["examples"] == 80 and 0 <= metrics["digits"]["top1"] <= 1
+    assert metrics == evaluate_run(str(output), tasks=["digits"], max_examples=80,
+                                   weights=str(newest / "model.safetensors"))
 
 
 FLAKY_TASK = textwrap.dedent('''

@@ -32,3 +32,30 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         for name, value in metrics_one[task].items():
             assert abs(metrics_two[task][name] - value) <= 0.0125, (task, name)
     assert torch.isfinite(torch.stack([v.float().abs().max() for v in weights_two.values()])).all()
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_complete_checkpoint(tmp_path):
+    import re
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from moebsr.checkpoint import list_checkpoints, read_training_state
+    from run_helpers import launch_command, short_run_overrides, subprocess_env
+    output = tmp_path / "preempted"
+    command = [*launch_command(2), *short_run_overrides(output, 400, SAME_RUN + ["train.batch_size=8"])]
+    launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    log, deadline = output / "train_log.jsonl", time.time() + 240
+    while (not log.is_file() or len(log.read_text().splitlines()) < 4) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    rank_one = next(pid for pid in workers if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    subprocess.run(["kill", "-TERM", rank_one], check=True)  # only rank 1 is told; rank 0 learns it at the agreement
+    _, stderr = launcher.communicate(timeout=180)
+    stops = re.findall(r"^stopped: SIGTERM at step (\d+) of 400: saved (\S+);", stderr, re.MULTILINE)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]  # both processes, the same step and folder
+    step, saved = int(stops[0][0]), Path(stops[0][1])
+    assert list_checkpoints(output)[-1] == saved and read_training_state(saved)["step"] == step
+    assert {p.name for p in saved.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert len(log.read_text().splitlines()) == step

@@ -25,6 +25,9 @@ def test_profile_measures_under_the_configured_autocast():
     assert bf16["saved_activation_bytes_per_image"] < 0.8 * fp32["saved_activation_bytes_per_image"]
     assert bf16["train_flops_per_image"] == pytest.approx(fp32["train_flops_per_image"], rel=0.02)
     assert "precision bf16 autocast" in format_profile(bf16) and "precision fp32" in format_profile(fp32)
+    recipe = format_profile(bf16).split("\n\n")[0]  # the same recipe block training prints at start
+    assert "  token dropping    blocks [0, 1, 2] · keep 0.5, fused · decision `shared`" in recipe
+    assert "precision bf16" in recipe and "  tokens per block  34 19 11 11" in recipe
 
 
 def test_python_dash_m_moebsr_is_the_moebsr_command():

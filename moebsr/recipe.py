@@ -1,0 +1,58 @@
+"""What a run trains, in one short block: printed when training starts and by ``moebsr profile``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping, Optional
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .model import MoEViT
+
+
+def describe_recipe(config: "RunConfig", model: "MoEViT", task_sizes: Optional[Mapping[str, Optional[int]]] = None,
+                    task_outputs: Optional[Mapping[str, int]] = None) -> str:
+    """Backbone, MoE, what trains, token dropping, optimisation and tasks; ``task_sizes``: training images."""
+    patch_embed = model.backbone.patch_embed
+    source = ("pretrained (timm)" if config.model.pretrained else
+              f"weights {config.model.checkpoint}" if config.model.checkpoint else "random init")
+    moe = config.moe
+    moe_line = (f"blocks {list(model.moe_blocks)} · {moe.num_experts} experts, top-{moe.top_k}, router `{moe.router}`"
+                f"{', ' + moe.backend + ' backend' if moe.backend != 'torch' else ''}"
+                if model.moe_blocks else "none (dense)")
+    plan = config.bsr.plan().resolve(model.depth)
+    chosen_by = "`bsr.trainable_blocks`" if config.bsr.trainable_blocks is not None else f"preset `{config.bsr.preset}`"
+    extras = [name for name, on in (("embeddings", plan.train_embeddings), ("final norm", plan.train_final_norm))
+              if on]
+    trained = (f"blocks {list(plan.trainable_blocks)} ({chosen_by}; {', '.join(config.bsr.sublayers)})"
+               if plan.trainable_blocks else f"no block ({chosen_by})")
+    if config.lora.enabled:
+        trained += f" · LoRA rank {config.lora.rank} on {', '.join(config.lora.modules)}"
+    trained += f" · {' and '.join(extras + ['heads'])}"
+    drop = config.token_drop
+    drop_line = (f"blocks {list(model.token_drop_blocks)} · keep {drop.keep_rate:g}"
+                 f"{', fused' if drop.fuse else ''} · decision `{drop.decision}`" if drop.enabled else "off")
+    train = config.train
+    optimizer = (f"{train.optimizer} lr {train.lr:g}, weight decay {train.weight_decay:g}"
+                 f"{f', layer decay {train.layer_decay:g}' if train.layer_decay else ''}"
+                 f"{f', momentum {train.momentum:g}' if train.optimizer == 'sgd' else ''} · warm-up "
+                 f"{train.warmup_steps} + cosine · {train.steps} steps of batch {train.batch_size}"
+                 f"{f' x {train.grad_accum_steps} accumulated' if train.grad_accum_steps > 1 else ''} · precision "
+                 f"{train.mixed_precision}")
+    tasks = []
+    for name in config.tasks:
+        details = [f"{task_outputs[name]} outputs" if task_outputs and name in task_outputs else None,
+                   f"{task_sizes[name]:,} train" if task_sizes and task_sizes.get(name) is not None else None]
+        shown = ", ".join(d for d in details if d)
+        tasks.append(f"{name} ({shown})" if shown else name)
+    rows = [
+        ("backbone", f"{config.model.name} · {model.depth} blocks, width {model.backbone.embed_dim} · "
+                     f"{patch_embed.img_size[0]} px, patch {patch_embed.patch_size[0]} · {source}"),
+        ("MoE", moe_line),
+        ("trains", trained),
+        ("token dropping", drop_line),
+        ("tokens per block", " ".join(map(str, model.tokens_per_block()))),
+        ("optimisation", optimizer),
+        ("tasks", " · ".join(tasks)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
