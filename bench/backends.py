@@ -102,7 +102,7 @@ def worker(args: argparse.Namespace) -> None:
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-        elapsed = torch.tensor([time.perf_counter() - start])
+        elapsed = torch.tensor([time.perf_counter() - start], device=device)  # NCCL reduces only device tensors
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if index >= args.warmup:
             times.append(float(elapsed))

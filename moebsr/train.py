@@ -197,9 +197,11 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
                 aux_loss = unwrapped.aux_loss()
                 loss = sum(data.tasks[t].loss_weight * task_losses[t] for t in tasks) \
                     + config.moe.aux_loss_weight * aux_loss
-                finite, agreed_signal = _agree(accelerator, loss, stop.signal_number)
+                finite, agreed_signal, read = _agree(accelerator, [loss, aux_loss, *task_losses.values()],
+                                                     stop.signal_number)
                 stop_signal = stop_signal or agreed_signal
                 if not finite:
+                    del outputs, task_losses, aux_loss, loss  # free this graph now, not after the next forward
                     bad_in_a_row += 1
                     optimizer.zero_grad(set_to_none=True)
                     warnings.warn(f"step {step}: non-finite loss for {tasks}; step skipped "
@@ -220,13 +222,12 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            record = {"step": step, "tasks": tasks, "loss": loss.detach().item(),
-                      "aux_loss": aux_loss.detach().item(), "lr": scheduler.get_last_lr()[0],
-                      **{f"{t}/loss": v.detach().item() for t, v in task_losses.items()}}
+            record = {"step": step, "tasks": tasks, "loss": read[0], "aux_loss": read[1],
+                      "lr": scheduler.get_last_lr()[0], **{f"{t}/loss": v for t, v in zip(task_losses, read[2:])}}
             losses_seen.append(record)
             window.add(record, images=len(batch["images"]) * accelerator.num_processes)
-            for task, value in task_losses.items():
-                running.update(task, value.detach().item())
+            for task, value in zip(task_losses, read[2:]):
+                running.update(task, value)
             progress.update(1)
             progress.set_postfix(running.postfix(), refresh=False)
             if accelerator.is_main_process:
@@ -259,17 +260,21 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     return TrainResult(output_dir, step, metrics, losses_seen)
 
 
-def _agree(accelerator: Accelerator, loss: torch.Tensor, signal_number: Optional[int]) -> tuple[bool, int]:
-    """Whether the loss is finite on every process, and the signal any process was asked to stop on (0: none).
+def _agree(accelerator: Accelerator, losses: list[torch.Tensor], signal_number: Optional[int]
+           ) -> tuple[bool, int, list[float]]:
+    """Whether the loss (``losses[0]``) is finite on every process, the signal any process was asked to stop on
+    (0: none), and this process's ``losses`` as floats for the log.
 
     All processes must agree to skip a step or to stop at it, or DDP's collectives would desynchronise; both
-    answers travel in one small all-reduce, the loop's one host read per micro-step."""
-    flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32),
-                         torch.tensor(float(signal_number or 0), device=loss.device)])
+    answers travel in one small all-reduce, and everything the step logs comes back in the same single read
+    from the device (the loop's one host sync per micro-step)."""
+    values = torch.stack([value.detach().float() for value in losses])
+    flags = torch.stack([(~torch.isfinite(values[0])).float(),
+                         torch.tensor(float(signal_number or 0), device=values.device)])
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    not_finite, agreed_signal = flags.tolist()
-    return not_finite == 0.0, int(agreed_signal)
+    not_finite, agreed_signal, *read = torch.cat([flags, values]).tolist()
+    return not_finite == 0.0, int(agreed_signal), read
 
 
 def _save_and_stop(accelerator: Accelerator, config: RunConfig, output_dir: Path, step: int, data: RunData,

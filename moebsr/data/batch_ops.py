@@ -24,15 +24,17 @@ def augment_batch(images: torch.Tensor, augment: BatchAugment, example_seeds: to
     generator, so the result does not depend on how examples were grouped into batches or processes.
     """
     batch, channels, height, width = images.shape
+    device = images.device  # the images may live on the training device; every index and draw follows them
+    example_seeds = example_seeds.to(device)
     if augment.crop_padding > 0:
         pad = augment.crop_padding
         padded = F.pad(images, (pad, pad, pad, pad))
         span = 2 * pad + 1
         offsets = torch.stack([_draw(example_seeds, 1) % span, _draw(example_seeds, 2) % span])
-        rows = (offsets[0].view(batch, 1) + torch.arange(height)).view(batch, 1, height, 1)
-        cols = (offsets[1].view(batch, 1) + torch.arange(width)).view(batch, 1, 1, width)
-        images = padded[torch.arange(batch).view(batch, 1, 1, 1), torch.arange(channels).view(1, channels, 1, 1),
-                        rows, cols]
+        rows = (offsets[0].view(batch, 1) + torch.arange(height, device=device)).view(batch, 1, height, 1)
+        cols = (offsets[1].view(batch, 1) + torch.arange(width, device=device)).view(batch, 1, 1, width)
+        images = padded[torch.arange(batch, device=device).view(batch, 1, 1, 1),
+                        torch.arange(channels, device=device).view(1, channels, 1, 1), rows, cols]
     if augment.hflip:
         flip = (_draw(example_seeds, 3) & 1).bool()
         images = torch.where(flip.view(batch, 1, 1, 1), images.flip(-1), images)

@@ -31,20 +31,22 @@ def dispatch_grouped(
         ``[T, dim]`` mixture output.
     """
     num_tokens, top_k = expert_index.shape
-    flat_expert = expert_index.reshape(-1)
+    num_experts = experts.num_experts
     flat_weight = expert_weight.reshape(-1)
     flat_token = repeat(torch.arange(num_tokens, device=tokens.device), "t -> (t k)", k=top_k)
-    active = flat_weight != 0
-    if not bool(active.all()):
-        flat_expert, flat_weight, flat_token = flat_expert[active], flat_weight[active], flat_token[active]
-    output = tokens.new_zeros(num_tokens, experts.dim)
-    if flat_expert.numel() == 0:  # every assignment dropped by the capacity cap
-        return output
+    # assignments the capacity cap dropped (weight 0) sort into a last bucket, ``num_experts``, that never runs:
+    # the per-expert counts are then the layer's one read from the device (the chunk sizes must be known here)
+    flat_expert = torch.where(flat_weight != 0, expert_index.reshape(-1), num_experts)
     order = torch.argsort(flat_expert, stable=True)
+    counts = torch.bincount(flat_expert, minlength=num_experts + 1).tolist()
+    kept = sum(counts[:num_experts])
+    output = tokens.new_zeros(num_tokens, experts.dim)
+    if kept == 0:  # every assignment dropped by the capacity cap
+        return output
+    order = order[:kept]
     sorted_token = flat_token[order]
-    counts = torch.bincount(flat_expert, minlength=experts.num_experts).tolist()
     # one gather in expert order, one run per expert on its contiguous chunk, one scatter back
-    chunks = tokens.index_select(0, sorted_token).split(counts)
+    chunks = tokens.index_select(0, sorted_token).split(counts[:num_experts])
     weights = experts.split()
     expert_out = torch.cat([experts.forward_expert(e, chunk, weights) for e, chunk in enumerate(chunks) if len(chunk)])
     return output.index_add_(0, sorted_token, (expert_out * flat_weight[order, None]).to(output.dtype))

@@ -118,7 +118,8 @@ def apply_capacity(routing: Routing, num_experts: int, capacity_factor: float) -
     capacity = top_k * int(capacity_factor * -(-num_tokens // num_experts))
     # rank-major order: all tokens' first choice, then all second choices, ...
     rank_major = routing.expert_index.t().reshape(-1)
-    one_hot = torch.nn.functional.one_hot(rank_major, num_experts)
+    # one-hot by comparison: F.one_hot reads the indices' range back from the device (a host sync per layer)
+    one_hot = (rank_major[:, None] == torch.arange(num_experts, device=rank_major.device)).long()
     position_in_expert = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
     keep = (position_in_expert < capacity).reshape(top_k, num_tokens).t()
     return Routing(routing.expert_index, routing.expert_weight * keep.to(routing.expert_weight.dtype),

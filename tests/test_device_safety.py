@@ -1,0 +1,50 @@
+"""Device-safe code, checked on CPU: tensors follow the device of the tensors they meet, and the training step
+reads nothing back from the device that it does not need."""
+
+import collections
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moebsr.data.batch_ops import augment_batch, to_model_batch
+from moebsr.data.image_spec import ImageSpec
+from moebsr.tasks.spec import BatchAugment
+from tiny_models import distinct_experts, images, tiny_moevit
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts ``.item()`` / ``bool()`` / ``float()`` of tensors: each one waits for the device (a host sync)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_batch_augmentation_and_conversion_run_on_the_images_device():
+    """A meta tensor stands in for a CUDA one: an index or draw made on the CPU beside it fails, as on a GPU."""
+    on_device = torch.zeros(4, 3, 8, 8, dtype=torch.uint8, device="meta")
+    seeds = torch.arange(4)  # the sampler's per-example seeds come from the CPU
+    augmented = augment_batch(on_device, BatchAugment(crop_padding=2, hflip=True), seeds)
+    assert augmented.device.type == "meta" and augmented.shape == (4, 3, 8, 8)
+    batch = to_model_batch(augmented, ImageSpec(image_size=16, in_chans=1, mean=(0.5,), std=(0.5,)), device=torch.device("meta"))
+    assert batch.device.type == "meta" and batch.shape == (4, 1, 16, 16)
+    cpu = torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8)
+    expected = augment_batch(cpu, BatchAugment(crop_padding=2, hflip=True), seeds)
+    assert torch.equal(augment_batch(cpu, BatchAugment(crop_padding=2, hflip=True), seeds.clone()), expected)
+
+
+def test_a_training_forward_and_backward_reads_no_scalar_from_the_device():
+    """The grouped dispatch needs its per-expert counts (one list read per MoE layer); nothing else is read
+    back: no ``bool()`` of a mask, no ``.item()`` of a loss, in the model's forward and backward."""
+    model = distinct_experts(tiny_moevit(token_drop=dict(keep_rate=0.5), moe=dict(num_experts=4, top_k=2,
+                                                                                  capacity_factor=0.5)))
+    model.train()
+    with ScalarReads() as reads:
+        outputs = model(images(), ["a", "b"])
+        (sum(output.float().square().mean() for output in outputs.values()) + model.aux_loss()).backward()
+    assert sum(reads.count.values()) == 0, reads.count
