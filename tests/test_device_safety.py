@@ -31,7 +31,8 @@ def test_batch_augmentation_and_conversion_run_on_the_images_device():
     seeds = torch.arange(4)  # the sampler's per-example seeds come from the CPU
     augmented = augment_batch(on_device, BatchAugment(crop_padding=2, hflip=True), seeds)
     assert augmented.device.type == "meta" and augmented.shape == (4, 3, 8, 8)
-    batch = to_model_batch(augmented, ImageSpec(image_size=16, in_chans=1, mean=(0.5,), std=(0.5,)), device=torch.device("meta"))
+    grey = ImageSpec(image_size=16, in_chans=1, mean=(0.5,), std=(0.5,))
+    batch = to_model_batch(augmented, grey, device=torch.device("meta"))
     assert batch.device.type == "meta" and batch.shape == (4, 1, 16, 16)
     cpu = torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8)
     expected = augment_batch(cpu, BatchAugment(crop_padding=2, hflip=True), seeds)

@@ -15,7 +15,8 @@ def test_card_names_explicit_blocks_prints_counts_and_dashes_and_eval_keep_rate_
     train(load_config(FULL, short_run_overrides(output, 2, ["logging.trackers=[none]", "bsr.preset=paper",
                                                             "bsr.trainable_blocks=[2,3]"])))
     started = capsys.readouterr().out  # the recipe block printed at start
-    trains = "  trains            blocks [2, 3] (`bsr.trainable_blocks`; attn, mlp, router, norm) · final norm and heads"
+    trains = ("  trains            blocks [2, 3] (`bsr.trainable_blocks`; attn, mlp, router, norm) · "
+              "final norm and heads")
     assert trains in started
     assert "  token dropping    off" in started and "  MoE               blocks [0, 2, 3] · 4 experts, top-2" in started
     assert "  tasks             mnist (10 outputs, 4,000 train) · mnist_parity (2 outputs" in started
