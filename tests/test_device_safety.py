@@ -49,3 +49,19 @@ def test_a_training_forward_and_backward_reads_no_scalar_from_the_device():
         outputs = model(images(), ["a", "b"])
         (sum(output.float().square().mean() for output in outputs.values()) + model.aux_loss()).backward()
     assert sum(reads.count.values()) == 0, reads.count
+
+
+def test_routing_is_fp32_under_bf16_autocast():
+    """bf16 gate logits round near-ties differently; the router computes them in fp32 with autocast off."""
+    from moebsr.model.routing import TaskRouter
+    torch.manual_seed(0)
+    router = TaskRouter(dim=64, num_experts=16, top_k=4, tasks=["a"])
+    tokens = torch.randn(4096, 64)
+    plain = router(tokens, "a")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = router(tokens, "a")
+    assert torch.equal(autocast.probabilities, plain.probabilities) and autocast.probabilities.dtype == torch.float32
+    assert torch.equal(autocast.expert_index, plain.expert_index)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what a bf16 gate would have chosen: not always the same
+        bf16_index = router.gates["a"](tokens).float().topk(4, dim=-1).indices
+    assert not torch.equal(bf16_index, plain.expert_index)

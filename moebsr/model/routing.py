@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 @dataclass
@@ -63,12 +65,36 @@ class TaskRouter(nn.Module):
         return self.gates[task]
 
     def forward(self, tokens: torch.Tensor, task: str) -> Routing:
-        logits = self.gate_for(task)(tokens)
-        probabilities = logits.float().softmax(dim=-1)
+        probabilities = gate_logits(self.gate_for(task), tokens).softmax(dim=-1)
         weight, index = probabilities.topk(self.top_k, dim=-1)
         if self.renormalize:
             weight = weight / weight.sum(dim=-1, keepdim=True)
         return Routing(index, weight.to(tokens.dtype), probabilities)
+
+
+def gate_logits(gate: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
+    """A gate's logits in fp32 with autocast off, in both backends: under bf16 autocast a bf16 gate rounds near-tied
+    logits differently from an fp32 one, and the dispatch, the balancing loss and the recorded routing must all
+    see the same top-k."""
+    device_type = tokens.device.type
+    autocasting = device_type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device_type)
+    with torch.autocast(device_type, enabled=False) if autocasting else contextlib.nullcontext():
+        return F.linear(tokens.float(), gate.weight.float())
+
+
+class Fp32Gate(nn.Module):
+    """``gate`` computed by :func:`gate_logits`; given to tutel in place of the bare linear layer (its ``wg``)."""
+
+    def __init__(self, gate: nn.Linear) -> None:
+        super().__init__()
+        self.gate = gate
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.gate.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return gate_logits(self.gate, tokens)
 
 
 def squared_coefficient_of_variation(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

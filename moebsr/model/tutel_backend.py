@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .experts import Experts
 from .moe import MoEMlp, TaskRows
-from .routing import TaskRouter
+from .routing import Fp32Gate, TaskRouter
 
 TUTEL_INSTALL = 'pip install --no-build-isolation "git+https://github.com/microsoft/tutel@v0.3.2"'
 SHARD_ATTR = "moebsr_expert_shard"  # set on every expert parameter this backend shards, to an ExpertShard
@@ -168,7 +168,7 @@ class TutelMoEMlp(MoEMlp):
                 is_gshard_loss=True,
             )
         for index, name in enumerate(router.gates):
-            layer.gates[index].wg = router.gates[name]
+            layer.gates[index].wg = Fp32Gate(router.gates[name])  # routes in fp32, as the router does
         self.__dict__["tutel_layer"] = layer  # not a submodule: its parameters are ours, registered once
 
     def _tutel_expert_module(self, model_dim: int, local_experts: int, sharded_count: int) -> nn.Module:
