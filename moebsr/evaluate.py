@@ -105,6 +105,9 @@ def open_run(run_dir: str, tasks: Optional[Sequence[str]] = None, keep_rate: Opt
     data = RunData.from_config(config, check_data=False)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # first: a tutel model shards over its processes
     model = model_from_config(config, {**document["task_outputs"], **data.heads()}, load_weights=False)
+    # on the job's device before the state dict is read: with tutel's sharded experts that read all-gathers them,
+    # and NCCL only gathers device tensors
+    model = model.to(accelerator.device)
     load_weights(model, weights_path)
     if keep_rate is not None and not trained_with_dropping and accelerator.is_main_process:
         where = (f"the paper's 3/6/9 scaled to depth {model.depth}" if config.token_drop.blocks is None

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from accelerate import Accelerator
 
+from .config import ConfigError
 from .model.tutel_backend import SHARD_ATTR, ExpertShard, gather_along_experts
 
 
@@ -41,6 +42,15 @@ def exclude_sharded_from_ddp(model: nn.Module) -> list[str]:
     if names:
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     return names
+
+
+def check_precision_with_sharding(mixed_precision: str, sharded: Sequence[str], processes: int) -> None:
+    """fp16's gradient scaler decides per process whether a step overflowed, and sharded expert gradients skip
+    DDP's all-reduce, so one process could skip a step the others take: refused, in one line."""
+    if sharded and mixed_precision == "fp16":
+        raise ConfigError(f"train.mixed_precision: 'fp16' with experts sharded over {processes} processes "
+                          "(moe.backend=tutel) could let one process skip a step the others take; accepted: bf16 "
+                          "or no")
 
 
 def clip_grad_norm_(accelerator: Accelerator, parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -24,7 +24,8 @@ from .checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_ch
 from .config import RunConfig, config_to_dict, save_config
 from .run_data import RunData
 from .evaluate import evaluate
-from .expert_parallel import ShardedOptimizerState, clip_grad_norm_, exclude_sharded_from_ddp, parameter_count
+from .expert_parallel import (ShardedOptimizerState, check_precision_with_sharding, clip_grad_norm_,
+                              exclude_sharded_from_ddp, parameter_count)
 from .export import export_run, write_run_document, write_text_atomically
 from .interrupt import StopRequest, TrainingInterrupted
 from .model import MoEViT
@@ -139,6 +140,7 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     optimizer = build_optimizer(model, config.train)
     scheduler = build_scheduler(optimizer, config.train)
     sharded = exclude_sharded_from_ddp(model)  # tutel experts split over processes: not DDP's to all-reduce
+    check_precision_with_sharding(config.train.mixed_precision, sharded, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped: MoEViT = accelerator.unwrap_model(model)
     if sharded:
