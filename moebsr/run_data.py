@@ -95,7 +95,7 @@ class RunData:
             raise RuntimeError("attach_image_spec() must run before loaders are built")
         common = dict(image_spec=self.image_spec, batch_size=batch_size, train=train, seed=self.config.train.seed,
                       num_workers=self.config.data.num_workers, process_index=self.process_index,
-                      num_processes=self.num_processes)
+                      num_processes=self.num_processes, device=self.device)  # batch image work on the device
         try:
             if len(group) == 1:
                 return build_task_loader(self.tasks[group[0]], split, **common)

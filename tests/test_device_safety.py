@@ -104,3 +104,14 @@ def test_fp16_with_sharded_experts_is_refused_in_one_line():
         check_precision_with_sharding("fp16", ["blocks.3.mlp.experts.fc1_weight"], 2)
     check_precision_with_sharding("bf16", ["blocks.3.mlp.experts.fc1_weight"], 2)
     check_precision_with_sharding("fp16", [], 2)  # replicated experts: DDP all-reduces every gradient
+
+
+def test_packaged_batches_are_augmented_resized_and_normalised_on_the_loaders_device():
+    from moebsr.data import build_task_loader
+    from moebsr.tasks import create_task
+    spec = ImageSpec(image_size=28, in_chans=3)
+    task = create_task("digits")
+    on_device = build_task_loader(task, "train", spec, batch_size=8, train=True, device="meta").next_batch()
+    on_cpu = build_task_loader(task, "train", spec, batch_size=8, train=True).next_batch()
+    assert on_device["images"].device.type == "meta" and on_device["images"].shape == on_cpu["images"].shape
+    assert torch.equal(on_device["indices"], on_cpu["indices"])  # the same batch, only where its work ran

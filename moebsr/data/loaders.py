@@ -4,10 +4,12 @@ batches). ``indices`` are the examples' positions in the split: evaluation uses 
 shard padding adds.
 
 Two paths, chosen by the dataset:
-- uint8 tensor datasets (the packaged grey datasets): index the tensor, augment, resize and normalise the whole
-  batch at once in the calling process; ``num_workers`` is not used (the batch costs less than a worker hand-off).
+- uint8 tensor datasets (the packaged grey datasets): index the tensor, copy the uint8 batch to ``device`` (pinned
+  and asynchronous on CUDA: a quarter of the bytes of the float batch), then augment, resize and normalise the
+  whole batch there; ``num_workers`` is not used (no per-image work is left for workers to share).
 - per-image datasets (hub datasets, image folders): a ``torch.utils.data.DataLoader`` with ``num_workers`` decodes
-  and transforms each image (timm's ``create_transform`` unless the task gives its own).
+  and transforms each image (timm's ``create_transform`` unless the task gives its own), into pinned memory when
+  ``device`` is CUDA, so the copy to the device overlaps compute.
 
 Resume: the batch order is a pure function of ``(seed, epoch)``, and each batch's random augmentation of
 ``(seed, epoch, batch)``, so ``state_dict()`` is just ``{"epoch", "position"}`` (``position`` = batches already
@@ -76,8 +78,9 @@ class BatchLoader:
                  image_spec: Union[ImageSpec, Mapping[str, Any]], batch_size: int, train: bool, seed: int = 0,
                  num_workers: int = 0, drop_last: Optional[bool] = None, augment: BatchAugment = BatchAugment(),
                  transform: Optional[Callable] = None, process_index: int = 0, num_processes: int = 1,
-                 joint: bool = False, name: str = "loader") -> None:
+                 joint: bool = False, name: str = "loader", device: Optional[Union[torch.device, str]] = None) -> None:
         self.dataset, self.labels, self.train, self.joint, self.name = dataset, dict(labels), train, joint, name
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.image_spec = ImageSpec.coerce(image_spec)
         self.augment, self.num_workers = augment, num_workers
         self.transform = transform
@@ -121,6 +124,10 @@ class BatchLoader:
         augment = self.train and (self.augment.crop_padding > 0 or self.augment.hflip)
         for number, indices in self.sampler.batches(epoch, start):
             images = self.dataset.images[indices]
+            if self.device.type == "cuda":
+                images = images.pin_memory().to(self.device, non_blocking=True)
+            elif self.device.type != "cpu":
+                images = images.to(self.device)
             if augment:
                 images = augment_batch(images, self.augment, self.sampler.example_seeds(epoch, indices))
             yield number, to_model_batch(images, self.image_spec), indices
@@ -134,6 +141,7 @@ class BatchLoader:
             batches.append(list(zip(indices.tolist(), seeds)))
         loader = DataLoader(_TransformedItems(self.dataset, transform, self.image_spec.in_chans, self.name),
                             batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
+                            pin_memory=self.device.type == "cuda",
                             generator=torch.Generator().manual_seed(self.sampler.seed))  # not the global RNG
         for (number, _), (images, indices) in zip(numbered, loader):
             yield number, images, indices
@@ -157,19 +165,21 @@ class BatchLoader:
 
 def build_task_loader(task: Task, split: str, image_spec: Union[ImageSpec, Mapping[str, Any]], batch_size: int,
                       train: bool, seed: int = 0, num_workers: int = 0, drop_last: Optional[bool] = None,
-                      process_index: int = 0, num_processes: int = 1) -> BatchLoader:
+                      process_index: int = 0, num_processes: int = 1,
+                      device: Optional[Union[torch.device, str]] = None) -> BatchLoader:
     """Batches ``{"images", "labels"}`` of one task's split. ``train`` shuffles, augments and (by default) drops
     the last short batch; evaluation keeps dataset order."""
     dataset = task.build_dataset(split)
     transform = task.train_transform if train else task.eval_transform
     return BatchLoader(dataset, {task.name: dataset.labels}, image_spec, batch_size, train, seed, num_workers,
                        drop_last, task.batch_augment, transform, process_index, num_processes,
-                       name=f"task {task.name!r}, split {split!r}")
+                       name=f"task {task.name!r}, split {split!r}", device=device)
 
 
 def build_joint_loader(tasks: Sequence[Task], split: str, image_spec: Union[ImageSpec, Mapping[str, Any]],
                        batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
-                       drop_last: Optional[bool] = None, process_index: int = 0, num_processes: int = 1) -> BatchLoader:
+                       drop_last: Optional[bool] = None, process_index: int = 0, num_processes: int = 1,
+                       device: Optional[Union[torch.device, str]] = None) -> BatchLoader:
     """One image batch labelled for every task in ``tasks``: ``{"images", "labels": {task: labels}}``.
 
     Raises:
@@ -196,4 +206,4 @@ def build_joint_loader(tasks: Sequence[Task], split: str, image_spec: Union[Imag
     transform = first.train_transform if train else first.eval_transform
     return BatchLoader(reference, {name: dataset.labels for name, dataset in datasets.items()}, image_spec,
                        batch_size, train, seed, num_workers, drop_last, augment, transform, process_index,
-                       num_processes, joint=True, name=f"joint loader {list(keys)}, split {split!r}")
+                       num_processes, joint=True, name=f"joint loader {list(keys)}, split {split!r}", device=device)
