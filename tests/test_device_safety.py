@@ -115,3 +115,33 @@ def test_packaged_batches_are_augmented_resized_and_normalised_on_the_loaders_de
     on_cpu = build_task_loader(task, "train", spec, batch_size=8, train=True).next_batch()
     assert on_device["images"].device.type == "meta" and on_device["images"].shape == on_cpu["images"].shape
     assert torch.equal(on_device["indices"], on_cpu["indices"])  # the same batch, only where its work ran
+
+
+def _training_step_under_meta_default_device(model, batch):
+    """Forward, loss and backward with factory functions defaulting to the meta device: a tensor made without
+    ``device=`` is then a meta tensor, and meeting the model's CPU tensors fails as a CPU tensor meeting CUDA
+    ones would on a GPU."""
+    model.train()
+    with torch.device("meta"):
+        outputs = model(batch, ["a", "b"])
+        loss = sum(output.float().square().mean() for output in outputs.values()) + model.aux_loss()
+        loss.backward()
+    return loss
+
+
+def test_model_loss_and_backward_create_every_tensor_on_the_device_of_the_tensors_they_meet():
+    import pytest
+    for decision in ("shared", "per_task"):
+        model = distinct_experts(tiny_moevit(token_drop=dict(keep_rate=0.5, decision=decision),
+                                             moe=dict(num_experts=4, top_k=2, capacity_factor=1.0)))
+        assert _training_step_under_meta_default_device(model, images()).device.type == "cpu"
+
+    import moebsr.model.dispatch as dispatch  # the check catches a planted bug: an index made without device=
+    original = dispatch.torch.arange
+    try:
+        dispatch.torch.arange = lambda *args, **kwargs: original(*args, **{k: v for k, v in kwargs.items()
+                                                                            if k != "device"})
+        with pytest.raises(RuntimeError, match=r"(same|expected) device"):
+            _training_step_under_meta_default_device(distinct_experts(tiny_moevit()), images())
+    finally:
+        dispatch.torch.arange = original
