@@ -150,6 +150,7 @@ def create_moevit(
             router = TaskRouter(backbone.embed_dim, moe_spec.num_experts, moe_spec.top_k, task_names,
                                 mode=moe_spec.router, renormalize=moe_spec.renormalize)
             mlp = moe_layer_type(router.to(experts.fc1_weight.device), experts, moe_spec.capacity_factor)
+            mlp.recompute_experts = moe_spec.recompute_experts
         keep_rate = drop_spec.keep_rate if index in drop_blocks else None
         fuse = drop_spec.fuse if drop_spec is not None else True
         blocks.append(MoEViTBlock(block, mlp, keep_rate, fuse, backbone.num_prefix_tokens))

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .dispatch import dispatch_grouped
 from .experts import Experts
@@ -51,6 +52,7 @@ class MoEMlp(nn.Module):
         self.dispatcher = dispatcher
         self.aux_loss: Optional[torch.Tensor] = None
         self.last_routing: dict[str, Routing] = {}
+        self.recompute_experts = False  # MoESpec.recompute_experts
 
     @property
     def num_experts(self) -> int:
@@ -77,4 +79,9 @@ class MoEMlp(nn.Module):
     def forward(self, x: torch.Tensor, task_rows: TaskRows) -> torch.Tensor:
         expert_index, expert_weight = self.route(x, task_rows)
         flat = x.reshape(-1, x.shape[-1])
-        return self.dispatcher(flat, expert_index, expert_weight, self.experts).reshape(x.shape)
+        if self.recompute_experts and torch.is_grad_enabled():
+            # backward keeps the layer's input, routing and gate weights and runs the experts again
+            mixed = checkpoint(self.dispatcher, flat, expert_index, expert_weight, self.experts, use_reentrant=False)
+        else:
+            mixed = self.dispatcher(flat, expert_index, expert_weight, self.experts)
+        return mixed.reshape(x.shape)

@@ -57,6 +57,10 @@ class MoESpec:
             formula, for both backends); ``None`` is dropless. Assignments over the cap are dropped
             first-choice-first (GShard order).
         backend: ``torch`` (built in) or ``tutel`` (optional; shards the experts across processes).
+        recompute_experts: Keep only each MoE layer's input, routing and gate weights for backward and run the
+            experts again there (activation checkpointing of the expert MLPs; torch backend). The top-k expert
+            hidden states (``top_k x hidden`` per token) are then not stored; backward costs one more expert
+            forward. Results are identical.
     """
 
     blocks: Optional[List[int]] = None  # List, not Sequence: the config subclasses this for OmegaConf
@@ -67,6 +71,7 @@ class MoESpec:
     renormalize: bool = True
     capacity_factor: Optional[float] = None
     backend: str = "torch"
+    recompute_experts: bool = False
 
     def resolve_blocks(self, depth: int) -> tuple[int, ...]:
         if self.blocks is None:
@@ -88,6 +93,9 @@ class MoESpec:
             raise ValueError(f"moe.capacity_factor: {self.capacity_factor} is invalid; accepted: > 0 or null")
         if self.backend not in MOE_BACKENDS:
             raise ValueError(f"moe.backend: unknown backend {self.backend!r}; accepted: {', '.join(MOE_BACKENDS)}")
+        if self.recompute_experts and self.backend != "torch":
+            raise ValueError(f"moe.recompute_experts: only the torch backend recomputes experts (moe.backend is "
+                             f"{self.backend!r}); accepted: moe.backend=torch, or moe.recompute_experts=false")
         if self.backend == "tutel":
             from .tutel_backend import require_tutel
             require_tutel()
