@@ -5,12 +5,14 @@ Protocol (no pretrained weights can be downloaded here; README "Accuracy on real
    ``configs/pretrain.yaml`` on formula-driven contours and fractals only, so every shipped real task is downstream.
 2. Each recipe upcycles it into the same MoE-ViT (16 experts, top-4, one gate per task, blocks scaled from the
    paper's) and fine-tunes all five offline tasks at once (``mnist``, ``mnist_parity``, ``digits``, ``digits_parity``,
-   ``animals``) with the quickstart's steps (1,200), batch (64), warm-up + cosine schedule and joint sampler.
+   ``animals``) with the quickstart's batch (64), warm-up + cosine schedule and joint sampler, and the same steps
+   for every recipe (the quickstart's 1,200 by default; the README's table ran 600 to fit the 2-core budget).
 3. Learning rate: per recipe, the best of a small grid on a validation split carved from the training data
    (``validation_fraction``, seed 0); never the test split.
 4. At that rate, ``--seeds`` runs on the test split; top-1 mean and standard deviation per task and over tasks.
 
-    python bench/accuracy.py                                   # every recipe, 3 seeds (~2 h on 2 CPU cores)
+    python bench/accuracy.py train.steps=600                   # the README's table: every recipe, 3 seeds (~1.5 h)
+    python bench/accuracy.py                                   # the same at the quickstart's 1,200 steps (~3 h)
     python bench/accuracy.py --recipes full paper_bsr --seeds 0 1 2
 
 Each run's ``metrics.json`` is kept under ``<out>/accuracy_runs/``; a re-run skips the runs already there, so an

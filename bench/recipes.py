@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "quickstart.yaml"
 
 SIZES = {
-    "quickstart": [],  # the quickstart model: 6 blocks, width 128, 32 px
+    "quickstart": [],  # the quickstart model: 6 blocks, width 128, 28 px, patch 7
     "tiny": ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=4", "model.depth=12",
              "model.embed_dim=192", "model.num_heads=3"],
     "deit_s": ["model.name=deit_small_patch16_224", "model.img_size=224", "model.patch_size=16", "model.depth=12",

@@ -34,8 +34,10 @@ def main() -> None:
     from moebsr.config import load_config
     config = load_config(args.config, args.overrides)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    subprocess.run([sys.executable, str(REPO / "launch" / "multitask.py"), "--config", args.config, *args.overrides],
-                   check=True, env=env, cwd=REPO)
+    # a rebuild replaces an earlier pretraining run in the same folder, unless it is asked to resume one
+    fresh = [] if any(o.startswith("train.resume=") for o in args.overrides) else ["train.overwrite=true"]
+    subprocess.run([sys.executable, str(REPO / "launch" / "multitask.py"), "--config", args.config, *fresh,
+                    *args.overrides], check=True, env=env, cwd=REPO)
     run = Path(config.train.output_dir)
     run = run if run.is_absolute() else REPO / run
     state = {name: tensor.to(torch.float16) for name, tensor in load_file(str(run / "backbone.safetensors")).items()}
