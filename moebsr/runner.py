@@ -44,7 +44,8 @@ def run_training_cli(config_path: str, overrides: Sequence[str]) -> int:
         from .train import train
         train(config)
     except TrainingInterrupted as error:  # a signal: the checkpoint is saved, the message says how to resume
-        print(f"stopped: {error}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # every process agreed on the step: one line says it
+            print(f"stopped: {error}", file=sys.stderr, flush=True)
         exit_code = error.exit_code
     except subprocess.CalledProcessError as error:
         print(f"error: pretraining failed with exit code {error.returncode}", file=sys.stderr, flush=True)

@@ -54,8 +54,10 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_complete_c
     subprocess.run(["kill", "-TERM", rank_one], check=True)  # only rank 1 is told; rank 0 learns it at the agreement
     _, stderr = launcher.communicate(timeout=180)
     stops = re.findall(r"^stopped: SIGTERM at step (\d+) of 400: saved (\S+);", stderr, re.MULTILINE)
-    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]  # both processes, the same step and folder
+    assert len(stops) == 1, stderr[-3000:]  # rank 0 says it, although only rank 1 got the signal
+    assert stderr.count("SIGTERM: finishing this step") == 1  # rank 1's handler
     step, saved = int(stops[0][0]), Path(stops[0][1])
+    # the checkpoint is collective: it completes only if both processes stopped at the same step
     assert list_checkpoints(output)[-1] == saved and read_training_state(saved)["step"] == step
     assert {p.name for p in saved.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert len(log.read_text().splitlines()) == step
