@@ -55,9 +55,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="profile the whole recipe sequence N times in rotation; timings are the median")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("overrides", nargs="*", help="config overrides for every recipe, e.g. train.optimizer=sgd")
     args = parser.parse_args()
 
-    base = ["model.checkpoint=null", f"train.batch_size={args.batch_size}", "train.sampler=round_robin"]
+    base = ["model.checkpoint=null", f"train.batch_size={args.batch_size}", "train.sampler=round_robin",
+            *args.overrides]
     rows: dict[str, dict] = {}
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in args.recipes}
     for repeat in range(args.repeats):  # in rotation, so a slow spell of the machine hits every recipe alike
@@ -84,7 +86,8 @@ def main() -> None:
             joint[router] = {count: statistics.median(times) for count, times in samples.items()}
 
     first = next(iter(rows.values()))
-    results = {"size": args.size, "batch_size": args.batch_size, "repeats": args.repeats, "device": first["device"],
+    results = {"size": args.size, "batch_size": args.batch_size, "overrides": args.overrides, "repeats": args.repeats,
+               "device": first["device"],
                "torch_threads": first["torch_threads"], "recipes": rows, "joint_step_time_s": joint}
     accuracy_path = Path(args.out) / f"accuracy_{args.size}.json"
     if accuracy_path.is_file():
