@@ -15,9 +15,10 @@ from .checkpoint import CHECKPOINT_PATTERN, checkpoint_dir
 
 # config.json is written at step 0 (it lets `moebsr eval` read an unfinished run), so alone it marks no saved work
 EXPORT_FILES = ("model.safetensors", "metrics.json")
-# everything a run writes, removed by ``train.overwrite=true`` (nothing else in the folder is touched)
-RUN_OUTPUTS = ("checkpoints", *EXPORT_FILES, "config.json", "README.md", "config.yaml", "train_log.jsonl",
-               "backbone.safetensors", "moebsr")
+# what a run writes and a new run would not simply rewrite, removed by ``train.overwrite=true`` (config.yaml and
+# config.json are rewritten at start; README.md only when it is a moebsr model card; nothing else is touched)
+RUN_OUTPUTS = ("checkpoints", *EXPORT_FILES, "backbone.safetensors", "train_log.jsonl", "moebsr", "README.md")
+CARD_TITLE = "# moebsr run:"
 LOG_FILE = "train_log.jsonl"
 
 
@@ -55,6 +56,8 @@ def clear_run_outputs(output_dir: str | os.PathLike) -> list[str]:
     removed = []
     for name in RUN_OUTPUTS:
         path = folder / name
+        if name == "README.md" and path.is_file() and not path.read_text(errors="replace").startswith(CARD_TITLE):
+            continue  # someone else's README
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():

@@ -227,7 +227,7 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
             record = {"step": step, "tasks": tasks, "loss": read[0], "aux_loss": read[1],
                       "lr": scheduler.get_last_lr()[0], **{f"{t}/loss": v for t, v in zip(task_losses, read[2:])}}
             losses_seen.append(record)
-            window.add(record, images=len(batch["images"]) * accelerator.num_processes)
+            window.add(record, images=len(batch["images"]) * accelerator.num_processes * config.train.grad_accum_steps)
             for task, value in zip(task_losses, read[2:]):
                 running.update(task, value)
             progress.update(1)

@@ -54,6 +54,18 @@ def test_overwrite_clears_the_other_run_first(finished, tmp_path):
     assert [r["step"] for r in read_losses(folder)] == [1, 2]
     assert json.loads((folder / "metrics.json").read_text())["step"] == 2
     assert (folder / "notes.txt").read_text() == "mine"
+    assert (folder / "README.md").read_text().startswith("# moebsr run:")  # the new run's card
+
+
+def test_overwrite_keeps_a_readme_that_is_not_a_model_card(finished, tmp_path):
+    folder = tmp_path / "project"
+    shutil.copytree(finished, folder)
+    (folder / "README.md").write_text("# my project\n")
+    (folder / "metrics.json").unlink()
+    (folder / "model.safetensors").unlink()
+    from moebsr.run_folder import clear_run_outputs
+    assert clear_run_outputs(folder) == ["checkpoints", "train_log.jsonl"]
+    assert (folder / "README.md").read_text() == "# my project\n"
 
 
 def test_resume_latest_in_a_finished_run_continues_it_not_refused(finished, tmp_path):
