@@ -2,12 +2,14 @@
 
 import json
 import os
+import queue
 import random
 import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -110,13 +112,20 @@ def test_sigint_exits_130_and_a_second_signal_exits_at_once_leaving_checkpoints_
     again = _launch(output, ["train.steps=400", "train.resume=latest"])
     while _logged_steps(output) < 8 and again.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    lines: queue.Queue = queue.Queue()  # stderr read by a thread, so waiting for a line has a time limit
+    threading.Thread(target=lambda: [lines.put(line) for line in iter(again.stderr.readline, "")] + [lines.put(None)],
+                     daemon=True).start()
     again.send_signal(signal.SIGTERM)
-    for line in iter(again.stderr.readline, ""):  # wait until the first one was handled, then send the second
-        if "SIGTERM: finishing this step" in line:
-            break
+    said = []
+    while not any("SIGTERM: finishing this step" in line for line in said):  # the first was handled: now the second
+        line = lines.get(timeout=120)
+        assert line is not None, "".join(said)[-2000:]
+        said.append(line)
     again.send_signal(signal.SIGTERM)
     assert again.wait(timeout=60) == 143
-    assert "SIGTERM again: exiting now without saving" in again.stderr.read()
+    while (line := lines.get(timeout=60)) is not None:
+        said.append(line)
+    assert "SIGTERM again: exiting now without saving" in "".join(said)
     for checkpoint in list_checkpoints(output):
         assert load_file(str(checkpoint / "model.safetensors"))
 
