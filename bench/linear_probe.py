@@ -23,7 +23,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ARCH = dict(img_size=28, patch_size=7, depth=6, embed_dim=128, num_heads=4)  # the quickstart's backbone
+from recipes import backbone_arch  # noqa: E402 (after the sys.path line above)
+
+ARCH = backbone_arch()  # the quickstart's backbone
 DOWNSTREAM = ["mnist", "digits", "animals"]  # the parity tasks label the same images
 
 
@@ -75,7 +77,6 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     ARCH.update(img_size=args.img_size, patch_size=args.patch_size)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     table = {checkpoint: probe(checkpoint, args.tasks) for checkpoint in args.checkpoints}
     columns = list(next(iter(table.values())))
     print("| backbone | " + " | ".join(columns) + " |")

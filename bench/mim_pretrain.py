@@ -26,7 +26,9 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ARCH = dict(img_size=28, patch_size=7, depth=6, embed_dim=128, num_heads=4)
+from recipes import PRETRAIN_CONFIG, backbone_arch  # noqa: E402 (after the sys.path line above)
+
+ARCH = backbone_arch()
 
 
 class SimMIM(nn.Module):
@@ -62,7 +64,7 @@ def main() -> None:
     from moebsr.config import load_config
     from moebsr.tasks import create_task, discover_tasks
     discover_tasks()
-    config = load_config(REPO / "configs" / "pretrain.yaml")  # the supervised candidate's pool, labels unused
+    config = load_config(PRETRAIN_CONFIG)  # the supervised candidate's pool, labels unused
     images = torch.cat([create_task(name, **config.data.task_options.get(name, {})).build_dataset("train").images
                         for name in config.tasks])
     torch.manual_seed(0)

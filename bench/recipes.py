@@ -10,6 +10,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "quickstart.yaml"
+PRETRAIN_CONFIG = REPO / "configs" / "pretrain.yaml"
+
+
+def backbone_arch() -> dict[str, int]:
+    """The committed backbone's timm architecture arguments, read from the config that pretrains it."""
+    from omegaconf import OmegaConf
+    model = OmegaConf.load(PRETRAIN_CONFIG).model
+    return {key: int(model[key]) for key in ("img_size", "patch_size", "depth", "embed_dim", "num_heads")}
 
 SIZES = {
     "quickstart": [],  # the quickstart model: 6 blocks, width 128, 28 px, patch 7

@@ -19,6 +19,7 @@ from .model import MoEViT
 MODEL_FILE = "model.safetensors"
 BACKBONE_FILE = "backbone.safetensors"
 CONFIG_FILE = "config.json"
+CARD_TITLE = "# moebsr run:"  # the model card's first line (``train.overwrite`` removes only such a README.md)
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
@@ -75,7 +76,7 @@ def model_card(config: RunConfig, task_outputs: Mapping[str, int], metrics: Mapp
     trainable = parameter_count(p for p in model.parameters() if p.requires_grad)
     total = parameter_count(model.parameters())
     lines = [
-        f"# moebsr run: {Path(config.train.output_dir).name}", "",
+        f"{CARD_TITLE} {Path(config.train.output_dir).name}", "",
         f"- backbone: `{config.model.name}` ({model.depth} blocks), MoE blocks {list(model.moe_blocks)} "
         f"({config.moe.num_experts} experts, top-{config.moe.top_k}, router `{config.moe.router}`)",
         f"- trainable blocks: {list(config.bsr.plan().resolve(model.depth).trainable_blocks)} "

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import CHECKPOINT_PATTERN, checkpoint_dir
+from .export import BACKBONE_FILE, CARD_TITLE, MODEL_FILE
 
+LOG_FILE = "train_log.jsonl"
 # config.json is written at step 0 (it lets `moebsr eval` read an unfinished run), so alone it marks no saved work
-EXPORT_FILES = ("model.safetensors", "metrics.json")
+EXPORT_FILES = (MODEL_FILE, "metrics.json")
 # what a run writes and a new run would not simply rewrite, removed by ``train.overwrite=true`` (config.yaml and
 # config.json are rewritten at start; README.md only when it is a moebsr model card; nothing else is touched)
-RUN_OUTPUTS = ("checkpoints", *EXPORT_FILES, "backbone.safetensors", "train_log.jsonl", "moebsr", "README.md")
-CARD_TITLE = "# moebsr run:"
-LOG_FILE = "train_log.jsonl"
+RUN_OUTPUTS = ("checkpoints", *EXPORT_FILES, BACKBONE_FILE, LOG_FILE, "moebsr", "README.md")
 
 
 class RunFolderError(ValueError):

@@ -26,12 +26,12 @@ from .run_data import RunData
 from .evaluate import evaluate
 from .expert_parallel import (ShardedOptimizerState, check_precision_with_sharding, clip_grad_norm_,
                               exclude_sharded_from_ddp, parameter_count)
-from .export import export_run, write_run_document, write_text_atomically
+from .export import card_value, export_run, write_run_document, write_text_atomically
 from .interrupt import StopRequest, TrainingInterrupted
 from .model import MoEViT
 from .optim import build_optimizer, build_scheduler
 from .recipe import describe_recipe
-from .run_folder import check_output_dir, clear_run_outputs, set_aside_log
+from .run_folder import LOG_FILE, check_output_dir, clear_run_outputs, set_aside_log
 from .sampling import TaskSampler
 
 
@@ -162,7 +162,7 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
                           groups=data.joint_groups(), temperature=config.train.temperature, seed=config.train.seed)
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers("moebsr", config=_flat_hparams(config))
-    log_path = output_dir / "train_log.jsonl"
+    log_path = output_dir / LOG_FILE
     if accelerator.is_main_process:
         if start_step:
             truncate_log(log_path, start_step)  # a killed run may have logged steps past its last checkpoint
@@ -312,9 +312,7 @@ def format_metrics(metrics: Mapping[str, Mapping[str, float]], title: str = "") 
 
 
 def _format_value(name: str, value: Optional[float]) -> str:
-    if value is None:
-        return f"{'-':>10}"
-    return f"{int(value):>10d}" if name == "examples" else f"{value:>10.4f}"
+    return f"{card_value(name, value):>10}"
 
 
 def truncate_log(path: Path, last_step: int) -> None:

@@ -97,8 +97,8 @@ def packaged_split(source: str, split: str, test_fraction: float = 0.2, seed: in
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction={validation_fraction}; accepted: 0 <= value < 1")
     arrays = _split_arrays(source, test_fraction, seed)
-    images, labels = arrays["train_images" if validation_fraction else f"{split}_images"], \
-        arrays["train_labels" if validation_fraction else f"{split}_labels"]
+    source_split = "train" if validation_fraction else split  # a validation split is carved from train
+    images, labels = arrays[f"{source_split}_images"], arrays[f"{source_split}_labels"]
     name = f"{source}/{split}"
     if validation_fraction:
         train, validation = seeded_split(labels, validation_fraction, seed + 1)
