@@ -61,7 +61,7 @@ def run(recipe: str, lr: float, seed: int, validation: bool, args: argparse.Name
             shutil.rmtree(output)  # a run of other settings (or an unfinished one): not this run's result
         print(f"{recipe}: {phase} lr {lr:g} seed {seed} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
         subprocess.run([sys.executable, str(REPO / "launch" / "multitask.py"), "--config", str(BASE_CONFIG),
                         *overrides], check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
         (output / "wall_s.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=DEFAULT_RECIPES, choices=list(RECIPES))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (default 1: the model's ops are too small to share, and two OpenMP "
+                             "threads spin-wait whenever another process holds one of the cores)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run (e.g. train.steps=600)")
     args = parser.parse_args()
     results: dict = {"protocol": __doc__.split("\n\n")[1], "tasks": TASKS, "seeds": args.seeds,

@@ -97,6 +97,22 @@ class LoRAConfig:
     dropout: float = 0.0
 
 
+TRUNK_CACHE_DTYPES = ("bf16", "fp16", "fp32")
+TRUNK_CACHE_LOCATIONS = ("memory", "disk")
+
+
+@dataclass
+class TrunkCacheConfig:
+    """Keep the frozen trunk's output per image (the blocks before the first trainable one compute the same thing
+    every epoch), so later epochs skip it; see :mod:`moebsr.trunk_cache`."""
+
+    enabled: bool = False
+    dtype: str = "bf16"  # what the trunk's tokens are stored (and, hit or miss, rounded) in
+    max_gib: float = 4.0  # bound per process; images past it are computed every time
+    location: str = "memory"  # memory: on the training device; disk: memory-mapped files under output_dir/trunk_cache
+    views: int = 0  # 0: training augmentation off; K >= 1: K fixed augmented views per image (epoch e: view e mod K)
+
+
 @dataclass
 class DataConfig:
     task_dirs: List[str] = field(default_factory=list)  # extra folders of task files
@@ -153,6 +169,7 @@ class RunConfig:
     bsr: BSRConfig = field(default_factory=BSRConfig)
     token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    trunk_cache: TrunkCacheConfig = field(default_factory=TrunkCacheConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -231,7 +248,8 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     return config
 
 
-SWITCHED_SECTIONS = ("token_drop", "lora")  # sections whose other keys act only while their `enabled` is true
+# sections whose other keys act only while their `enabled` is true
+SWITCHED_SECTIONS = ("token_drop", "lora", "trunk_cache")
 
 
 def check_overrides_take_effect(config: RunConfig, overrides: Sequence[str]) -> None:
@@ -293,6 +311,11 @@ def validate_config(config: RunConfig) -> None:
         _choice("logging.trackers", tracker, TRACKERS)
     _positive("data.num_workers", config.data.num_workers, allow_zero=True)
     _positive("moe.aux_loss_weight", config.moe.aux_loss_weight, allow_zero=True)
+    cache = config.trunk_cache
+    _choice("trunk_cache.dtype", cache.dtype, TRUNK_CACHE_DTYPES)
+    _choice("trunk_cache.location", cache.location, TRUNK_CACHE_LOCATIONS)
+    _positive("trunk_cache.max_gib", cache.max_gib, allow_zero=True)
+    _positive("trunk_cache.views", cache.views, allow_zero=True)
     if config.lora.enabled:
         from .model.lora import LORA_MODULES
         _positive("lora.rank", config.lora.rank)

@@ -93,9 +93,11 @@ class RunData:
     def _loader(self, group: Sequence[str], split: str, batch_size: int, train: bool) -> BatchLoader:
         if self.image_spec is None:
             raise RuntimeError("attach_image_spec() must run before loaders are built")
+        cache = self.config.trunk_cache
         common = dict(image_spec=self.image_spec, batch_size=batch_size, train=train, seed=self.config.train.seed,
                       num_workers=self.config.data.num_workers, process_index=self.process_index,
-                      num_processes=self.num_processes, device=self.device)  # batch image work on the device
+                      num_processes=self.num_processes, device=self.device,  # batch image work on the device
+                      augment_views=cache.views if cache.enabled and train else None)  # views a trunk cache can keep
         try:
             if len(group) == 1:
                 return build_task_loader(self.tasks[group[0]], split, **common)
@@ -109,7 +111,7 @@ class RunData:
         labels = batch["labels"] if isinstance(batch["labels"], Mapping) else {group[0]: batch["labels"]}
         return {"images": batch["images"].to(self.device, non_blocking=True),
                 "labels": {name: labels[name].to(self.device, non_blocking=True) for name in group},
-                "indices": batch.get("indices")}
+                "indices": batch.get("indices"), "view": batch.get("view", 0)}
 
     def next_train_batch(self, tasks: Sequence[str]) -> dict[str, Any]:
         key = tuple(tasks)

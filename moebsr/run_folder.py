@@ -15,11 +15,12 @@ from .checkpoint import CHECKPOINT_PATTERN, checkpoint_dir
 from .export import BACKBONE_FILE, CARD_TITLE, MODEL_FILE
 
 LOG_FILE = "train_log.jsonl"
+TRUNK_CACHE_FOLDER = "trunk_cache"  # trunk_cache.location=disk: valid only while its run trains
 # config.json is written at step 0 (it lets `moebsr eval` read an unfinished run), so alone it marks no saved work
 EXPORT_FILES = (MODEL_FILE, "metrics.json")
 # what a run writes and a new run would not simply rewrite, removed by ``train.overwrite=true`` (config.yaml and
 # config.json are rewritten at start; README.md only when it is a moebsr model card; nothing else is touched)
-RUN_OUTPUTS = ("checkpoints", *EXPORT_FILES, BACKBONE_FILE, LOG_FILE, "moebsr", "README.md")
+RUN_OUTPUTS = ("checkpoints", *EXPORT_FILES, BACKBONE_FILE, LOG_FILE, "moebsr", "README.md", TRUNK_CACHE_FOLDER)
 
 
 class RunFolderError(ValueError):

@@ -33,6 +33,7 @@ from .optim import build_optimizer, build_scheduler
 from .recipe import describe_recipe
 from .run_folder import LOG_FILE, check_output_dir, clear_run_outputs, set_aside_log
 from .sampling import TaskSampler
+from .trunk_cache import build_trunk_caches, check_cacheable, describe_trunk_caches, remove_trunk_caches
 
 
 class TrainingAborted(RuntimeError):
@@ -108,7 +109,7 @@ class LogWindow:
 
     def add(self, record: Mapping[str, Any], images: int) -> None:
         for key, value in record.items():
-            if key != "step" and isinstance(value, float):
+            if key not in ("step", "elapsed_s") and isinstance(value, float):
                 self.sums[key] = self.sums.get(key, 0.0) + value
                 self.counts[key] = self.counts.get(key, 0) + 1
         self.images += images
@@ -127,6 +128,8 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     accelerator = accelerator or make_accelerator(config)
     set_seed(config.train.seed, device_specific=False)
     model = model_from_config(config, data.heads())
+    if config.trunk_cache.enabled:
+        check_cacheable(model)  # a cache needs a frozen block before the first trainable one
     data.attach_image_spec(image_spec_of(model), accelerator)  # batch-size checks: the last bad input caught
 
     output_dir = Path(config.train.output_dir)
@@ -145,6 +148,8 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     unwrapped: MoEViT = accelerator.unwrap_model(model)
     if sharded:
         accelerator.register_for_checkpointing(ShardedOptimizerState(unwrapped, optimizer))
+    trunk_caches = build_trunk_caches(config, unwrapped, data.train_loaders, accelerator.device, output_dir,
+                                      accelerator.process_index) if config.trunk_cache.enabled else {}
 
     start_step = 0
     if config.train.resume:
@@ -182,6 +187,7 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
         f"{f' ({len(sharded)} expert tensors sharded over the processes)' if sharded else ''} · output {output_dir}")
     accelerator.print(describe_recipe(config, unwrapped, data.train_sizes(), data.task_outputs()))
     model.train()
+    started = time.perf_counter()
     step = start_step
     micro_step = start_step * config.train.grad_accum_steps
     metrics: dict[str, dict[str, float]] = {}
@@ -194,7 +200,9 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
             batch = data.next_train_batch(tasks)
             micro_step += 1
             with accelerator.accumulate(model):
-                outputs = model(batch["images"], tasks)
+                cache = trunk_caches.get(tuple(tasks))
+                outputs = cache.forward(model, unwrapped, batch["images"], batch["indices"], batch["view"]) \
+                    if cache is not None else model(batch["images"], tasks)
                 task_losses = {t: data.tasks[t].loss(outputs[t], batch["labels"][t]) for t in tasks}
                 aux_loss = unwrapped.aux_loss()
                 loss = sum(data.tasks[t].loss_weight * task_losses[t] for t in tasks) \
@@ -225,7 +233,8 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
                 continue
             step += 1
             record = {"step": step, "tasks": tasks, "loss": read[0], "aux_loss": read[1],
-                      "lr": scheduler.get_last_lr()[0], **{f"{t}/loss": v for t, v in zip(task_losses, read[2:])}}
+                      "lr": scheduler.get_last_lr()[0], **{f"{t}/loss": v for t, v in zip(task_losses, read[2:])},
+                      "elapsed_s": round(time.perf_counter() - started, 3)}
             losses_seen.append(record)
             window.add(record, images=len(batch["images"]) * accelerator.num_processes * config.train.grad_accum_steps)
             for task, value in zip(task_losses, read[2:]):
@@ -245,6 +254,10 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
                 save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
                                 config.train.keep_checkpoints)
         progress.close()
+        if trunk_caches:
+            accelerator.print(describe_trunk_caches(trunk_caches, config.trunk_cache))
+            accelerator.wait_for_everyone()
+            remove_trunk_caches(trunk_caches, accelerator.process_index)
         if stop_signal and step < config.train.steps:  # at the last step, finishing is the better stop
             _save_and_stop(accelerator, config, output_dir, step, data, stop_signal)
     # from here on (evaluation, export) a signal interrupts as usual: the final checkpoint is saved first

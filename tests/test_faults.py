@@ -257,6 +257,10 @@ def bad_task_dir(tmp_path_factory):
     (["tasks=[imagefolder]", "data.task_options.imagefolder.data_dir=/nonexistent/photos"],
      r"^error: .*imagefolder.*/nonexistent/photos"),
     (["train.resume=/nonexistent/step_00000004"], r"^error: train.resume: no checkpoint folder at"),
+    (["trunk_cache.enabled=true", "bsr.preset=all"], r"^error: trunk_cache.enabled: nothing to cache \(the embeddings "
+                                                      r"train\); accepted: a model whose first trainable block"),
+    (["moe.task_router_blocks=[1]"], r"^error: moe.task_router_blocks: \[1\] are not MoE blocks; accepted: a "
+                                     r"non-empty subset of the MoE blocks \[0, 2, 3\], or null$"),
 ])
 def test_bad_input_gets_one_line_and_keeps_saved_work(overrides, message, bad_task_dir, tmp_path, capsys):
     output = tmp_path / "run"

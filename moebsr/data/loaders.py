@@ -78,8 +78,14 @@ class BatchLoader:
                  image_spec: Union[ImageSpec, Mapping[str, Any]], batch_size: int, train: bool, seed: int = 0,
                  num_workers: int = 0, drop_last: Optional[bool] = None, augment: BatchAugment = BatchAugment(),
                  transform: Optional[Callable] = None, process_index: int = 0, num_processes: int = 1,
-                 joint: bool = False, name: str = "loader", device: Optional[Union[torch.device, str]] = None) -> None:
+                 joint: bool = False, name: str = "loader", device: Optional[Union[torch.device, str]] = None,
+                 augment_views: Optional[int] = None) -> None:
         self.dataset, self.labels, self.train, self.joint, self.name = dataset, dict(labels), train, joint, name
+        if augment_views is not None and augment_views < 0:
+            raise ValueError(f"{name}: augment_views={augment_views}; accepted: None, 0 or a count >= 1")
+        # None: a new random augmentation every epoch; 0: none; K: K fixed views, epoch e shows view e mod K
+        self.augment_views = augment_views
+        self.augments = train and augment_views != 0
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.image_spec = ImageSpec.coerce(image_spec)
         self.augment, self.num_workers = augment, num_workers
@@ -116,12 +122,18 @@ class BatchLoader:
             except StopIteration:
                 self._cycle = None
 
+    def view_of(self, epoch: int) -> int:
+        """Which augmentation an epoch shows: the epoch itself, or with ``augment_views=K`` one of K fixed views
+        (what lets a cache of the frozen trunk's output serve later epochs; 0 without augmentation)."""
+        return epoch % self.augment_views if self.augment_views else (0 if self.augment_views == 0 else epoch)
+
     def _batch(self, images: torch.Tensor, indices: torch.Tensor) -> Batch:
         labels = {task: values[indices] for task, values in self.labels.items()}
-        return {"images": images, "labels": labels if self.joint else next(iter(labels.values())), "indices": indices}
+        return {"images": images, "labels": labels if self.joint else next(iter(labels.values())), "indices": indices,
+                "view": self.view_of(self.epoch)}
 
     def _tensor_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        augment = self.train and (self.augment.crop_padding > 0 or self.augment.hflip)
+        augment = self.augments and (self.augment.crop_padding > 0 or self.augment.hflip)
         for number, indices in self.sampler.batches(epoch, start):
             images = self.dataset.images[indices]
             if self.device.type == "cuda":
@@ -129,15 +141,16 @@ class BatchLoader:
             elif self.device.type != "cpu":
                 images = images.to(self.device)
             if augment:
-                images = augment_batch(images, self.augment, self.sampler.example_seeds(epoch, indices))
+                images = augment_batch(images, self.augment, self.sampler.example_seeds(self.view_of(epoch), indices))
             yield number, to_model_batch(images, self.image_spec), indices
 
     def _item_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        transform = (self.transform or default_transform)(self.image_spec, self.train)
+        transform = (self.transform or default_transform)(self.image_spec, self.augments)
         numbered = list(self.sampler.batches(epoch, start))
         batches = []
         for number, indices in numbered:
-            seeds = self.sampler.example_seeds(epoch, indices).tolist() if self.train else [None] * len(indices)
+            seeds = (self.sampler.example_seeds(self.view_of(epoch), indices).tolist() if self.augments
+                     else [None] * len(indices))
             batches.append(list(zip(indices.tolist(), seeds)))
         loader = DataLoader(_TransformedItems(self.dataset, transform, self.image_spec.in_chans, self.name),
                             batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
@@ -166,20 +179,23 @@ class BatchLoader:
 def build_task_loader(task: Task, split: str, image_spec: Union[ImageSpec, Mapping[str, Any]], batch_size: int,
                       train: bool, seed: int = 0, num_workers: int = 0, drop_last: Optional[bool] = None,
                       process_index: int = 0, num_processes: int = 1,
-                      device: Optional[Union[torch.device, str]] = None) -> BatchLoader:
-    """Batches ``{"images", "labels"}`` of one task's split. ``train`` shuffles, augments and (by default) drops
-    the last short batch; evaluation keeps dataset order."""
+                      device: Optional[Union[torch.device, str]] = None,
+                      augment_views: Optional[int] = None) -> BatchLoader:
+    """Batches ``{"images", "labels"}`` of one task's split. ``train`` shuffles, augments (see
+    :meth:`BatchLoader.view_of` for ``augment_views``) and (by default) drops the last short batch; evaluation keeps
+    dataset order."""
     dataset = task.build_dataset(split)
-    transform = task.train_transform if train else task.eval_transform
+    transform = task.train_transform if train and augment_views != 0 else task.eval_transform
     return BatchLoader(dataset, {task.name: dataset.labels}, image_spec, batch_size, train, seed, num_workers,
                        drop_last, task.batch_augment, transform, process_index, num_processes,
-                       name=f"task {task.name!r}, split {split!r}", device=device)
+                       name=f"task {task.name!r}, split {split!r}", device=device, augment_views=augment_views)
 
 
 def build_joint_loader(tasks: Sequence[Task], split: str, image_spec: Union[ImageSpec, Mapping[str, Any]],
                        batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
                        drop_last: Optional[bool] = None, process_index: int = 0, num_processes: int = 1,
-                       device: Optional[Union[torch.device, str]] = None) -> BatchLoader:
+                       device: Optional[Union[torch.device, str]] = None,
+                       augment_views: Optional[int] = None) -> BatchLoader:
     """One image batch labelled for every task in ``tasks``: ``{"images", "labels": {task: labels}}``.
 
     Raises:
@@ -203,7 +219,8 @@ def build_joint_loader(tasks: Sequence[Task], split: str, image_spec: Union[Imag
     augment = first.batch_augment
     for task in tasks[1:]:
         augment = augment.intersect(task.batch_augment)
-    transform = first.train_transform if train else first.eval_transform
+    transform = first.train_transform if train and augment_views != 0 else first.eval_transform
     return BatchLoader(reference, {name: dataset.labels for name, dataset in datasets.items()}, image_spec,
                        batch_size, train, seed, num_workers, drop_last, augment, transform, process_index,
-                       num_processes, joint=True, name=f"joint loader {list(keys)}, split {split!r}", device=device)
+                       num_processes, joint=True, name=f"joint loader {list(keys)}, split {split!r}", device=device,
+                       augment_views=augment_views)

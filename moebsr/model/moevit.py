@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -33,6 +34,33 @@ from .spec import check_decision
 from .token_drop import TokenSelection, num_kept_tokens
 
 HeadFactory = Union[int, nn.Module, Callable[[int], nn.Module]]
+
+
+@dataclass
+class TrunkState:
+    """The stream between two blocks: what the rest of a forward continues from.
+
+    Attributes:
+        tokens: ``[rows, N, C]``; one row per image while ``shared``, else one per (task, image), stacked by task.
+        selection: What the dropping stages so far kept, per row.
+        tasks: The tasks of the forward, in order.
+        batch: Images in the batch.
+        task_rows: Which rows belong to which task (while shared, every task reads rows ``[0, batch)``).
+        shared: Whether the stream is still one for every task (no per-task routing so far).
+        kept: For each dropping block so far, the kept patches' origin and whether the stream was shared then.
+    """
+
+    tokens: torch.Tensor
+    selection: TokenSelection
+    tasks: list[str]
+    batch: int
+    task_rows: Optional[TaskRows] = None
+    shared: bool = True
+    kept: dict[int, tuple[torch.Tensor, bool]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task_rows is None:
+            self.task_rows = [(self.tasks[0], 0, self.batch)]  # the shared trunk: one pass, any task's gate
 NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, RmsNorm,
                                getattr(nn, "RMSNorm", None)) if t is not None)
 
@@ -223,18 +251,31 @@ class MoEViT(nn.Module):
 
         Also records :attr:`last_kept_tokens`: for each dropping block, for each task, the image patches it kept.
         """
-        task_list = self.check_tasks(tasks)
+        state = self.start_trunk(images, self.check_tasks(tasks))
+        return self.finish_features(self.run_blocks(state, 0, self.depth))
+
+    def start_trunk(self, images: torch.Tensor, tasks: Sequence[str]) -> TrunkState:
+        """The stream entering block 0: patch and position embeddings, one row per image (no task split yet)."""
+        backbone = self.backbone
+        with _no_grad_if(self.first_grad_block() >= 0):
+            x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images))))
         batch = images.shape[0]
+        selection = TokenSelection.start(batch, x.shape[1] - backbone.num_prefix_tokens, x.device)
+        return TrunkState(x, selection, list(tasks), batch)
+
+    def forward_frozen_trunk(self, images: torch.Tensor, tasks: Union[str, Sequence[str]]) -> TrunkState:
+        """The stream after the blocks before the first trainable one: a fixed function of the images (frozen blocks
+        run in eval mode and without autograd), which :class:`moebsr.trunk_cache.TrunkCache` stores per image."""
+        return self.run_blocks(self.start_trunk(images, self.check_tasks(tasks)), 0, max(self.first_grad_block(), 0))
+
+    def run_blocks(self, state: TrunkState, start: int, end: int) -> TrunkState:
+        """Blocks ``[start, end)`` on ``state``; blocks before the first trainable one run without autograd."""
         grad_from = self.first_grad_block()
         ranking_block = self.ranking_block()
-        backbone = self.backbone
-        with _no_grad_if(grad_from >= 0):
-            x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images))))
-        selection = TokenSelection.start(batch, x.shape[1] - backbone.num_prefix_tokens, x.device)
-        task_rows: TaskRows = [(task_list[0], 0, batch)]  # the shared trunk: one pass, any task's gate
-        shared = True
-        kept: dict[int, tuple[torch.Tensor, bool]] = {}
-        for index, block in enumerate(self.blocks):
+        x, selection, task_rows, kept = state.tokens, state.selection, state.task_rows, dict(state.kept)
+        task_list, batch, shared = state.tasks, state.batch, state.shared
+        for index in range(start, end):
+            block = self.blocks[index]
             with _no_grad_if(index < grad_from):
                 use_checkpoint = self.grad_checkpointing and index >= grad_from and torch.is_grad_enabled()
                 attention_args = (x, selection, index == ranking_block)
@@ -249,13 +290,22 @@ class MoEViT(nn.Module):
                     kept[index] = (selection.origin, shared)
                 x = checkpoint(block.forward_mlp, x, task_rows, use_reentrant=False) if use_checkpoint \
                     else block.forward_mlp(x, task_rows)
-        x = backbone.norm(x)  # records nothing for autograd when frozen and fed by a no-grad trunk
-        if shared:
-            task_rows = [(task, 0, batch) for task in task_list]
+        return TrunkState(x, selection, task_list, batch, task_rows, shared, kept)
+
+    def finish_features(self, state: TrunkState) -> tuple[torch.Tensor, TaskRows]:
+        """Final norm of the stream after the last block; records :attr:`last_kept_tokens`."""
+        x = self.backbone.norm(state.tokens)  # records nothing for autograd when frozen and fed by a no-grad trunk
+        task_rows = state.task_rows if not state.shared else [(task, 0, state.batch) for task in state.tasks]
         self.last_kept_tokens = {
             index: {task: origin if was_shared else origin[start:end] for task, start, end in task_rows}
-            for index, (origin, was_shared) in kept.items()}
+            for index, (origin, was_shared) in state.kept.items()}
         return x, task_rows
+
+    def forward_from_trunk(self, state: TrunkState) -> dict[str, torch.Tensor]:
+        """Logits from a :meth:`forward_frozen_trunk` state (computed now or read back from a cache)."""
+        features, task_rows = self.finish_features(self.run_blocks(state, max(self.first_grad_block(), 0),
+                                                                   self.depth))
+        return self.forward_heads(features, task_rows)
 
     @torch.no_grad()
     def kept_tokens(self, images: torch.Tensor, tasks: Union[str, Sequence[str]]) -> dict[int, dict[str, torch.Tensor]]:
@@ -272,8 +322,15 @@ class MoEViT(nn.Module):
         pooled = self.backbone.forward_head(features, pre_logits=True)
         return {task: self.heads[task](pooled[start:end]) for task, start, end in task_rows}
 
-    def forward(self, images: torch.Tensor, tasks: Union[str, Sequence[str]]) -> dict[str, torch.Tensor]:
-        """Logits for each task in ``tasks``, all from the same images: ``{task: [B, outputs]}``."""
+    def forward(self, images: torch.Tensor, tasks: Union[str, Sequence[str]], trunk: Optional[TrunkState] = None
+                ) -> dict[str, torch.Tensor]:
+        """Logits for each task in ``tasks``, all from the same images: ``{task: [B, outputs]}``.
+
+        ``trunk``: the :meth:`forward_frozen_trunk` state of these images (e.g. read from a trunk cache); the forward
+        then starts at the first trainable block. It goes through ``forward`` (not a method of its own) so that a
+        DDP-wrapped model still sees the call and reduces the gradients."""
+        if trunk is not None:
+            return self.forward_from_trunk(trunk)
         features, task_rows = self.forward_features(images, tasks)
         return self.forward_heads(features, task_rows)
 
