@@ -16,7 +16,8 @@ Protocol (no pretrained weights can be downloaded here; README "Accuracy on real
     python bench/accuracy.py --recipes full paper_bsr --seeds 0 1 2
 
 Each run's ``metrics.json`` is kept under ``<out>/accuracy_runs/``; a re-run skips the runs already there, so an
-interrupted benchmark resumes. Writes ``<out>/accuracy_quickstart.json`` and ``.md`` (read by ``bench/compare.py``).
+interrupted benchmark resumes. Writes ``<out>/accuracy_quickstart.json`` and ``.md`` (read by ``bench/compare.py``); a
+run of some ``--recipes`` replaces their rows and keeps the other recipes' rows of the same protocol and overrides.
 """
 
 from __future__ import annotations
@@ -114,7 +115,13 @@ def main() -> None:
                                       "summary": summarise(per_seed)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy_quickstart.json").write_text(json.dumps(results, indent=2))
+    path = out / "accuracy_quickstart.json"
+    if path.is_file():  # a run of some recipes updates their rows and keeps the others of the same protocol
+        earlier = json.loads(path.read_text())
+        if all(earlier.get(key) == results[key] for key in ("protocol", "tasks", "seeds", "validation_fraction",
+                                                              "overrides")):
+            results["recipes"] = {**earlier["recipes"], **results["recipes"]}
+    path.write_text(json.dumps(results, indent=2))
     table = format_table(results)
     (out / "accuracy_quickstart.md").write_text(table + "\n")
     print(table)

@@ -11,6 +11,7 @@ from .config import ConfigError, RunConfig, validate_against_model
 from .model import MoEViT, create_moevit
 from .model.factory import check_model_name
 from .model.moevit import HeadFactory
+from .model.precision import store_frozen_weights
 
 
 def backbone_depth(config: RunConfig) -> int:
@@ -54,6 +55,7 @@ def model_from_config(config: RunConfig, heads: Mapping[str, HeadFactory], load_
         lora = config.lora
         blocks = lora.blocks if lora.blocks is not None else scale_block_indices(PAPER_MOE_BLOCKS, model.depth)
         apply_lora(model, blocks, lora.modules, lora.rank, lora.alpha, lora.dropout)
+    store_frozen_weights(model, config.bsr.frozen_dtype)  # after everything that decides what trains
     return model
 
 

@@ -70,9 +70,11 @@ class BSRConfig:
     sublayers: List[str] = field(default_factory=lambda: ["attn", "mlp", "router", "norm"])
     train_final_norm: Optional[bool] = None
     train_embeddings: Optional[bool] = None
+    frozen_dtype: str = "fp32"  # bf16/fp16: frozen matmul weights stored (and computed) in it; see model/precision.py
 
     def plan(self) -> BSRPlan:
-        return BSRPlan(**dataclasses.asdict(self))
+        fields = {f.name for f in dataclasses.fields(BSRPlan)}
+        return BSRPlan(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
 
 
 @dataclass
@@ -311,6 +313,8 @@ def validate_config(config: RunConfig) -> None:
         _choice("logging.trackers", tracker, TRACKERS)
     _positive("data.num_workers", config.data.num_workers, allow_zero=True)
     _positive("moe.aux_loss_weight", config.moe.aux_loss_weight, allow_zero=True)
+    from .model.precision import FROZEN_DTYPES
+    _choice("bsr.frozen_dtype", config.bsr.frozen_dtype, list(FROZEN_DTYPES))
     cache = config.trunk_cache
     _choice("trunk_cache.dtype", cache.dtype, TRUNK_CACHE_DTYPES)
     _choice("trunk_cache.location", cache.location, TRUNK_CACHE_LOCATIONS)
