@@ -17,6 +17,8 @@ def describe_recipe(config: "RunConfig", model: "MoEViT", task_sizes: Optional[M
               f"weights {config.model.checkpoint}" if config.model.checkpoint else "random init")
     moe = config.moe
     moe_line = (f"blocks {list(model.moe_blocks)} · {moe.num_experts} experts, top-{moe.top_k}, router `{moe.router}`"
+                f"{f', capacity factor {moe.capacity_factor:g}' if moe.capacity_factor is not None else ''}"
+                f"{', padded dispatch' if moe.dispatch == 'padded' else ''}"
                 f"{', ' + moe.backend + ' backend' if moe.backend != 'torch' else ''}"
                 if model.moe_blocks else "none (dense)")
     plan = config.bsr.plan().resolve(model.depth)
