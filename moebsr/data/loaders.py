@@ -123,14 +123,17 @@ class BatchLoader:
     def _tensor_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         augment = self.train and (self.augment.crop_padding > 0 or self.augment.hflip)
         for number, indices in self.sampler.batches(epoch, start):
-            images = self.dataset.images[indices]
-            if self.device.type == "cuda":
-                images = images.pin_memory().to(self.device, non_blocking=True)
-            elif self.device.type != "cpu":
-                images = images.to(self.device)
+            images = self._on_device(self.dataset.images[indices])
             if augment:
-                images = augment_batch(images, self.augment, self.sampler.example_seeds(epoch, indices))
+                seeds = self._on_device(self.sampler.example_seeds(epoch, indices))
+                images = augment_batch(images, self.augment, seeds)
             yield number, to_model_batch(images, self.image_spec), indices
+
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """On CUDA a pinned, asynchronous copy: one from pageable memory would wait for the GPU to finish its queue."""
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     def _item_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         transform = (self.transform or default_transform)(self.image_spec, self.train)

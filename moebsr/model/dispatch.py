@@ -42,10 +42,11 @@ def dispatch_grouped(
     flat_weight = expert_weight.reshape(-1)
     flat_token = repeat(torch.arange(num_tokens, device=tokens.device), "t -> (t k)", k=top_k)
     # assignments the capacity cap dropped (weight 0) sort into a last bucket, ``num_experts``, that never runs:
-    # the per-expert counts are then the layer's one read from the device (the chunk sizes must be known here)
+    # the per-expert counts are then the layer's one read from the device (the chunk sizes must be known here).
+    # Counted by index_add, not torch.bincount, which on CUDA reads its input's min and max back first.
     flat_expert = torch.where(flat_weight != 0, expert_index.reshape(-1), num_experts)
     order = torch.argsort(flat_expert, stable=True)
-    counts = torch.bincount(flat_expert, minlength=num_experts + 1).tolist()
+    counts = flat_expert.new_zeros(num_experts + 1).index_add_(0, flat_expert, torch.ones_like(flat_expert)).tolist()
     kept = sum(counts[:num_experts])
     output = tokens.new_zeros(num_tokens, experts.dim)
     if kept == 0:  # every assignment dropped by the capacity cap
