@@ -14,7 +14,9 @@ support for cuda devices"); with a fake CUDA guard compiled in, ``InputBuffer::a
 A ``__torch_function__`` subclass keeps autograd on the real CPU tensors underneath and sees every call from Python:
 ``.device`` answers ``cuda:0``, calls that mix devices raise as CUDA's do, and ``.item()``, ``.tolist()``, ``.cpu()``,
 ``bool()``... are counted. What it cannot see: tensors autograd makes itself in backward (gradients are plain CPU
-tensors until read through ``.grad``), and C++ inside torch's own kernels (those are device-safe).
+tensors until read through ``.grad``), and C++ inside torch's own kernels (those are device-safe). Code that calls
+``torch.cuda`` itself cannot run here (``torch.cuda.synchronize``, activation checkpointing saving the CUDA RNG state,
+tutel's CUDA kernels): that is for the gpu-marked tests on a GPU.
 
 The rules follow CUDA's: a CPU tensor of dim 0 may meet device tensors in elementwise ops (a "CPU scalar") but not in
 ``cat``/``stack``/matmuls/gathers; CPU index tensors may index a device tensor (CUDA copies them over); copies between
@@ -44,7 +46,8 @@ NO_CPU_SCALARS = {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "
                   "gather", "scatter", "scatter_", "scatter_add", "scatter_add_", "take_along_dim", "embedding"}
 INDEXING = {"__getitem__", "__setitem__", "index_put", "index_put_"}  # CPU index tensors are copied to the device
 # the other tensor's size or type only, or a cross-device copy
-SHAPE_ONLY = {"expand_as", "view_as", "reshape_as", "copy_", "_has_compatible_shallow_copy_type", "is_same_size"}
+SHAPE_ONLY = {"expand_as", "view_as", "reshape_as", "copy_", "module_load", "_has_compatible_shallow_copy_type",
+              "is_same_size"}
 HOST_COPIES = {"tolist": "tolist", "numpy": "numpy", "__array__": "numpy", "__repr__": "print", "__format__": "print"}
 # aten ops whose result CUDA only knows after a read back to the host (the ones a training step might meet)
 SYNCING_OPS = {"_local_scalar_dense", "equal", "nonzero", "masked_select", "_unique2", "unique_dim",
@@ -98,12 +101,14 @@ class FakeCudaTensor(torch.Tensor):
         name = _name(func)
         if name == "device" and len(args) == 1:
             return FAKE_CUDA
-        if name in ("is_cuda",) and len(args) == 1:
+        if name == "is_cuda" and len(args) == 1:
             return True
         if name == "is_cpu" and len(args) == 1:
             return False
         if name == "get_device":
             return 0
+        if name == "data" and getattr(func, "__name__", "") == "__set__":
+            return _set_data(*args)
         if name in ("cpu", "to", "cuda", "pin_memory", "is_pinned", "copy_"):
             handled = _move(name, args, kwargs)
             if handled is not NotImplemented:
@@ -121,7 +126,22 @@ class FakeCudaTensor(torch.Tensor):
             kwargs = dict(kwargs, device="cpu")
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
-        return tree_map(_wrap, out)
+        return _wrap_all(out)
+
+
+class FakeCudaParameter(FakeCudaTensor, torch.nn.Parameter):
+    """A parameter moved to the fake device in place, as ``module.to("cuda")`` moves one (``param.data = moved``): the
+    same object, with its attributes and hooks."""
+
+
+def _set_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
+    """``tensor.data = data``; a CPU tensor given device data becomes a device tensor, in place."""
+    with torch._C.DisableTorchFunctionSubclass():
+        tensor.data = _plain(data)
+    if isinstance(data, FakeCudaTensor) and not isinstance(tensor, FakeCudaTensor):
+        tensor.__class__ = FakeCudaParameter if isinstance(tensor, torch.nn.Parameter) else FakeCudaTensor
+    elif not isinstance(data, FakeCudaTensor) and isinstance(tensor, FakeCudaTensor):
+        tensor.__class__ = torch.nn.Parameter if isinstance(tensor, FakeCudaParameter) else torch.Tensor
 
 
 def _plain(value: Any) -> Any:
@@ -136,10 +156,9 @@ def _wrap(value: Any) -> Any:
     return value
 
 
-def to_fake_cuda(tensor: torch.Tensor) -> FakeCudaTensor:
-    """A copy of a CPU tensor "on the device" (what ``tensor.to("cuda")`` gives inside :func:`fake_cuda`)."""
-    with torch._C.DisableTorchFunctionSubclass():
-        return tensor.detach().clone().as_subclass(FakeCudaTensor)
+def _wrap_all(out: Any) -> Any:
+    """:func:`_wrap` through lists, tuples and dicts of results; a ``torch.Size`` stays one."""
+    return tree_map(_wrap, out, is_leaf=lambda value: isinstance(value, torch.Size))
 
 
 def check_devices(name: str, args: tuple, kwargs: dict) -> None:
@@ -231,16 +250,17 @@ class _FactoryMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
+        name = _name(func)
+        if name == "data" and getattr(func, "__name__", "") == "__set__":  # torch asks only the tensor set, not data
+            return _set_data(*args)
         if any(isinstance(value, FakeCudaTensor) for value in tree_flatten((args, kwargs))[0]):
             return func(*args, **kwargs)  # the subclass's rules
-        name = _name(func)
         if name in ("to", "cuda", "pin_memory", "is_pinned") and args and isinstance(args[0], torch.Tensor):
             handled = _move(name, args, kwargs)
             if handled is not NotImplemented:
                 return handled
         if _is_cuda(kwargs.get("device")):
-            out = func(*args, **dict(kwargs, device="cpu"))
-            return tree_map(_wrap, out)
+            return _wrap_all(func(*args, **dict(kwargs, device="cpu")))
         return func(*args, **kwargs)
 
 
@@ -264,15 +284,12 @@ class _SyncingOps(TorchDispatchMode):
 
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[FakeCuda]:
-    """A block in which ``device="cuda"`` means a fake CUDA device (see the module docstring). Modules moved with
-    ``.to("cuda")`` get device parameters (swapped in place, so build optimizers after moving)."""
+    """A block in which ``device="cuda"`` means a fake CUDA device (see the module docstring); ``module.to("cuda")``
+    moves parameters in place, as it does on a GPU."""
     recorder = FakeCuda()
-    swap = torch.__future__.get_swap_module_params_on_conversion()
-    torch.__future__.set_swap_module_params_on_conversion(True)
     _ACTIVE.append(recorder)
     try:
         with _FactoryMode(), _SyncingOps():
             yield recorder
     finally:
         _ACTIVE.remove(recorder)
-        torch.__future__.set_swap_module_params_on_conversion(swap)
