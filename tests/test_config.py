@@ -124,15 +124,22 @@ def test_overrides_with_their_switch_take_effect():
         6).trainable_blocks == (4, 5)
 
 
-def test_moe_dispatch_reaches_every_moe_layer_and_padded_is_the_torch_backends():
+def test_moe_dispatch_decides_whether_a_forward_reads_the_device_and_padded_is_the_torch_backends():
+    import torch
+
+    from fake_cuda import fake_cuda
     from moebsr.build import model_from_config
-    from moebsr.model import MoEMlp
-    config = load_config(CONFIGS / "quickstart.yaml", ["model.checkpoint=null", "moe.capacity_factor=1.25",
-                                                       "moe.dispatch=padded"])
     from moebsr.recipe import describe_recipe
-    model = model_from_config(config, {t: 2 for t in config.tasks})
-    layers = [m for m in model.modules() if isinstance(m, MoEMlp)]
-    assert len(layers) == 3 and {layer.dispatch for layer in layers} == {"padded"}
+    reads = {}
+    for dispatch in ("grouped", "padded"):
+        config = load_config(CONFIGS / "quickstart.yaml", [
+            "model.checkpoint=null", "model.depth=4", "model.embed_dim=32", "model.num_heads=2",
+            "moe.capacity_factor=1.25", f"moe.dispatch={dispatch}"])
+        model = model_from_config(config, {t: 2 for t in config.tasks}).train()
+        with fake_cuda() as cuda:
+            model.to("cuda")(torch.randn(2, 3, 28, 28).to("cuda"), ["digits"])
+        reads[dispatch] = dict(cuda.host_reads)
+    assert reads == {"grouped": {"tolist": 3}, "padded": {}}  # one read per MoE layer, or none
     assert "8 experts, top-2, router `task`, capacity factor 1.25, padded dispatch\n" in describe_recipe(config, model)
     tutel = load_config(CONFIGS / "quickstart.yaml", ["moe.capacity_factor=1.25", "moe.dispatch=padded",
                                                       "moe.backend=tutel"])
