@@ -22,10 +22,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from compare import profile
 from recipes import BASE_CONFIG, COMMON, RECIPES, REPO, SIZES
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("torch", "tutel")
 
@@ -102,10 +105,9 @@ def worker(args: argparse.Namespace) -> None:
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-        elapsed = torch.tensor([time.perf_counter() - start], device=device)  # NCCL reduces only device tensors
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        elapsed = slowest_process_seconds(time.perf_counter() - start, device)
         if index >= args.warmup:
-            times.append(float(elapsed))
+            times.append(elapsed)
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     report = dict(backend=args.backend, processes=world, global_batch=local_batch * world,
                   step_time_s=statistics.median(times), parameter_bytes_per_process=parameter_bytes,
@@ -115,6 +117,17 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         print(json.dumps(report))
     clean_exit(0)
+
+
+def slowest_process_seconds(seconds: float, device: "torch.device") -> float:
+    """The longest of every process's ``seconds`` (a step lasts as long as its slowest process), reduced in a tensor
+    on the backend's device: NCCL reduces only CUDA tensors."""
+    import torch
+    import torch.distributed as dist
+
+    elapsed = torch.tensor([seconds], device=device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
 
 
 def many_processes(args: argparse.Namespace) -> dict[str, dict]:

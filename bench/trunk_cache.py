@@ -92,8 +92,9 @@ def main() -> None:
 
 
 def format_table(results: dict) -> str:
-    lines = [f"Quickstart model, five tasks, {', '.join(results['overrides']) or 'default steps'}; mean ± std over seeds "
-             f"{results['seeds']}; an epoch = {FIRST_EPOCH_STEPS} steps (every loader once).", "",
+    steps = ", ".join(results["overrides"]) or "default steps"
+    lines = [f"Quickstart model, five tasks, {steps}; mean ± std over seeds {results['seeds']}; an epoch = "
+             f"{FIRST_EPOCH_STEPS} steps (every loader once).", "",
              "| recipe | setting | mean top-1 | vs off | training s | first epoch s | later epoch s | later epoch x | "
              "read back |", "|---|---|---|---|---|---|---|---|---|"]
 

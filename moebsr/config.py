@@ -325,10 +325,11 @@ def validate_config(config: RunConfig) -> None:
         _positive("lora.rank", config.lora.rank)
         for name in config.lora.modules:
             _choice("lora.modules", name, list(LORA_MODULES))
-    from .model.spec import check_decision, check_keep_rate
+    from .model.spec import check_decision, check_dispatch, check_keep_rate
     try:
         check_keep_rate(config.token_drop.keep_rate)
         check_decision(config.token_drop.decision)
+        check_dispatch(config.moe.dispatch, config.moe.capacity_factor)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

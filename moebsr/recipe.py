@@ -19,6 +19,8 @@ def describe_recipe(config: "RunConfig", model: "MoEViT", task_sizes: Optional[M
     per_task_only = f" in blocks {list(moe.task_router_blocks)}" if moe.task_router_blocks is not None else ""
     moe_line = (f"blocks {list(model.moe_blocks)} · {moe.num_experts} experts, top-{moe.top_k}, router `{moe.router}`"
                 f"{per_task_only}"
+                f"{f', capacity factor {moe.capacity_factor:g}' if moe.capacity_factor is not None else ''}"
+                f"{', padded dispatch' if moe.dispatch == 'padded' else ''}"
                 f"{', ' + moe.backend + ' backend' if moe.backend != 'torch' else ''}"
                 if model.moe_blocks else "none (dense)")
     plan = config.bsr.plan().resolve(model.depth)

@@ -60,6 +60,9 @@ def test_overrides_are_typed_and_nested():
     ("train.mixed_precision=fp8", r"train.mixed_precision: 'fp8' is invalid; accepted: no, bf16, fp16"),
     ("token_drop.decision=random", r"token_drop.decision: 'random' is invalid; accepted: shared, per_task"),
     ("tasks=[]", r"tasks: empty"),
+    ("moe.dispatch=sparse", r"^moe.dispatch: 'sparse' is invalid; accepted: grouped, padded$"),
+    ("moe.dispatch=padded", r"^moe.dispatch: 'padded' needs moe.capacity_factor \(the slots per expert\); accepted: "
+                            r"a moe.capacity_factor > 0, or moe.dispatch=grouped$"),
     ("train.steps", r"expected key=value"),
 ])
 def test_bad_values_are_rejected_naming_key_and_value(override, message):
@@ -119,3 +122,28 @@ def test_overrides_with_their_switch_take_effect():
     assert kept_off.token_drop.spec() is None and kept_off.token_drop.keep_rate == 0.3  # explicit: kept for eval
     assert load_config(CONFIGS / "quickstart.yaml", ["bsr.preset=last_k", "bsr.last_k=2"]).bsr.plan().resolve(
         6).trainable_blocks == (4, 5)
+
+
+def test_moe_dispatch_decides_whether_a_forward_reads_the_device_and_padded_is_the_torch_backends():
+    import torch
+
+    from fake_cuda import fake_cuda
+    from moebsr.build import model_from_config
+    from moebsr.recipe import describe_recipe
+    reads = {}
+    for dispatch in ("grouped", "padded"):
+        config = load_config(CONFIGS / "quickstart.yaml", [
+            "model.checkpoint=null", "model.depth=4", "model.embed_dim=32", "model.num_heads=2",
+            "moe.capacity_factor=1.25", f"moe.dispatch={dispatch}"])
+        model = model_from_config(config, {t: 2 for t in config.tasks}).train()
+        with fake_cuda() as cuda:
+            model.to("cuda")(torch.randn(2, 3, 28, 28).to("cuda"), ["digits"])
+        reads[dispatch] = dict(cuda.host_reads)
+    assert reads == {"grouped": {"tolist": 3}, "padded": {}}  # one read per MoE layer, or none
+    assert "8 experts, top-2, router `task`, capacity factor 1.25, padded dispatch\n" in describe_recipe(config, model)
+    tutel = load_config(CONFIGS / "quickstart.yaml", ["moe.capacity_factor=1.25", "moe.dispatch=padded",
+                                                      "moe.backend=tutel"])
+    with pytest.raises(ConfigError, match=r"^moe.dispatch: 'padded' is the torch backend's \(moe.backend is "
+                                          r"'tutel', which always pads\); accepted: moe.backend=torch, or "
+                                          r"moe.dispatch=grouped$"):
+        check_config_against_model(tutel)

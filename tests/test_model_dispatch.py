@@ -4,6 +4,9 @@ import torch.nn as nn
 
 from moebsr.model import (Experts, MoEMlp, TaskRouter, apply_capacity, dispatch_dense_reference, dispatch_grouped,
                           load_balancing_loss)
+from moebsr.model.dispatch import dispatch_padded
+from moebsr.model.routing import Routing, expert_capacity
+from tiny_models import distinct_experts, images, tiny_moevit
 
 
 def _experts(num_experts: int = 6, dim: int = 16, hidden: int = 24) -> Experts:
@@ -116,3 +119,53 @@ def test_router_top_k_and_renormalisation():
     assert torch.equal(routing.expert_index, probabilities.topk(3, -1).indices)
     torch.testing.assert_close(routing.expert_weight.sum(-1), torch.ones(10))
     assert not torch.equal(router(tokens, "a").expert_index, routing.expert_index)
+
+
+def test_padded_dispatch_matches_the_grouped_one_with_dropped_assignments():
+    experts = _experts()
+    tokens = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    index, weight = _routing()
+    capacity = expert_capacity(50, 6, 2, capacity_factor=0.5)  # 2 * floor(0.5 * 9) = 8 slots for ~17 assignments
+    capped = apply_capacity(Routing(index, weight, weight), 6, 0.5).expert_weight.detach().requires_grad_(True)
+    assert 0 < int((capped == 0).sum()) < capped.numel()  # some assignments dropped, some kept
+    results = []
+    for dispatch in (dispatch_grouped, lambda *args: dispatch_padded(*args, capacity=capacity)):
+        experts.zero_grad()
+        out = dispatch(tokens, index, capped, experts)
+        (out * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
+        results.append([out.detach()] + [t.grad.clone() for t in (tokens, capped)] +
+                       [p.grad.clone() for p in experts.parameters()])
+        tokens.grad = capped.grad = None
+    for padded, grouped in zip(results[1], results[0]):
+        torch.testing.assert_close(padded, grouped, rtol=0, atol=1e-12)
+
+
+def test_padded_moevit_equals_grouped_in_outputs_balancing_loss_and_gradients():
+    """Two tasks in one batch: the slots per expert are the sum of both gates' capacities (fp32, 1e-5)."""
+    results = {}
+    for dispatch in ("grouped", "padded"):
+        model = distinct_experts(tiny_moevit(token_drop=dict(keep_rate=0.5), moe=dict(
+            num_experts=4, top_k=2, capacity_factor=1.0, dispatch=dispatch))).train()
+        outputs = model(images(), ["a", "b"])
+        dropped = sum(int((routing.expert_weight == 0).sum()) for block in model.moe_blocks
+                      for routing in model.backbone.blocks[block].mlp.last_routing.values())
+        loss = sum(output.square().mean() for output in outputs.values()) + model.aux_loss()
+        loss.backward()
+        results[dispatch] = (outputs, model.aux_loss().detach(), dropped,
+                             {name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    (grouped, grouped_aux, grouped_dropped, grouped_grads), (padded, padded_aux, padded_dropped, padded_grads) = (
+        results["grouped"], results["padded"])
+    assert grouped_dropped == padded_dropped > 0  # the capacity cap is in play
+    for task in ("a", "b"):
+        torch.testing.assert_close(padded[task], grouped[task], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded_aux, grouped_aux, rtol=1e-5, atol=1e-6)
+    assert padded_grads.keys() == grouped_grads.keys() and any(".experts." in name for name in padded_grads)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(grad, grouped_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_padded_dispatch_needs_a_capacity_factor():
+    with pytest.raises(ValueError, match=r"^moe.dispatch: 'padded' needs moe.capacity_factor"):
+        MoEMlp(TaskRouter(8, 4, 1, ["a"]), Experts(4, 8, 16, nn.GELU()), dispatch="padded")
+    with pytest.raises(ValueError, match=r"^moe.dispatch: 'dense' is invalid; accepted: grouped, padded$"):
+        MoEMlp(TaskRouter(8, 4, 1, ["a"]), Experts(4, 8, 16, nn.GELU()), capacity_factor=1.0, dispatch="dense")

@@ -9,7 +9,8 @@ Two paths, chosen by the dataset:
   whole batch there; ``num_workers`` is not used (no per-image work is left for workers to share).
 - per-image datasets (hub datasets, image folders): a ``torch.utils.data.DataLoader`` with ``num_workers`` decodes
   and transforms each image (timm's ``create_transform`` unless the task gives its own), into pinned memory when
-  ``device`` is CUDA, so the copy to the device overlaps compute.
+  ``device`` is CUDA, so the copy to the device overlaps compute. One DataLoader per BatchLoader serves every epoch,
+  and with workers the same worker processes do (``persistent_workers``): none are started again at each epoch.
 
 Resume: the batch order is a pure function of ``(seed, epoch)``, and each batch's random augmentation of
 ``(seed, epoch, batch)``, so ``state_dict()`` is just ``{"epoch", "position"}`` (``position`` = batches already
@@ -70,6 +71,24 @@ def _collate(items: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, t
     return torch.stack([image for image, _ in items]), torch.tensor([index for _, index in items])
 
 
+class _BatchRequests:
+    """The batch sampler of a BatchLoader's one DataLoader: the ``(index, seed)`` items of the batches asked for next.
+
+    The DataLoader (and its persistent workers) outlives epochs; what it yields is whatever ``batches`` holds when an
+    iteration starts, set from ``EpochBatchSampler`` for ``(epoch, position)``, so order, seeds and resume are the
+    sampler's exactly.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, Optional[int]]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, Optional[int]]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class BatchLoader:
     """Batches of one dataset, labelled for one task or (``joint``) several; iterate for the rest of the epoch,
     or call ``next_batch()`` to cycle through epochs forever."""
@@ -96,6 +115,8 @@ class BatchLoader:
         self.epoch = 0
         self.position = 0
         self._cycle: Optional[Iterator[Batch]] = None
+        self._requests = _BatchRequests()
+        self._item_loader: Optional[DataLoader] = None
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -135,29 +156,42 @@ class BatchLoader:
     def _tensor_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         augment = self.augments and (self.augment.crop_padding > 0 or self.augment.hflip)
         for number, indices in self.sampler.batches(epoch, start):
-            images = self.dataset.images[indices]
-            if self.device.type == "cuda":
-                images = images.pin_memory().to(self.device, non_blocking=True)
-            elif self.device.type != "cpu":
-                images = images.to(self.device)
+            images = self._on_device(self.dataset.images[indices])
             if augment:
-                images = augment_batch(images, self.augment, self.sampler.example_seeds(self.view_of(epoch), indices))
+                seeds = self._on_device(self.sampler.example_seeds(self.view_of(epoch), indices))
+                images = augment_batch(images, self.augment, seeds)
             yield number, to_model_batch(images, self.image_spec), indices
 
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """On CUDA a pinned, asynchronous copy: one from pageable memory would wait for the GPU to finish its queue."""
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
     def _item_batches(self, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        transform = (self.transform or default_transform)(self.image_spec, self.augments)
         numbered = list(self.sampler.batches(epoch, start))
         batches = []
         for number, indices in numbered:
             seeds = (self.sampler.example_seeds(self.view_of(epoch), indices).tolist() if self.augments
                      else [None] * len(indices))
             batches.append(list(zip(indices.tolist(), seeds)))
-        loader = DataLoader(_TransformedItems(self.dataset, transform, self.image_spec.in_chans, self.name),
-                            batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
-                            pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(self.sampler.seed))  # not the global RNG
-        for (number, _), (images, indices) in zip(numbered, loader):
+        self._requests.batches = batches  # before iter(): a (re)started iteration reads them at once
+        for (number, _), (images, indices) in zip(numbered, self._items_loader()):
             yield number, images, indices
+
+    def _items_loader(self) -> DataLoader:
+        """The per-image DataLoader, built at first use and kept: with workers, the same processes serve every epoch
+        (``persistent_workers``), each keeping two batches in flight (``prefetch_factor``)."""
+        if self._item_loader is None:
+            transform = (self.transform or default_transform)(self.image_spec, self.augments)
+            workers = self.num_workers
+            self._item_loader = DataLoader(
+                _TransformedItems(self.dataset, transform, self.image_spec.in_chans, self.name),
+                batch_sampler=self._requests, num_workers=workers, collate_fn=_collate,
+                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=2 if workers > 0 else None,
+                generator=torch.Generator().manual_seed(self.sampler.seed))  # not the global RNG
+        return self._item_loader
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "num_examples": len(self.dataset),

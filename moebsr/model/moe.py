@@ -1,7 +1,8 @@
-"""The MoE layer that replaces a block's MLP: per-task routing, grouped expert dispatch, balancing loss."""
+"""The MoE layer that replaces a block's MLP: per-task routing, grouped or padded expert dispatch, balancing loss."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -10,9 +11,11 @@ import torch.distributed.nn as dist_nn
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .dispatch import dispatch_grouped
+from .dispatch import dispatch_grouped, dispatch_padded
 from .experts import Experts
-from .routing import Routing, TaskRouter, apply_capacity, balancing_loss_from_statistics, routing_statistics
+from .routing import (Routing, TaskRouter, apply_capacity, balancing_loss_from_statistics, expert_capacity,
+                      routing_statistics)
+from .spec import check_dispatch
 
 # Rows of a batch that belong to one task: (task, first row, end row). After the shared trunk the batch
 # holds one copy of the images per task, stacked, so each task's rows are contiguous.
@@ -36,6 +39,9 @@ class MoEMlp(nn.Module):
     the training loop can add it with its own weight; it is ``None`` before the first forward. In a job of several
     processes its statistics are summed over the processes (one small all-reduce per layer, with autograd), so it
     is the loss of the global batch: P processes with batch B train exactly as one process with batch B*P.
+
+    ``dispatch`` (``moe.dispatch``): ``grouped`` reads the per-expert token counts back from the device once per
+    forward; ``padded`` (needs ``capacity_factor``) runs every expert on its full capacity and reads nothing.
     """
 
     def __init__(
@@ -43,13 +49,13 @@ class MoEMlp(nn.Module):
             router: TaskRouter,
             experts: Experts,
             capacity_factor: Optional[float] = None,
-            dispatcher: Dispatcher = dispatch_grouped,
+            dispatch: str = "grouped",
     ) -> None:
         super().__init__()
+        self.dispatch = check_dispatch(dispatch, capacity_factor)
         self.router = router
         self.experts = experts
         self.capacity_factor = capacity_factor
-        self.dispatcher = dispatcher
         self.aux_loss: Optional[torch.Tensor] = None
         self.last_routing: dict[str, Routing] = {}
         self.recompute_experts = False  # MoESpec.recompute_experts
@@ -76,12 +82,21 @@ class MoEMlp(nn.Module):
         self.aux_loss = torch.stack([balancing_loss_from_statistics(s) for s in per_task]).mean()
         return torch.cat(indices), torch.cat(weights)
 
+    def dispatcher(self, task_rows: TaskRows, tokens_per_row: int) -> Dispatcher:
+        """The dispatch of this forward; padded with the slots every task's gate may fill, known from shapes alone."""
+        if self.dispatch == "grouped":
+            return dispatch_grouped
+        capacity = sum(expert_capacity((end - start) * tokens_per_row, self.num_experts, self.router.top_k,
+                                       self.capacity_factor) for _, start, end in task_rows)
+        return functools.partial(dispatch_padded, capacity=capacity)
+
     def forward(self, x: torch.Tensor, task_rows: TaskRows) -> torch.Tensor:
         expert_index, expert_weight = self.route(x, task_rows)
         flat = x.reshape(-1, x.shape[-1])
+        dispatch = self.dispatcher(task_rows, x.shape[1])
         if self.recompute_experts and torch.is_grad_enabled():
             # backward keeps the layer's input, routing and gate weights and runs the experts again
-            mixed = checkpoint(self.dispatcher, flat, expert_index, expert_weight, self.experts, use_reentrant=False)
+            mixed = checkpoint(dispatch, flat, expert_index, expert_weight, self.experts, use_reentrant=False)
         else:
-            mixed = self.dispatcher(flat, expert_index, expert_weight, self.experts)
+            mixed = dispatch(flat, expert_index, expert_weight, self.experts)
         return mixed.reshape(x.shape)

@@ -132,6 +132,12 @@ def load_balancing_loss(routing: Routing, num_experts: int) -> torch.Tensor:
     return balancing_loss_from_statistics(routing_statistics(routing, num_experts))
 
 
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Assignments each expert keeps of ``num_tokens`` tokens routed by one gate: tutel's
+    ``top_k * floor(capacity_factor * ceil(tokens / num_experts))``, a number known before any routing."""
+    return top_k * int(capacity_factor * -(-num_tokens // num_experts))
+
+
 def apply_capacity(routing: Routing, num_experts: int, capacity_factor: float) -> Routing:
     """Zero the weight of assignments past each expert's capacity, all first choices before any second.
 
@@ -141,7 +147,7 @@ def apply_capacity(routing: Routing, num_experts: int, capacity_factor: float) -
     and passes on through the residual.
     """
     num_tokens, top_k = routing.expert_index.shape
-    capacity = top_k * int(capacity_factor * -(-num_tokens // num_experts))
+    capacity = expert_capacity(num_tokens, num_experts, top_k, capacity_factor)
     # rank-major order: all tokens' first choice, then all second choices, ...
     rank_major = routing.expert_index.t().reshape(-1)
     # one-hot by comparison: F.one_hot reads the indices' range back from the device (a host sync per layer)

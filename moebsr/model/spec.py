@@ -15,6 +15,7 @@ PAPER_MOE_BLOCKS = (3, 7, 11)
 PAPER_TOKEN_DROP_BLOCKS = (3, 6, 9)
 ROUTER_MODES = ("task", "shared")
 MOE_BACKENDS = ("torch", "tutel")
+MOE_DISPATCHES = ("grouped", "padded")  # the torch backend's (moe.py); tutel always dispatches padded
 
 
 def scale_block_indices(indices: Sequence[int], depth: int, reference_depth: int = PAPER_DEPTH) -> tuple[int, ...]:
@@ -61,6 +62,9 @@ class MoESpec:
             formula, for both backends); ``None`` is dropless. Assignments over the cap are dropped
             first-choice-first (GShard order).
         backend: ``torch`` (built in) or ``tutel`` (optional; shards the experts across processes).
+        dispatch: How the torch backend runs the experts. ``grouped``: each expert on exactly its tokens, whose
+            count is read back from the device once per MoE layer (a host sync on a GPU); ``padded``: every expert on
+            its full capacity (needs ``capacity_factor``; empty slots cost FLOPs), with no read from the device.
         recompute_experts: Keep only each MoE layer's input, routing and gate weights for backward and run the
             experts again there (activation checkpointing of the expert MLPs; torch backend). The top-k expert
             hidden states (``top_k x hidden`` per token) are then not stored; backward costs one more expert
@@ -76,6 +80,7 @@ class MoESpec:
     renormalize: bool = True
     capacity_factor: Optional[float] = None
     backend: str = "torch"
+    dispatch: str = "grouped"
     recompute_experts: bool = False
 
     def resolve_blocks(self, depth: int) -> tuple[int, ...]:
@@ -114,12 +119,26 @@ class MoESpec:
             raise ValueError(f"moe.capacity_factor: {self.capacity_factor} is invalid; accepted: > 0 or null")
         if self.backend not in MOE_BACKENDS:
             raise ValueError(f"moe.backend: unknown backend {self.backend!r}; accepted: {', '.join(MOE_BACKENDS)}")
+        check_dispatch(self.dispatch, self.capacity_factor)
+        if self.dispatch == "padded" and self.backend != "torch":
+            raise ValueError(f"moe.dispatch: 'padded' is the torch backend's (moe.backend is {self.backend!r}, which "
+                             "always pads); accepted: moe.backend=torch, or moe.dispatch=grouped")
         if self.recompute_experts and self.backend != "torch":
             raise ValueError(f"moe.recompute_experts: only the torch backend recomputes experts (moe.backend is "
                              f"{self.backend!r}); accepted: moe.backend=torch, or moe.recompute_experts=false")
         if self.backend == "tutel":
             from .tutel_backend import require_tutel
             require_tutel()
+
+
+def check_dispatch(dispatch: str, capacity_factor: Optional[float]) -> str:
+    """``moe.dispatch``, or a one-line error: padded needs a capacity, which alone fixes the slots per expert."""
+    if dispatch not in MOE_DISPATCHES:
+        raise ValueError(f"moe.dispatch: {dispatch!r} is invalid; accepted: {', '.join(MOE_DISPATCHES)}")
+    if dispatch == "padded" and capacity_factor is None:
+        raise ValueError("moe.dispatch: 'padded' needs moe.capacity_factor (the slots per expert); accepted: a "
+                         "moe.capacity_factor > 0, or moe.dispatch=grouped")
+    return dispatch
 
 
 @dataclass

@@ -1,0 +1,55 @@
+"""The per-image loader keeps its DataLoader and its worker processes across epochs, with the batches it had."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from moebsr.data import ImageSpec, build_task_loader
+from moebsr.data.transforms import default_transform
+from moebsr.tasks import Task
+
+
+class PidRecordingTransform:
+    """The default transform, also writing the id of the process that ran it (a worker) to ``log``."""
+
+    def __init__(self, log: Path, spec: ImageSpec, train: bool) -> None:
+        self.log, self.transform = log, default_transform(spec, train)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        with open(self.log, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return self.transform(image)
+
+
+def picture_task(log: Path) -> Task:
+    rng = np.random.default_rng(0)
+    pairs = [(Image.fromarray(rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8)), i % 3) for i in range(12)]
+    task = Task(name="pictures", num_outputs=3, dataset_fn=lambda split: pairs)
+    task.train_transform = functools.partial(PidRecordingTransform, log)
+    return task
+
+
+def test_the_same_worker_processes_serve_every_epoch_with_the_in_process_batches(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBSR_CACHE", str(tmp_path / "cache"))
+    log = tmp_path / "pids.txt"
+    spec = ImageSpec(24, 3)
+    in_process = build_task_loader(picture_task(log), "train", spec, batch_size=4, train=True, seed=3)
+    expected = [in_process.next_batch() for _ in range(2 * len(in_process))]
+    log.unlink()
+    loader = build_task_loader(picture_task(log), "train", spec, batch_size=4, train=True, seed=3, num_workers=2)
+    epochs, served = [], []
+    for _ in range(2):
+        epochs.append([loader.next_batch() for _ in range(len(loader))])
+        served.append(set(log.read_text().split()))
+        log.unlink()
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["position"] == len(loader)
+    assert len(served[0]) == 2 and served[0] == served[1] and str(os.getpid()) not in served[0]
+    for got, want in zip(epochs[0] + epochs[1], expected, strict=True):
+        assert torch.equal(got["images"], want["images"]) and torch.equal(got["labels"], want["labels"])
+    assert not torch.equal(epochs[0][0]["indices"], epochs[1][0]["indices"])  # a new order in the second epoch
