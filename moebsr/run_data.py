@@ -134,10 +134,18 @@ class RunData:
         loader = self._loader(group, split, self.config.eval.batch_size, train=False)
         covered_per_batch = loader.batch_size * self.num_processes
         limit = len(loader) if max_examples is None else min(len(loader), math.ceil(max_examples / covered_per_batch))
-        for number, batch in enumerate(loader):
-            if number >= limit:
-                break
-            yield self._to_device(batch, group)
+        try:
+            for number, batch in enumerate(loader):
+                if number >= limit:
+                    break
+                yield self._to_device(batch, group)
+        finally:
+            loader.close()
+
+    def close(self) -> None:
+        """Stop the training loaders' workers (at the end of training)."""
+        for loader in self.train_loaders.values():
+            loader.close()
 
     # ---- resume --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

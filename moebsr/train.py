@@ -264,6 +264,7 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
 
     save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
                     config.train.keep_checkpoints)
+    data.close()
     metrics = _evaluate_and_log(accelerator, model, data, config, step)
     state = unwrapped.state_dict()  # every process: sharded experts are gathered here
     if accelerator.is_main_process:

@@ -53,3 +53,20 @@ def test_the_same_worker_processes_serve_every_epoch_with_the_in_process_batches
     for got, want in zip(epochs[0] + epochs[1], expected, strict=True):
         assert torch.equal(got["images"], want["images"]) and torch.equal(got["labels"], want["labels"])
     assert not torch.equal(epochs[0][0]["indices"], epochs[1][0]["indices"])  # a new order in the second epoch
+
+
+def test_closing_a_loader_with_batches_in_flight_stops_its_workers_at_once(tmp_path, monkeypatch):
+    """Left to the garbage collector, a loader whose workers still hold prefetched batches stalls ~10 s in their
+    joins; ``close()`` (evaluation does it after every pass, training at its end) shuts them down at once."""
+    import time
+
+    monkeypatch.setenv("MOEBSR_CACHE", str(tmp_path / "cache"))
+    loader = build_task_loader(picture_task(tmp_path / "pids.txt"), "train", ImageSpec(24, 3), batch_size=2,
+                               train=True, num_workers=2)
+    loader.next_batch()  # the workers now prefetch the next batches
+    workers = loader._item_loader._iterator._workers
+    started = time.perf_counter()
+    loader.close()
+    assert time.perf_counter() - started < 3.0
+    assert not any(worker.is_alive() for worker in workers)
+    assert len(loader.next_batch()["images"]) == 2  # a closed loader starts new workers when asked again

@@ -193,6 +193,14 @@ class BatchLoader:
                 generator=torch.Generator().manual_seed(self.sampler.seed))  # not the global RNG
         return self._item_loader
 
+    def close(self) -> None:
+        """Stop the per-image workers now: left to the garbage collector, a loader with batches in flight stalls its
+        collection for ~10 s (two 5 s joins), while a shutdown takes milliseconds."""
+        iterator = getattr(self._item_loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # torch's own teardown of a multi-process iterator
+        self._item_loader, self._cycle = None, None
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "num_examples": len(self.dataset),
                 "batch_size": self.batch_size, "seed": self.sampler.seed}
