@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("name", ["quickstart", "quickstart_full", "pretrain", "paper_bsr", "paper_full",
-                                  "paper_lastk", "paper_bsr_adamw"])
+                                  "paper_lastk", "paper_bsr_adamw", "paper_lean", "quickstart_lean"])
 def test_shipped_configs_parse_and_fit_their_model(name):
     config = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(config, RunConfig) and config.tasks
@@ -18,7 +19,11 @@ def test_shipped_configs_parse_and_fit_their_model(name):
 
 def test_paper_configs_differ_only_in_what_trains():
     bsr, full, lastk = (load_config(CONFIGS / f"paper_{n}.yaml") for n in ("bsr", "full", "lastk"))
-    assert bsr.model == full.model == lastk.model and bsr.moe == full.moe == lastk.moe
+    assert bsr.model == full.model == lastk.model
+    # the same MoE; the paper preset adds its memory levers, which change no number (expert recomputation, and bf16
+    # frozen weights under bf16 autocast); the baselines are plain
+    assert dataclasses.replace(bsr.moe, recompute_experts=False) == full.moe == lastk.moe
+    assert (bsr.moe.recompute_experts, bsr.bsr.frozen_dtype, bsr.train.mixed_precision) == (True, "bf16", "bf16")
     assert bsr.tasks == full.tasks == ["cifar10", "cifar100", "pets", "flowers102", "food101"]
     assert bsr.bsr.plan().resolve(12).trainable_blocks == (3, 7, 11)
     assert full.bsr.plan().resolve(12).trainable_blocks == tuple(range(12)) and not full.token_drop.enabled
@@ -27,6 +32,16 @@ def test_paper_configs_differ_only_in_what_trains():
     for key in ("optimizer", "lr", "momentum", "weight_decay", "layer_decay", "warmup_steps", "grad_clip", "batch_size",
                 "label_smoothing", "steps", "mixed_precision"):
         assert getattr(bsr.train, key) == getattr(full.train, key) == getattr(lastk.train, key), key
+
+
+def test_the_lean_presets_train_the_last_3_blocks_where_the_moe_is():
+    paper, lean, twin = (load_config(CONFIGS / name) for name in ("paper_bsr.yaml", "paper_lean.yaml",
+                                                                   "quickstart_lean.yaml"))
+    assert lean.model == paper.model and lean.tasks == paper.tasks and lean.train.optimizer == paper.train.optimizer
+    assert lean.bsr.plan().resolve(12).trainable_blocks == tuple(lean.moe.blocks) == (9, 10, 11)
+    assert twin.bsr.plan().resolve(6).trainable_blocks == tuple(twin.moe.blocks) == (3, 4, 5)
+    for config in (lean, twin):
+        assert config.token_drop.enabled and config.moe.recompute_experts and config.token_drop.keep_rate == 0.5
 
 
 def test_paper_configs_follow_the_authors_moe_script():
