@@ -69,8 +69,8 @@ def test_frozen_weights_in_half_precision_stay_close_in_fp32_training_and_halve_
     (plain, _), (stored, _) = _frozen_model("fp32"), _frozen_model(frozen_dtype)
     plain_loss, plain_grads = _loss_and_grads(plain)
     stored_loss, stored_grads = _loss_and_grads(stored)
-    # the stated tolerance: loss within 0.2 %, every trainable gradient at cosine > 0.99 (bf16: measured 0.9934 at
-    # worst, an 8-bit mantissa) or > 0.9999 (fp16: 0.99999) to the fp32 one
+    # the stated tolerance: loss within 0.2 %, every trainable gradient at cosine > 0.99 (bf16: measured 0.9930 at
+    # worst, the frozen weights rounded to an 8-bit mantissa) or > 0.9999 (fp16: 1.0000) to the fp32 one
     assert abs(stored_loss.item() - plain_loss.item()) < 0.002 * abs(plain_loss.item())
     for a, b in zip(plain_grads, stored_grads):
         assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > min_cosine
@@ -78,9 +78,8 @@ def test_frozen_weights_in_half_precision_stay_close_in_fp32_training_and_halve_
 
     def frozen_bytes(model):
         return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    frozen_matmul = sum(p.numel() for name, p in plain.named_parameters() if not p.requires_grad
-                        and "norm" not in name and "router" not in name and name.split(".")[-1] != "pos_embed"
-                        and "cls_token" not in name)
+    frozen_matmul = sum(p.numel() for name, p in plain.named_parameters()  # matmul weights; biases stay fp32
+                        if not p.requires_grad and name.endswith("weight") and "norm" not in name)
     assert frozen_bytes(plain) - frozen_bytes(stored) == 2 * frozen_matmul
     assert saved_activation_bytes(stored, images(8), LABELS) <= saved_activation_bytes(plain, images(8), LABELS)
 

@@ -12,8 +12,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Mlp
+
+from .precision import frozen_linear
 
 ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -54,18 +55,20 @@ class Experts(nn.Module):
     def forward_expert(self, expert: int, tokens: torch.Tensor,
                        split: Optional[list[ExpertWeights]] = None) -> torch.Tensor:
         fc1_weight, fc1_bias, fc2_weight, fc2_bias = (split or self.split())[expert]
-        tokens = tokens.to(fc1_weight.dtype)  # frozen experts may be stored in bf16 (``bsr.frozen_dtype``)
-        hidden = self.drop(self.act(F.linear(tokens, fc1_weight, fc1_bias)))
-        return self.drop(F.linear(hidden, fc2_weight, fc2_bias))
+        # frozen_linear: frozen experts may be stored in bf16 (``bsr.frozen_dtype``); otherwise F.linear
+        hidden = self.drop(self.act(frozen_linear(tokens, fc1_weight, fc1_bias)))
+        return self.drop(frozen_linear(hidden, fc2_weight, fc2_bias))
 
     def forward_batched(self, slots: torch.Tensor) -> torch.Tensor:
         """``[E, slots, dim] -> [E, slots, dim]``, expert e on row e: two batched matmuls over tutel's dispatch
         layout instead of one ``F.linear`` per expert."""
-        hidden = torch.baddbmm(self.fc1_bias.unsqueeze(1), slots.to(self.fc1_weight.dtype),
-                               self.fc1_weight.transpose(1, 2))
+        # frozen experts stored in bf16 (``bsr.frozen_dtype``) are cast to the slots' dtype here; outside autocast that
+        # copy is what backward keeps (the grouped dispatch's frozen_linear keeps none)
+        fc1_weight, fc2_weight = (w if torch.is_autocast_enabled(slots.device.type) else w.to(slots.dtype)
+                                  for w in (self.fc1_weight, self.fc2_weight))
+        hidden = torch.baddbmm(self.fc1_bias.unsqueeze(1), slots, fc1_weight.transpose(1, 2))
         hidden = self.drop(self.act(hidden))
-        output = self.drop(torch.baddbmm(self.fc2_bias.unsqueeze(1), hidden, self.fc2_weight.transpose(1, 2)))
-        return output if torch.is_autocast_enabled(slots.device.type) else output.to(slots.dtype)
+        return self.drop(torch.baddbmm(self.fc2_bias.unsqueeze(1), hidden, fc2_weight.transpose(1, 2)))
 
     @classmethod
     def upcycle(cls, mlp: nn.Module, num_experts: int, hidden_features: Optional[int] = None) -> "Experts":

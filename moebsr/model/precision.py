@@ -1,13 +1,14 @@
 """Frozen weights stored in bf16/fp16: half the parameter bytes of everything BSR does not train.
 
-Only the matmul weights of frozen layers are cast (``nn.Linear``, the patch embedding's ``nn.Conv2d``, expert banks);
-norms, tokens, position embeddings and routers stay fp32 (tiny, and routing is fp32 by design). A cast layer computes
-in its weights' dtype: its input is cast down on the way in and, outside autocast, its output back up on the way
-out, so the residual stream, the norms and every trainable layer keep their precision.
+Only the matmul weights of frozen layers are stored low (``nn.Linear``, the patch embedding's ``nn.Conv2d``, expert
+banks); their biases, norms, tokens, position embeddings and routers stay fp32 (tiny, and routing is fp32 by design).
 
-Under bf16 autocast (``train.mixed_precision: bf16``) this changes no number at all: autocast casts an fp32 weight to
-bf16 for every matmul anyway, so storing it in bf16 only skips that copy (tested bit for bit). In fp32 training the
-frozen layers' matmuls run in bf16: a stated tolerance, measured on the accuracy benchmark.
+A stored weight is used in the precision of the activations it meets:
+- under bf16 autocast (``train.mixed_precision: bf16``) autocast casts an fp32 weight to bf16 for every matmul anyway,
+  so storing it in bf16 changes no number at all, it only skips that copy (tested bit for bit);
+- in fp32 the weight is cast up inside the matmul (:class:`_UpcastLinear`), which keeps only the low-precision weight
+  for backward, not an fp32 copy, and computes in fp32 (on a CPU without bf16 units a bf16 matmul is slower than an
+  fp32 one). The one change is each frozen weight rounded to bf16 (relative 2^-9): a stated tolerance, measured.
 """
 
 from __future__ import annotations
@@ -16,16 +17,9 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-
-from .experts import Experts
-from .routing import TaskRouter
+import torch.nn.functional as F
 
 FROZEN_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _frozen(module: nn.Module) -> bool:
-    parameters = list(module.parameters())
-    return bool(parameters) and not any(p.requires_grad for p in parameters)
 
 
 def _autocasting(tensor: torch.Tensor) -> bool:
@@ -33,39 +27,81 @@ def _autocasting(tensor: torch.Tensor) -> bool:
     return device_type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device_type)
 
 
-def _cast_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Forward pre-hook: the input in the weights' dtype (remembering its own, for :func:`_cast_output_back`)."""
-    dtype = module.weight.dtype
-    module.input_dtype = next((arg.dtype for arg in args if torch.is_tensor(arg)), dtype)
-    return tuple(arg.to(dtype) if torch.is_tensor(arg) and arg.is_floating_point() else arg for arg in args)
+class _UpcastLinear(torch.autograd.Function):
+    """``F.linear(x, weight.to(x.dtype), bias)`` for a frozen low-precision ``weight``, saving only ``weight`` (a
+    parameter, stored anyway) for backward: plain autograd would keep the fp32 copy of every frozen layer that lies
+    between trainable ones."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None]:
+        (weight,) = ctx.saved_tensors
+        return grad_output @ weight.to(grad_output.dtype), None, None
 
 
-def _cast_output_back(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: the output in the input's dtype, except under autocast (which decides dtypes itself)."""
-    return output if _autocasting(output) else output.to(module.input_dtype)
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear`` for a weight that may be stored in lower precision than ``x`` (see the module docstring)."""
+    if weight.dtype == x.dtype or _autocasting(x):
+        return F.linear(x, weight, bias)
+    if weight.requires_grad:
+        raise RuntimeError("frozen_linear: the weight trains; only frozen weights are stored in low precision")
+    return _UpcastLinear.apply(x, weight, bias)
+
+
+class LowPrecisionLinear(nn.Linear):
+    """An ``nn.Linear`` whose frozen weight is stored in bf16/fp16 (same state-dict keys); see :func:`frozen_linear`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(input, self.weight, self.bias)
+
+
+class LowPrecisionConv2d(nn.Conv2d):
+    """The patch embedding's convolution with its frozen weight in bf16/fp16. A frozen stem runs without autograd
+    (nothing before it trains), so a plain cast up is all it needs."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _autocasting(input):
+            return super().forward(input)
+        bias = None if self.bias is None else self.bias.to(input.dtype)
+        return self._conv_forward(input, self.weight.to(input.dtype), bias)
+
+
+def _frozen(module: nn.Module) -> bool:
+    parameters = list(module.parameters())
+    return bool(parameters) and not any(p.requires_grad for p in parameters)
+
+
+def _store_low(parameter: nn.Parameter, dtype: torch.dtype) -> None:
+    parameter.data = parameter.data.to(dtype)
 
 
 def store_frozen_weights(model: nn.Module, dtype_name: str) -> list[str]:
-    """Cast the frozen matmul layers of ``model`` to ``dtype_name`` (``bf16``/``fp16``; ``fp32``: nothing).
+    """Store the frozen matmul weights of ``model`` in ``dtype_name`` (``bf16``/``fp16``; ``fp32``: nothing).
 
-    Call after everything that decides what trains (BSR, LoRA). Returns the names of the cast modules."""
+    Call after everything that decides what trains (BSR, LoRA). Returns the names of the modules changed."""
     if dtype_name not in FROZEN_DTYPES:
         raise ValueError(f"bsr.frozen_dtype: {dtype_name!r} is invalid; accepted: {', '.join(FROZEN_DTYPES)}")
     dtype: Optional[torch.dtype] = FROZEN_DTYPES[dtype_name]
     if dtype is None:
         return []
+    from .experts import Experts
+    from .routing import TaskRouter
     routers = {id(m) for router in model.modules() if isinstance(router, TaskRouter) for m in router.modules()}
-    cast = []
+    changed = []
     for name, module in model.named_modules():
         if id(module) in routers or not _frozen(module):
             continue
         if isinstance(module, Experts):
-            module.to(dtype)  # the dispatch casts the tokens to the experts' dtype and their output back
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.to(dtype)
-            module.register_forward_pre_hook(_cast_input)
-            module.register_forward_hook(_cast_output_back)
+            _store_low(module.fc1_weight, dtype)  # forward_expert goes through frozen_linear
+            _store_low(module.fc2_weight, dtype)
+        elif type(module) in (nn.Linear, nn.Conv2d):
+            _store_low(module.weight, dtype)
+            module.__class__ = LowPrecisionLinear if type(module) is nn.Linear else LowPrecisionConv2d
         else:
             continue
-        cast.append(name)
-    return cast
+        changed.append(name)
+    return changed
