@@ -13,7 +13,7 @@ time of an epoch after every loader's first one (the cache full for ``views0``),
 test top-1. The machine is shared and noisy: compare within a seed's rotation, and read the ratios.
 
     python bench/trunk_cache.py train.steps=600                       # the README's table (~1 h on 2 CPU cores)
-    python bench/trunk_cache.py --recipes lean --seeds 0 train.steps=600
+    python bench/trunk_cache.py train.steps=600 --recipes lean         # one recipe: its rows replace, others stay
 """
 
 from __future__ import annotations
@@ -85,7 +85,12 @@ def main() -> None:
         runs = {setting: [run(recipe, setting, seed, lr, args) for seed in args.seeds] for setting in SETTINGS}
         results["recipes"][recipe] = {"lr": lr, "runs": runs}
     out = Path(args.out)
-    (out / "trunk_cache_quickstart.json").write_text(json.dumps(results, indent=2))
+    path = out / "trunk_cache_quickstart.json"
+    if path.is_file():  # a run of some recipes replaces their rows and keeps the others of the same settings
+        earlier = json.loads(path.read_text())
+        if all(earlier.get(key) == results[key] for key in ("settings", "seeds", "overrides")):
+            results["recipes"] = {**earlier["recipes"], **results["recipes"]}
+    path.write_text(json.dumps(results, indent=2))
     table = format_table(results)
     (out / "trunk_cache_quickstart.md").write_text(table + "\n")
     print(table)
