@@ -118,8 +118,7 @@ def main() -> None:
     path = out / "accuracy_quickstart.json"
     if path.is_file():  # a run of some recipes updates their rows and keeps the others of the same protocol
         earlier = json.loads(path.read_text())
-        if all(earlier.get(key) == results[key] for key in ("protocol", "tasks", "seeds", "validation_fraction",
-                                                              "overrides")):
+        if all(earlier.get(key) == results[key] for key in ("tasks", "seeds", "validation_fraction", "overrides")):
             results["recipes"] = {**earlier["recipes"], **results["recipes"]}
     path.write_text(json.dumps(results, indent=2))
     table = format_table(results)
