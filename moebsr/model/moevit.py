@@ -11,6 +11,10 @@ the first per-task-routed block is the last one every task shares, its CLS atten
 image, and every later dropping stage keeps the top of that ranking among the tokens still present. An image
 therefore keeps the same tokens for every task, and a task's output does not depend on which other tasks share
 its batch. ``"per_task"`` lets every stage after the split rank by its own task's CLS attention instead.
+
+The forward is cut into pieces that pass a :class:`TrunkState` along (``start_trunk``, ``run_blocks``,
+``finish_features``), so that the frozen trunk's result can be computed once and continued from later
+(``forward_frozen_trunk`` / ``forward(..., trunk=state)``: the trunk cache).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from .spec import check_decision
 from .token_drop import TokenSelection, num_kept_tokens
 
 HeadFactory = Union[int, nn.Module, Callable[[int], nn.Module]]
+NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, RmsNorm,
+                               getattr(nn, "RMSNorm", None)) if t is not None)
 
 
 @dataclass
@@ -61,8 +67,6 @@ class TrunkState:
     def __post_init__(self) -> None:
         if self.task_rows is None:
             self.task_rows = [(self.tasks[0], 0, self.batch)]  # the shared trunk: one pass, any task's gate
-NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, RmsNorm,
-                               getattr(nn, "RMSNorm", None)) if t is not None)
 
 
 class MoEViT(nn.Module):
