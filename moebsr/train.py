@@ -93,6 +93,9 @@ class _RunningLoss:
         return {task: f"{value:.3f}" for task, value in self.values.items()}
 
 
+TIME_KEYS = ("elapsed_s", "cpu_s")  # a record's clocks: logged, not averaged into TensorBoard
+
+
 class LogWindow:
     """Means over the steps since the last tracker write: each task's loss over the steps that drew it, the total
     and balancing losses, the learning rate, and images/s. The sampler rotates tasks, so logging one step's
@@ -109,7 +112,7 @@ class LogWindow:
 
     def add(self, record: Mapping[str, Any], images: int) -> None:
         for key, value in record.items():
-            if key not in ("step", "elapsed_s") and isinstance(value, float):
+            if key not in ("step", *TIME_KEYS) and isinstance(value, float):
                 self.sums[key] = self.sums.get(key, 0.0) + value
                 self.counts[key] = self.counts.get(key, 0) + 1
         self.images += images
@@ -187,7 +190,7 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
         f"{f' ({len(sharded)} expert tensors sharded over the processes)' if sharded else ''} · output {output_dir}")
     accelerator.print(describe_recipe(config, unwrapped, data.train_sizes(), data.task_outputs()))
     model.train()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     step = start_step
     micro_step = start_step * config.train.grad_accum_steps
     metrics: dict[str, dict[str, float]] = {}
@@ -234,7 +237,8 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
             step += 1
             record = {"step": step, "tasks": tasks, "loss": read[0], "aux_loss": read[1],
                       "lr": scheduler.get_last_lr()[0], **{f"{t}/loss": v for t, v in zip(task_losses, read[2:])},
-                      "elapsed_s": round(time.perf_counter() - started, 3)}
+                      "elapsed_s": round(time.perf_counter() - started, 3),  # wall clock since the loop began
+                      "cpu_s": round(time.process_time() - cpu_started, 3)}  # this process's CPU time, likewise
             losses_seen.append(record)
             window.add(record, images=len(batch["images"]) * accelerator.num_processes * config.train.grad_accum_steps)
             for task, value in zip(task_losses, read[2:]):

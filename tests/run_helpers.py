@@ -42,9 +42,9 @@ def launch_run(output_dir: Path, processes: int, steps: int, extra: Sequence[str
 
 
 def read_losses(output_dir: Path) -> list[dict]:
-    """The logged records without their wall-clock time (which no two runs share)."""
+    """The logged records without their clocks (which no two runs share)."""
     with open(Path(output_dir) / "train_log.jsonl") as handle:
-        return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in handle]
+        return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "cpu_s")} for line in handle]
 
 
 def subprocess_env() -> dict[str, str]:
