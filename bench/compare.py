@@ -24,12 +24,12 @@ from pathlib import Path
 from recipes import BASE_CONFIG, RECIPES, REPO, SIZES, recipe_overrides
 
 RATIO_KEYS = ("train_flops_per_image", "saved_activation_bytes_per_image", "train_memory_bytes",
-              "peak_memory_bytes", "step_time_s")
+              "peak_memory_bytes", "step_time_s", "step_cpu_time_s")
 # how the paper BSR model routes, for the joint-batch measurement: its recipe on top of recipes.py's COMMON
 JOINT_ROUTERS = {"router `task`": "paper_bsr", "router `task` in the last MoE block only": "paper_bsr_last_task_gate",
                  "router `shared`": "paper_bsr_shared_gate"}
 TARGETS = {"train_flops_per_image": 3.0, "saved_activation_bytes_per_image": 6.0, "train_memory_bytes": 2.5,
-           "peak_memory_bytes": 2.5, "step_time_s": 2.5}
+           "peak_memory_bytes": 2.5, "step_time_s": 2.5, "step_cpu_time_s": 2.5}
 
 
 def profile(overrides: list[str], args: argparse.Namespace, tasks_per_step: int | None = None) -> dict:
@@ -40,6 +40,8 @@ def profile(overrides: list[str], args: argparse.Namespace, tasks_per_step: int 
     if tasks_per_step:
         command += ["--tasks-per-step", str(tasks_per_step)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if result.returncode != 0:
         raise SystemExit(f"profile failed for {overrides}:\n{result.stderr[-2000:]}")
@@ -57,6 +59,9 @@ def main() -> None:
     parser.add_argument("--joint-tasks", type=int, default=4, help="measure joint batches of 1..N tasks")
     parser.add_argument("--repeats", type=int, default=1,
                         help="profile the whole recipe sequence N times in rotation; timings are the median")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per profile (default: torch's); with 1, the step's CPU time is its "
+                             "compute, which other jobs on a shared machine do not inflate")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("overrides", nargs="*", help="config overrides for every recipe, e.g. train.optimizer=sgd")
     args = parser.parse_args()
@@ -64,36 +69,40 @@ def main() -> None:
     base = ["model.checkpoint=null", f"train.batch_size={args.batch_size}", "train.sampler=round_robin",
             *args.overrides]
     rows: dict[str, dict] = {}
-    timings: dict[str, list[tuple[float, float]]] = {name: [] for name in args.recipes}
+    timings: dict[str, list[tuple[float, float, float]]] = {name: [] for name in args.recipes}
     for repeat in range(args.repeats):  # in rotation, so a slow spell of the machine hits every recipe alike
         for name in args.recipes:
             print(f"profiling {name} ({repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
             rows[name] = profile(base + recipe_overrides(args.size, name), args)
-            timings[name].append((rows[name]["step_time_s"], rows[name]["infer_images_per_s"]))
+            timings[name].append((rows[name]["step_time_s"], rows[name]["infer_images_per_s"],
+                                  rows[name]["step_cpu_time_s"]))
     for name, measured in timings.items():
-        rows[name]["step_time_s"] = statistics.median(t for t, _ in measured)
-        rows[name]["infer_images_per_s"] = statistics.median(r for _, r in measured)
-        rows[name]["repeats_step_time_s"] = [t for t, _ in measured]
+        rows[name]["step_time_s"] = statistics.median(t for t, _, _ in measured)
+        rows[name]["infer_images_per_s"] = statistics.median(r for _, r, _ in measured)
+        rows[name]["step_cpu_time_s"] = statistics.median(c for _, _, c in measured)
+        rows[name]["repeats_step_time_s"] = [t for t, _, _ in measured]
     joint: dict[str, dict[int, float]] = {}
+    joint_cpu: dict[str, dict[int, float]] = {}
     joint_flops: dict[str, dict[int, float]] = {}  # training FLOPs of the joint step: the noise-free twin of its time
     if args.joint_tasks > 1:
         four_tasks = ["tasks=[mnist,mnist_parity,digits,animals]"]
         for router in JOINT_ROUTERS:
-            samples: dict[int, list[float]] = {}
+            samples: dict[int, list[tuple[float, float]]] = {}
             for repeat in range(args.repeats):
                 for count in range(1, args.joint_tasks + 1):
                     print(f"profiling joint batch of {count} task(s), {router} ...", file=sys.stderr, flush=True)
                     overrides = base + recipe_overrides(args.size, JOINT_ROUTERS[router]) + four_tasks
                     report = profile(overrides, args, count)
-                    samples.setdefault(count, []).append(report["step_time_s"])
+                    samples.setdefault(count, []).append((report["step_time_s"], report["step_cpu_time_s"]))
                     joint_flops.setdefault(router, {})[count] = report["train_flops_per_image"]
-            joint[router] = {count: statistics.median(times) for count, times in samples.items()}
+            joint[router] = {count: statistics.median(w for w, _ in times) for count, times in samples.items()}
+            joint_cpu[router] = {count: statistics.median(c for _, c in times) for count, times in samples.items()}
 
     first = next(iter(rows.values()))
     results = {"size": args.size, "batch_size": args.batch_size, "overrides": args.overrides, "repeats": args.repeats,
                "device": first["device"],
                "torch_threads": first["torch_threads"], "recipes": rows, "joint_step_time_s": joint,
-               "joint_train_flops_per_image": joint_flops}
+               "joint_step_cpu_time_s": joint_cpu, "joint_train_flops_per_image": joint_flops}
     accuracy_path = Path(args.out) / f"accuracy_{args.size}.json"
     if accuracy_path.is_file():
         results["accuracy"] = json.loads(accuracy_path.read_text())
@@ -128,8 +137,8 @@ def write_outputs(results: dict, out: Path) -> None:
              f"{results['torch_threads']} threads, timings median of {results.get('repeats', 1)} run(s) in rotation; "
              "ratios are full fine-tuning / recipe (higher = cheaper).", "",
              "| recipe | trainable params | train GFLOPs/img | saved MiB/img | train mem MiB | peak MiB | step ms | "
-             "FLOPs x | saved x | train mem x | peak x | step x |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "FLOPs x | saved x | train mem x | peak x | step x | step CPU x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, name in zip(table, rows):
         r = ratios.get(name, {})
         lines.append(f"| {name} | {row[1]:,} | {row[2]:.3f} | {row[4]:.2f} | {row[5]:.0f} | {row[6]:.0f} | "
@@ -142,8 +151,9 @@ def write_outputs(results: dict, out: Path) -> None:
                       f"({drop['infer_images_per_s']:.1f} vs {no_drop['infer_images_per_s']:.1f} images/s)."]
     for router, times in results.get("joint_step_time_s", {}).items():
         flops = results.get("joint_train_flops_per_image", {}).get(router, {})
+        cpu = results.get("joint_step_cpu_time_s", {}).get(router, {})
         scaled = ", ".join(f"T={count}: {time / times[1]:.2f}"
-                           + (f" (FLOPs {flops[count] / flops[1]:.2f})" if flops else "")
+                           + (f" (CPU {cpu[count] / cpu[1]:.2f}, FLOPs {flops[count] / flops[1]:.2f})" if flops else "")
                            + f" (target <= {1 + 0.35 * (count - 1):.2f})" for count, time in times.items())
         lines.append(f"Joint batch step cost relative to one task, paper_bsr, {router}: {scaled}.")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -197,7 +197,8 @@ def profile_step(model: MoEViT, task_outputs: Mapping[str, int], batch_size: int
         peak_bytes, peak_source = measure_peak_memory(step, device, parameter_bytes + optimizer_state_bytes(
             optimizer, model))
         return dict(peak_memory_bytes=peak_bytes, peak_memory_source=peak_source)
-    times = wall_times(step, device, steps, warmup=max(1, warmup))  # warm-up: lazy init, optimizer state
+    timed = timed_calls(step, device, steps, warmup=max(1, warmup))  # warm-up: lazy init, optimizer state
+    times, cpu_times = [wall for wall, _ in timed], [cpu for _, cpu in timed]
     infer_times = inference_times(model, images, list(tasks), steps=steps, warmup=warmup, precision=precision)
     state_bytes = optimizer_state_bytes(optimizer, model)
     peak_bytes, peak_source = measure_peak_memory(step, device, parameter_bytes + state_bytes)
@@ -216,24 +217,34 @@ def profile_step(model: MoEViT, task_outputs: Mapping[str, int], batch_size: int
         train_memory_bytes=saved_bytes + parameter_bytes + gradient_bytes + state_bytes,
         peak_memory_bytes=peak_bytes, peak_memory_source=peak_source,
         step_time_s=statistics.median(times), step_times_s=times, torch_threads=torch.get_num_threads(),
+        step_cpu_time_s=statistics.median(cpu_times),
         infer_images_per_s=batch_size / statistics.median(infer_times),
         tokens_per_block=model.tokens_per_block(),
     )
 
 
-def wall_times(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int) -> list[float]:
-    """Wall time of ``steps`` calls of ``fn`` after ``warmup`` untimed ones (CUDA work waited for)."""
+def timed_calls(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int
+                ) -> list[tuple[float, float]]:
+    """``(wall, CPU)`` seconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones (CUDA work waited for).
+
+    The CPU time is this process's, all threads: with one thread it is the call's compute, which another job on the
+    machine does not inflate as it does the wall clock."""
     times = []
     for index in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if index >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append((time.perf_counter() - start, time.process_time() - cpu_start))
     return times
+
+
+def wall_times(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int) -> list[float]:
+    """Wall time of ``steps`` calls of ``fn`` after ``warmup`` untimed ones (CUDA work waited for)."""
+    return [wall for wall, _ in timed_calls(fn, device, steps, warmup)]
 
 
 def inference_times(model: MoEViT, images: torch.Tensor, tasks: Sequence[str], steps: int, warmup: int,
@@ -313,6 +324,7 @@ def format_profile(report: dict[str, Any]) -> str:
         ("peak memory measured", f"{report['peak_memory_bytes'] / gib:.3f} GiB ({report['peak_memory_source']})"),
         ("step time (median)", f"{report['step_time_s'] * 1000:.1f} ms over {len(report['step_times_s'])} steps, "
                                f"{report['torch_threads']} threads"),
+        ("step CPU time (median)", f"{report['step_cpu_time_s'] * 1000:.1f} ms (all threads)"),
         ("inference throughput", f"{report['infer_images_per_s']:.1f} images/s (eval, no autograd)"),
         ("tokens per block", " ".join(map(str, report["tokens_per_block"]))),
     ]
