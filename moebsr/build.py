@@ -57,6 +57,16 @@ def model_from_config(config: RunConfig, heads: Mapping[str, HeadFactory], load_
     return model
 
 
+def model_for_run(config: RunConfig, heads: Mapping[str, HeadFactory], document: Mapping) -> MoEViT:
+    """The model a saved folder holds, built without weights: a training run's, or a task model written by
+    ``moebsr export`` (its ``export`` section says which experts each MoE layer kept)."""
+    model = model_from_config(config, heads, load_weights=False)
+    if "export" in document:
+        from .deploy.bundle import apply_export_structure
+        apply_export_structure(model, document["export"])
+    return model
+
+
 def image_spec_of(model: MoEViT) -> dict:
     """What the model's input must look like: size, channels, normalisation."""
     patch_embed = model.backbone.patch_embed

@@ -52,6 +52,8 @@ class MoEViT(nn.Module):
         self.grad_checkpointing = False
         self.token_drop_decision = check_decision(token_drop_decision)
         self.last_kept_tokens: dict[int, dict[str, torch.Tensor]] = {}
+        # a task model exported from a multitask one keeps that model's split block (see task_split_block)
+        self.origin_split_block: Optional[int] = None
 
     # ---- introspection -------------------------------------------------------------------------------------
     @property
@@ -117,6 +119,16 @@ class MoEViT(nn.Module):
             counts.append(num_tokens)
         return counts
 
+    def task_split_block(self) -> Optional[int]:
+        """The first block whose MLP routes per task, where the task streams split; ``None`` if none does.
+
+        A task model exported from a multitask one keeps the split block of its origin (``origin_split_block``),
+        even where pruning made that block's MLP dense, so its token dropping ranks by the same attention.
+        """
+        if self.origin_split_block is not None:
+            return self.origin_split_block
+        return next((i for i, block in enumerate(self.blocks) if block.routes_per_task), None)
+
     def ranking_block(self) -> Optional[int]:
         """The block whose CLS attention ranks the tokens for every later dropping stage (``decision: shared``).
 
@@ -126,7 +138,7 @@ class MoEViT(nn.Module):
         """
         if self.token_drop_decision != "shared":
             return None
-        split = next((i for i, block in enumerate(self.blocks) if block.routes_per_task), None)
+        split = self.task_split_block()
         if split is None or not any(i > split for i in self.token_drop_blocks):
             return None
         return split
