@@ -1,5 +1,5 @@
 """The ``moebsr`` command: one sub-command per job (``tasks``, ``train``, ``eval``, ``tokens``, ``profile``,
-``export``).
+``export``, ``predict``).
 
 Bad input (unknown task, broken task file, bad config) exits 2 with one line on stderr, not a stack trace.
 """
@@ -123,6 +123,22 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_predict(args: argparse.Namespace) -> int:
+    """A task's top classes for image files; a bad path costs one line, the other images are still predicted."""
+    import json
+
+    from .deploy.predict import format_predictions, predict
+    report = predict(args.run, args.paths, args.task, args.top_k, args.keep_rate, args.batch_size)
+    if args.json:
+        print(json.dumps({"run": args.run, "task": report.task, "keep_rate": args.keep_rate,
+                          "predictions": [p.to_dict() for p in report.predictions], "errors": report.errors}))
+    elif report.predictions:
+        print(format_predictions(report))
+    for error in report.errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 2 if report.errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moebsr", description="Multitask MoE-ViT fine-tuning with BSR.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -173,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     export.add_argument("--json", action="store_true", help="print one JSON object")
     export.set_defaults(handler=command_export)
+
+    prediction = commands.add_parser("predict", help="a task's top classes for image files or folders")
+    prediction.add_argument("--run", required=True, help="training run folder or exported task model folder")
+    prediction.add_argument("--task", default=None, help="the task (default: the folder's only task)")
+    prediction.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    prediction.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
+    prediction.add_argument("--keep-rate", type=float, default=None, help="predict with another token keep rate")
+    prediction.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
+    prediction.add_argument("--json", action="store_true", help="print one JSON object")
+    prediction.set_defaults(handler=command_predict)
 
     training = commands.add_parser("train", help="train as configured (the same job as launch/multitask.py)")
     training.add_argument("--config", required=True, help="YAML file, e.g. configs/quickstart.yaml")
