@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--criterion", default=None, help="with --prune: share (default) or coverage")
     export.add_argument("--threshold", type=float, default=None,
                         help="with --prune: least share of a layer's routing mass an expert needs to stay (share, "
-                             "default 0.05), or the mass the kept experts must cover (coverage, default 0.95)")
+                             "default 0.08), or the mass the kept experts must cover (coverage, default 0.9)")
     export.add_argument("--calibration-examples", type=int, default=None,
                         help="with --prune: calibrate on the first N training examples (default: all)")
     export.add_argument("--format", default="safetensors",
