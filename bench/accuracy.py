@@ -31,7 +31,10 @@ from recipes import RECIPES, REPO, cached_run, recipe_overrides
 TASKS = ["mnist", "mnist_parity", "digits", "digits_parity", "animals"]
 DEFAULT_RECIPES = ["full", "full_drop", "paper_bsr", "paper_bsr_per_task", "bsr_no_drop", "paper_bsr_frozen_experts",
                    "bsr_last_3", "lora_paper_blocks", "head_only"]
-LR_GRID = {"default": [3e-4, 1e-3, 3e-3], "head_only": [1e-3, 3e-3, 1e-2], "lora_paper_blocks": [1e-3, 3e-3, 1e-2]}
+# recipes that train few parameters get a grid shifted up (every BSR variant picked the default grid's top, 3e-3)
+HIGH_GRID = [1e-3, 3e-3, 1e-2]
+LR_GRID = {"default": [3e-4, 1e-3, 3e-3], "head_only": HIGH_GRID, "lora_paper_blocks": HIGH_GRID,
+           "last_3_moe_drop": HIGH_GRID, "lean": HIGH_GRID}
 VALIDATION_FRACTION = 0.15
 
 

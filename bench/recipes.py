@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Union
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "quickstart.yaml"
@@ -42,7 +43,26 @@ COMMON = ["moe.blocks=null", "moe.num_experts=16", "moe.top_k=4", "moe.router=ta
 NO_DROP = ["token_drop.enabled=false"]
 DROP = ["token_drop.enabled=true"]
 DENSE = ["moe.blocks=[]"]
-RECIPES = {
+
+
+def last_blocks_moe(*overrides: str) -> Callable[[int], list[str]]:
+    """A recipe with MoE only in the last 3 blocks, the ones it trains: a frozen MoE block of upcycled experts
+    computes the dense MLP again (renormalised gates), so routing there costs and splits the task streams for
+    nothing. Its block list depends on the depth, so the recipe is a function of it."""
+    return lambda depth: [*overrides, f"moe.blocks=[{','.join(map(str, range(depth - 3, depth)))}]"]
+
+
+def last_moe_block_routes_per_task(*overrides: str) -> Callable[[int], list[str]]:
+    """A recipe with one gate per task only in the last of the paper's MoE blocks (the others share one gate), so a
+    joint batch of T tasks keeps one shared stream up to there."""
+    def resolve(depth: int) -> list[str]:
+        from moebsr.model.spec import PAPER_MOE_BLOCKS, scale_block_indices
+        return [*overrides, f"moe.task_router_blocks=[{scale_block_indices(PAPER_MOE_BLOCKS, depth)[-1]}]"]
+    return resolve
+
+
+LAST_3 = ["bsr.preset=last_k", "bsr.last_k=3"]
+RECIPES: dict[str, Union[list[str], Callable[[int], list[str]]]] = {
     "full": ["bsr.preset=all", *NO_DROP],
     "full_drop": ["bsr.preset=all", *DROP],
     "head_only": ["bsr.preset=none", *NO_DROP],
@@ -58,11 +78,21 @@ RECIPES = {
     "dense_last_3": [*DENSE, "bsr.preset=last_k", "bsr.last_k=3", *NO_DROP],
     "dense_paper_bsr": [*DENSE, "bsr.preset=paper", *DROP],
     "dense_lora_paper_blocks": [*DENSE, "bsr.preset=none", "lora.enabled=true", "lora.blocks=null", *NO_DROP],
+    "paper_bsr_shared_gate": ["bsr.preset=paper", *DROP, "moe.router=shared"],
+    "paper_bsr_last_task_gate": last_moe_block_routes_per_task("bsr.preset=paper", *DROP),
+    "last_3_moe_drop": last_blocks_moe(*LAST_3, *DROP),
+    "lean": last_blocks_moe(*LAST_3, *DROP, "moe.recompute_experts=true"),
 }
 
 
+def depth_of(size: str) -> int:
+    overrides = dict(item.split("=", 1) for item in SIZES[size])
+    return int(overrides.get("model.depth", backbone_arch()["depth"]))
+
+
 def recipe_overrides(size: str, recipe: str) -> list[str]:
-    return SIZES[size] + COMMON + RECIPES[recipe]
+    overrides = RECIPES[recipe]
+    return SIZES[size] + COMMON + (overrides(depth_of(size)) if callable(overrides) else overrides)
 
 
 def backbone_digest(overrides: list[str]) -> str:

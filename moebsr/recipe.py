@@ -16,7 +16,9 @@ def describe_recipe(config: "RunConfig", model: "MoEViT", task_sizes: Optional[M
     source = ("pretrained (timm)" if config.model.pretrained else
               f"weights {config.model.checkpoint}" if config.model.checkpoint else "random init")
     moe = config.moe
+    per_task_only = f" in blocks {list(moe.task_router_blocks)}" if moe.task_router_blocks is not None else ""
     moe_line = (f"blocks {list(model.moe_blocks)} · {moe.num_experts} experts, top-{moe.top_k}, router `{moe.router}`"
+                f"{per_task_only}"
                 f"{', ' + moe.backend + ' backend' if moe.backend != 'torch' else ''}"
                 if model.moe_blocks else "none (dense)")
     plan = config.bsr.plan().resolve(model.depth)

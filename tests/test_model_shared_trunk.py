@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,3 +113,42 @@ def test_the_trunk_runs_once_for_all_tasks():
         block.norm1.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
     model(images(4), ["a", "b", "c"])
     assert rows == [4, 4, 4, 12]  # blocks 0-2 attention shared; the routed MLP of block 2 splits the tasks
+
+
+def test_per_task_routing_in_chosen_blocks_only_keeps_the_trunk_shared_up_to_them():
+    """``task_router_blocks=[3]``: block 1 shares one gate, block 3 has one per task; the streams split there, a
+    joint pass still equals each task alone, and the joint pass computes less than with per-task gates everywhere."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moebsr.profiling import unfused_attention
+
+    def build(task_router_blocks):
+        return _dropping_model("shared", moe=dict(blocks=[1, 3], num_experts=4, top_k=2,
+                                                  task_router_blocks=task_router_blocks)).eval()
+
+    model = build([3])
+    assert list(model.blocks[1].mlp.router.gates) == ["shared"]
+    assert list(model.blocks[3].mlp.router.gates) == list(TASKS)
+    assert model.ranking_block() is None  # no dropping stage after block 3: every stage ranks on the shared stream
+    x = images(5)
+    with torch.no_grad():
+        joint = model(x, list(TASKS))
+        for task in TASKS:
+            torch.testing.assert_close(joint[task], model(x, task)[task], rtol=1e-5, atol=1e-6)
+
+    def joint_flops(network):
+        with unfused_attention(network), FlopCounterMode(display=False) as counter, torch.no_grad():
+            network(x, list(TASKS))
+        return counter.get_total_flops()
+    assert joint_flops(model) < 0.75 * joint_flops(build(None))
+
+
+@pytest.mark.parametrize("moe, message", [
+    (dict(router="shared", task_router_blocks=[3]), "does nothing with moe.router=shared"),
+    (dict(task_router_blocks=[2]), "[2] are not MoE blocks"),
+    (dict(task_router_blocks=[]), "[] is empty"),
+    (dict(task_router_blocks=[7]), "block index 7 out of range"),
+])
+def test_task_router_blocks_bad_values_fail_in_one_line(moe, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_moevit(tasks=TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2, **moe))

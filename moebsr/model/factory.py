@@ -148,7 +148,7 @@ def create_moevit(
         if index in moe_blocks:
             experts = Experts.upcycle(block.mlp, moe_spec.num_experts, moe_spec.hidden_features)
             router = TaskRouter(backbone.embed_dim, moe_spec.num_experts, moe_spec.top_k, task_names,
-                                mode=moe_spec.router, renormalize=moe_spec.renormalize)
+                                mode=moe_spec.router_mode(index), renormalize=moe_spec.renormalize)
             mlp = moe_layer_type(router.to(experts.fc1_weight.device), experts, moe_spec.capacity_factor)
             mlp.recompute_experts = moe_spec.recompute_experts
         keep_rate = drop_spec.keep_rate if index in drop_blocks else None

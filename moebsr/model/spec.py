@@ -51,6 +51,10 @@ class MoESpec:
         top_k: Experts each token is sent to.
         hidden_features: Expert hidden width; ``None`` = the dense MLP's, which allows exact upcycling.
         router: ``task`` = one gate per task (M³ViT multi-gate), ``shared`` = one gate for all tasks.
+        task_router_blocks: With ``router: task``, the MoE blocks that route per task; the others share one gate.
+            ``None`` = every MoE block. The task streams of a joint batch split at the first per-task block, so
+            per-task routing in the last MoE block only keeps the trunk shared up to there (T tasks on one image
+            batch then cost little more than one).
         renormalize: Rescale the top-k gate weights to sum to 1. With it, an upcycled MoE layer equals the
             dense MLP at step 0; without it (the paper's choice) the raw softmax probabilities are used.
         capacity_factor: Cap on tokens per expert, ``top_k * floor(factor * ceil(tokens / num_experts))`` (tutel's
@@ -68,6 +72,7 @@ class MoESpec:
     top_k: int = 4
     hidden_features: Optional[int] = None
     router: str = "task"
+    task_router_blocks: Optional[List[int]] = None
     renormalize: bool = True
     capacity_factor: Optional[float] = None
     backend: str = "torch"
@@ -78,8 +83,14 @@ class MoESpec:
             return scale_block_indices(PAPER_MOE_BLOCKS, depth)
         return check_block_indices("moe.blocks", self.blocks, depth)
 
+    def router_mode(self, block: int) -> str:
+        """``task`` or ``shared``: how MoE block ``block`` routes."""
+        if self.router != "task" or self.task_router_blocks is None:
+            return self.router
+        return "task" if block in self.task_router_blocks else "shared"
+
     def validate(self, depth: int) -> None:
-        self.resolve_blocks(depth)
+        blocks = self.resolve_blocks(depth)
         if self.num_experts < 1:
             raise ValueError(f"moe.num_experts: {self.num_experts} is invalid; accepted: an integer >= 1")
         if not 1 <= self.top_k <= self.num_experts:
@@ -89,6 +100,16 @@ class MoESpec:
             raise ValueError(f"moe.hidden_features: {self.hidden_features} is invalid; accepted: >= 1 or null")
         if self.router not in ROUTER_MODES:
             raise ValueError(f"moe.router: unknown mode {self.router!r}; accepted: {', '.join(ROUTER_MODES)}")
+        if self.task_router_blocks is not None:
+            if self.router != "task":
+                raise ValueError(f"moe.task_router_blocks: {list(self.task_router_blocks)} does nothing with "
+                                 f"moe.router={self.router}; accepted: moe.router=task, or moe.task_router_blocks=null")
+            chosen = check_block_indices("moe.task_router_blocks", self.task_router_blocks, depth)
+            outside = [index for index in chosen if index not in blocks]
+            if outside or not chosen:
+                problem = f"{outside} are not MoE blocks" if outside else "[] is empty"
+                raise ValueError(f"moe.task_router_blocks: {problem}; accepted: a non-empty subset of the MoE blocks "
+                                 f"{list(blocks)}, or null")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"moe.capacity_factor: {self.capacity_factor} is invalid; accepted: > 0 or null")
         if self.backend not in MOE_BACKENDS:
