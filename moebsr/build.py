@@ -54,6 +54,11 @@ def model_from_config(config: RunConfig, heads: Mapping[str, HeadFactory], load_
         lora = config.lora
         blocks = lora.blocks if lora.blocks is not None else scale_block_indices(PAPER_MOE_BLOCKS, model.depth)
         apply_lora(model, blocks, lora.modules, lora.rank, lora.alpha, lora.dropout)
+    if config.adapters.enabled:
+        from .model.adapters import apply_task_adapters
+        adapters = config.adapters
+        apply_task_adapters(model, list(heads), config.adapters_blocks(model.depth), adapters.modules, adapters.rank,
+                            adapters.alpha)
     return model
 
 

@@ -41,7 +41,7 @@ def test_an_extracted_task_equals_the_multitask_model_for_that_task(decision):
             assert {k for k in keys if k.startswith("heads.")} == {f"heads.{task}.weight", f"heads.{task}.bias"}
             assert {k.split(".gates.")[1].split(".")[0] for k in keys if ".gates." in k} == {task}
             assert not any("lora_" in k or "base_layer" in k for k in keys)  # merged, plain linear layers again
-    assert model.task_split_block() == 1 and extract_task(model, "a").task_split_block() == 1
+    assert model.task_split_point() == (1, "mlp") and extract_task(model, "a").task_split_point() == (1, "mlp")
 
 
 def _zero_mass_experts(model, task, x):
@@ -107,7 +107,7 @@ def test_a_layer_left_with_one_expert_is_a_dense_mlp_equal_to_that_expert():
     model = _model()
     collapsed = prune_experts(extract_task(model, "b"), {1: [2], 3: [0]})
     assert [type(collapsed.blocks[i].mlp) for i in (1, 3)] == [Mlp, Mlp]
-    assert collapsed.moe_blocks == () and collapsed.task_split_block() == 1  # still ranks where the model did
+    assert collapsed.moe_blocks == () and collapsed.ranking_block() == 1  # still ranks where the model did
     tokens = torch.randn(7, 64)
     with torch.no_grad():
         torch.testing.assert_close(collapsed.blocks[1].mlp(tokens),

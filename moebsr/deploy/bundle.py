@@ -39,6 +39,7 @@ def task_config(config: RunConfig, task: str, output_dir: str | os.PathLike) -> 
     exported.tasks = [task]
     exported.data.task_options = {k: v for k, v in exported.data.task_options.items() if k == task}
     exported.lora.enabled = False
+    exported.adapters.enabled = False
     exported.moe.backend = "torch"
     exported.moe.recompute_experts = False
     exported.train.output_dir = os.fspath(output_dir)
@@ -48,13 +49,14 @@ def task_config(config: RunConfig, task: str, output_dir: str | os.PathLike) -> 
 
 def export_structure(model: MoEViT, moe_blocks: list[int], num_experts: Mapping[int, int]) -> dict[str, Any]:
     """The ``export`` section's structure: which of each MoE layer's experts the task model kept, which layers
-    became dense, and the split block token dropping ranks by."""
+    became dense, and where the multitask model's task streams split (which fixes the block that ranks tokens)."""
     kept = {}
     for index in moe_blocks:
         mlp = model.blocks[index].mlp
         kept[str(index)] = list(getattr(mlp, "kept_experts", range(num_experts[index])))
     return {"kept_experts": kept, "dense_blocks": [i for i in moe_blocks if not model.blocks[i].is_moe],
-            "split_block": model.origin_split_block}
+            "split_point": list(model.origin_split_point) if model.origin_split_point else None,
+            "ranking_block": model.ranking_block()}
 
 
 def apply_export_structure(model: MoEViT, export: Mapping[str, Any]) -> MoEViT:
@@ -64,8 +66,8 @@ def apply_export_structure(model: MoEViT, export: Mapping[str, Any]) -> MoEViT:
         prune_experts(model, kept)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"config.json: its export section does not describe this model ({error})") from None
-    split = export.get("split_block")
-    model.origin_split_block = None if split is None else int(split)
+    split = export.get("split_point")
+    model.origin_split_point = None if split is None else (int(split[0]), str(split[1]))
     return model
 
 

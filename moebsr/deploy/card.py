@@ -30,10 +30,13 @@ def task_card(config: RunConfig, section: Mapping[str, Any], metrics: Mapping[st
     task = section["task"]
     parameters, moe, flops, sizes = (section[key] for key in ("parameters", "moe_parameters",
                                                               "inference_flops_per_image", "bytes"))
+    merged = section["merged_adapters"]
+    adapters = (f"its task adapters ({merged['task_adapters']} layers)" if merged["task_adapters"] else
+                f"the shared LoRA ({merged['lora']} layers)" if merged["lora"] else "no adapter")
     lines = [f"{CARD_TITLE} {task}", "",
              f"Task `{task}` of the multitask run `{section['source_run']}` (weights `{section['source_weights']}`), "
-             "alone: its head, its gate in every MoE layer, LoRA adapters merged into the weights; the other tasks' "
-             f"heads and gates are gone ({', '.join(section['removed_tasks']) or 'none'}).", ""]
+             f"alone: its head, its gate in every MoE layer, {adapters} merged into the weights; the other tasks' "
+             f"heads, gates and adapters are gone ({', '.join(section['removed_tasks']) or 'none'}).", ""]
     if section.get("command"):
         lines += [f"Made by `{section['command']}`.", ""]
     lines.append(f"- MoE layers: {describe_layers(section)}; experts kept (original indices): "
@@ -89,5 +92,6 @@ def _dropping_line(config: RunConfig, section: Mapping[str, Any]) -> str:
     if not drop.enabled:
         return "- token dropping: off"
     return (f"- token dropping (as trained): blocks {section['token_drop_blocks']}, keep rate {drop.keep_rate}, "
-            f"fuse {drop.fuse}, decision `{drop.decision}`, ranked at block {section['split_block']} as in the "
-            "multitask model")
+            f"fuse {drop.fuse}, decision `{drop.decision}`"
+            + (f", ranked by block {section['ranking_block']}'s attention as in the multitask model"
+               if section.get("ranking_block") is not None else ""))

@@ -180,7 +180,7 @@ def write_task_folder(folder: Path, source: SourceRun, single: MoEViT, task: str
         "task": task, "source_run": os.fspath(source.folder.resolve()), "source_weights": os.fspath(source.weights),
         "moe_blocks": moe_blocks, "num_experts": {str(k): v for k, v in num_experts.items()},
         **export_structure(single, moe_blocks, num_experts),
-        "removed_tasks": [t for t in model.task_names if t != task],
+        "removed_tasks": [t for t in model.task_names if t != task], "merged_adapters": merged_adapters(model),
         "token_drop_blocks": list(single.token_drop_blocks),
         "parameters": {"multitask": _count(model), "task_model": _count(single)},
         "moe_parameters": {"multitask": moe_parameter_count(model, moe_blocks),
@@ -215,6 +215,15 @@ def measure_task_folder(folder: Path, out: Path, source: SourceRun, task: str, s
     (folder / "README.md").write_text(task_card(exported_config, section, metrics,
                                                 document["class_names"].get(task)))
     return metrics
+
+
+def merged_adapters(model: MoEViT) -> dict[str, int]:
+    """How many layers of the multitask model carried task adapters and shared LoRA (merged in the export)."""
+    from peft.tuners.lora import LoraLayer
+
+    from ..model.adapters import TaskLoRALinear
+    return {"task_adapters": sum(isinstance(m, TaskLoRALinear) for m in model.modules()),
+            "lora": sum(isinstance(m, LoraLayer) for m in model.modules())}
 
 
 def _count(model: MoEViT) -> int:
