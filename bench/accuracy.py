@@ -16,7 +16,9 @@ Protocol (no pretrained weights can be downloaded here; README "Accuracy on real
     python bench/accuracy.py --recipes full paper_bsr --seeds 0 1 2
 
 Each run's ``metrics.json`` is kept under ``<out>/accuracy_runs/``; a re-run skips the runs already there, so an
-interrupted benchmark resumes. Writes ``<out>/accuracy_quickstart.json`` and ``.md`` (read by ``bench/compare.py``).
+interrupted benchmark resumes. Rows of recipes not named in ``--recipes`` stay in the results file when it was made
+with the same tasks, seeds and overrides. Writes ``<out>/accuracy_quickstart.json`` and ``.md`` (read by
+``bench/compare.py``).
 """
 
 from __future__ import annotations
@@ -81,10 +83,22 @@ def main() -> None:
                                       "summary": summarise(per_seed)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    keep_earlier_rows(results, out / "accuracy_quickstart.json")
     (out / "accuracy_quickstart.json").write_text(json.dumps(results, indent=2))
     table = format_table(results)
     (out / "accuracy_quickstart.md").write_text(table + "\n")
     print(table)
+
+
+def keep_earlier_rows(results: dict, path: Path) -> None:
+    """Rows of recipes this call did not run stay in the results file, when it was made by the same protocol (tasks,
+    seeds, validation share, overrides), so a new recipe is added beside the earlier ones without re-running them."""
+    if not path.is_file():
+        return
+    earlier = json.loads(path.read_text())
+    if all(earlier.get(key) == results[key] for key in ("tasks", "seeds", "validation_fraction", "overrides")):
+        results["recipes"] = {**{name: row for name, row in earlier["recipes"].items()
+                                 if name not in results["recipes"]}, **results["recipes"]}
 
 
 def format_table(results: dict) -> str:

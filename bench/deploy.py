@@ -13,8 +13,8 @@ Protocol:
    test split (measured by the export on its own files), with the ONNX check's max abs difference and onnxruntime's
    images/s. Target (DESIGN.md): pruned within 0.5 point of the multitask model, >= 2x fewer MoE-layer parameters.
 
-    python bench/deploy.py                               # both variants (~30 min on 2 cores, most of it training)
-    python bench/deploy.py --variants quickstart --run runs/quickstart   # an existing quickstart run as test run
+    python bench/deploy.py                  # both variants (~30 min on 2 quiet cores, most of it training 4 runs)
+    python bench/deploy.py --variants quickstart --runs quickstart:test=runs/quickstart   # reuse a run
 
 Writes ``<out>/deploy_quickstart.json`` and ``.md``.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import statistics
 import sys
@@ -41,19 +42,37 @@ TARGET_POINTS, TARGET_MOE_RATIO = 0.5, 2.0
 THROUGHPUT_BATCH, ROTATIONS = 64, 3
 
 
-def train_runs(variant: str, out: Path, test_run: str | None) -> dict[str, Path]:
-    """The variant's test and validation runs (trained unless cached, or the given test run)."""
+def run_overrides(variant: str, phase: str) -> list[str]:
+    """The quickstart command's overrides for a variant's run (``train.output_dir`` aside)."""
+    overrides = [*VARIANTS[variant], "logging.progress=false"]
+    if phase == "validation":
+        overrides += [f"data.task_options.{task}.validation_fraction={VALIDATION_FRACTION}" for task in TASKS]
+    return overrides
+
+
+def train_runs(variant: str, out: Path, given: dict[str, str]) -> dict[str, Path]:
+    """The variant's test and validation runs: given ones (checked to be of this variant), else trained (cached)."""
+    from moebsr.config import config_from_dict, load_config
+    from moebsr.export import read_run_document
+    from recipes import BASE_CONFIG
+
     runs = {}
     for phase in ("validation", "test"):
-        folder = out / "deploy_runs" / variant / phase
-        overrides = [*VARIANTS[variant], f"train.output_dir={folder}", "logging.trackers=[none]",
-                     "logging.progress=false"]
-        if phase == "validation":
-            overrides += [f"data.task_options.{task}.validation_fraction={VALIDATION_FRACTION}" for task in TASKS]
-        if phase == "test" and test_run:
-            runs[phase] = Path(test_run)
+        if f"{variant}:{phase}" in given:
+            folder = Path(given[f"{variant}:{phase}"])
+            expected = load_config(BASE_CONFIG, [*run_overrides(variant, phase), f"train.output_dir={folder}"])
+            found = config_from_dict(read_run_document(folder)["config"])
+            for config in (expected, found):
+                config.logging = type(config.logging)()  # logging does not change what a run trains
+                if config.model.checkpoint:  # the same backbone weights, wherever the file was read from
+                    config.model.checkpoint = hashlib.sha256(Path(config.model.checkpoint).read_bytes()).hexdigest()
+            if found != expected:
+                raise SystemExit(f"--runs {variant}:{phase}={folder}: not a run of that variant (its config differs)")
+            runs[phase] = folder
             continue
-        cached_run(folder, overrides, f"{variant}: {phase} run")
+        folder = out / "deploy_runs" / variant / phase
+        cached_run(folder, [*run_overrides(variant, phase), f"train.output_dir={folder}", "logging.trackers=[none]"],
+                   f"{variant}: {phase} run")
         runs[phase] = folder
     return runs
 
@@ -223,17 +242,20 @@ def format_results(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--run", default=None, help="an existing quickstart run as the quickstart variant's test run")
+    parser.add_argument("--runs", nargs="*", default=[], metavar="VARIANT:PHASE=DIR",
+                        help="runs already trained with the quickstart command and the variant's overrides, e.g. "
+                             "quickstart:test=runs/quickstart (checked against the variant's config)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from moebsr.deploy.prune import DEFAULT_CRITERION, DEFAULT_THRESHOLDS
 
     out = Path(args.out)
+    given = dict(item.split("=", 1) for item in args.runs)
     results = {"protocol": __doc__.split("\n\n")[1], "tasks": TASKS, "validation_fraction": VALIDATION_FRACTION,
                "grid": GRID, "variants": {}}
     for variant in args.variants:
-        runs = train_runs(variant, out, args.run if variant == "quickstart" else None)
+        runs = train_runs(variant, out, given)
         swept = sweep(runs["validation"])
         with tempfile.TemporaryDirectory() as exports:
             deployed = deploy(runs["test"], Path(exports))

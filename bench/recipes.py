@@ -73,6 +73,8 @@ RECIPES: dict[str, Union[list[str], Callable[[int], list[str]]]] = {
     "bsr_last_3": ["bsr.preset=last_k", "bsr.last_k=3", *DROP],
     "bsr_no_drop": ["bsr.preset=paper", *NO_DROP],
     "paper_bsr_recompute": ["bsr.preset=paper", *DROP, "moe.recompute_experts=true"],
+    # paper BSR plus one LoRA delta per task (rank 4) on the attention of the trained blocks (all MoE here)
+    "paper_bsr_task_adapters": ["bsr.preset=paper", *DROP, "adapters.enabled=true"],
     "lora_paper_blocks": ["bsr.preset=none", "lora.enabled=true", "lora.blocks=null", *NO_DROP],
     "dense_full": [*DENSE, "bsr.preset=all", *NO_DROP],
     "dense_last_3": [*DENSE, "bsr.preset=last_k", "bsr.last_k=3", *NO_DROP],
