@@ -35,18 +35,10 @@ class TaskLogits(nn.Module):
         return self.model(images, self.task)[self.task]
 
 
-@contextlib.contextmanager
-def static_dispatch(model: MoEViT) -> Iterator[None]:
+def static_dispatch(model: MoEViT) -> contextlib.AbstractContextManager:
     """Every MoE layer of ``model`` dispatches with static shapes (every expert on every token) meanwhile."""
-    layers = list(model.moe_layers().values())
-    previous = [layer.dispatcher for layer in layers]
-    for layer in layers:
-        layer.dispatcher = dispatch_dense_reference
-    try:
-        yield
-    finally:
-        for layer, dispatcher in zip(layers, previous):
-            layer.dispatcher = dispatcher
+    from ..profiling import attribute_set
+    return attribute_set(list(model.moe_layers().values()), "dispatcher", dispatch_dense_reference)
 
 
 def export_onnx(model: MoEViT, task: str, path: str | os.PathLike, example: torch.Tensor) -> None:
