@@ -35,7 +35,8 @@ def task_card(config: RunConfig, section: Mapping[str, Any], metrics: Mapping[st
                 f"the shared LoRA ({merged['lora']} layers)" if merged["lora"] else "no adapter")
     lines = [f"{CARD_TITLE} {task}", "",
              f"Task `{task}` of the multitask run `{section['source_run']}` (weights `{section['source_weights']}`), "
-             f"alone: its head, its gate in every MoE layer, {adapters} merged into the weights; the other tasks' "
+             f"alone: its head, its gate in every MoE layer (the shared one where a layer has one), {adapters} merged "
+             "into the weights; the other tasks' "
              f"heads, gates and adapters are gone ({', '.join(section['removed_tasks']) or 'none'}).", ""]
     if section.get("command"):
         lines += [f"Made by `{section['command']}`.", ""]
