@@ -177,7 +177,8 @@ def write_task_folder(folder: Path, source: SourceRun, single: MoEViT, task: str
     num_experts = {index: layer.num_experts for index, layer in model.moe_layers().items()}
     flops_images = sample[:8]
     return {
-        "task": task, "source_run": os.fspath(source.folder.resolve()), "source_weights": os.fspath(source.weights),
+        "task": task, "source_run": os.fspath(source.folder.resolve()),
+        "source_weights": os.fspath(source.weights.resolve()),
         "moe_blocks": moe_blocks, "num_experts": {str(k): v for k, v in num_experts.items()},
         **export_structure(single, moe_blocks, num_experts),
         "removed_tasks": [t for t in model.task_names if t != task], "merged_adapters": merged_adapters(model),
