@@ -22,6 +22,8 @@ def _cli(capsys, *argv):
 
 
 def test_export_prune_onnx_through_the_entry_point_then_eval_the_folder(run_dir, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the deploy extra is not installed (pip install -e '.[deploy]')")
+    pytest.importorskip("onnxscript", reason="the deploy extra is not installed (pip install -e '.[deploy]')")
     out = tmp_path / "digits_onnx"
     command = [sys.executable, "-m", "moebsr", "export", "--run", str(run_dir), "--task", "digits", "--out", str(out),
                "--prune", "--threshold", "0.2", "--format", "onnx"]
@@ -93,3 +95,16 @@ def test_an_unpruned_export_scores_as_the_multitask_model_and_bad_input_is_one_l
     assert "only with token dropping off" in card
     code, printed, _ = _cli(capsys, "eval", "--run", out, "--json")
     assert code == 0 and json.loads(printed)["metrics"] == json.loads((out / "config.json").read_text())["metrics"]
+
+
+def test_onnx_without_the_deploy_extra_is_refused_in_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "onnxruntime" else
+                        find_spec(name, *rest))
+    code, printed, error = _cli(capsys, "export", "--run", run_dir, "--task", "digits", "--out", tmp_path / "x",
+                                "--format", "onnx")
+    assert (code, printed, error) == (2, "", "error: --format onnx: needs onnxruntime, not installed; accepted: pip "
+                                             "install 'moebsr[deploy]' (or -e '.[deploy]'), or --format safetensors\n")
+    assert not (tmp_path / "x").exists()

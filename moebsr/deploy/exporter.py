@@ -94,6 +94,12 @@ def check_options(fmt: str, prune: bool, criterion: Optional[str], threshold: Op
     """Every option checked before anything is loaded, in one line naming the option and what it accepts."""
     if fmt not in FORMATS:
         raise ExportError(f"--format: {fmt!r} is invalid; accepted: {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        import importlib.util
+        missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ExportError(f"--format onnx: needs {', '.join(missing)}, not installed; accepted: pip install "
+                              "'moebsr[deploy]' (or -e '.[deploy]'), or --format safetensors")
     if not prune and (criterion is not None or threshold is not None or calibration_examples is not None):
         raise ExportError("--criterion/--threshold/--calibration-examples: do nothing without --prune; accepted: add "
                           "--prune, or leave them out")
