@@ -128,6 +128,23 @@ def test_every_adapters_key_has_its_effect(tmp_path):
     plain = model_from_config(load_config(QUICKSTART, short_run_overrides(tmp_path, 1, ["model.checkpoint=null"])),
                               heads)
     assert not any(isinstance(m, TaskLoRALinear) for m in plain.modules())
+    from moebsr.recipe import describe_recipe  # the start-of-run block names what was adapted, and nothing else
+    config = _config(tmp_path, "model.checkpoint=null", "bsr.preset=last_k", "bsr.last_k=3")
+    assert "· task adapters rank 4 on fc1, fc2, proj, qkv of blocks [1, 2, 3] ·" in describe_recipe(
+        config, model_from_config(config, heads))
+
+
+def test_the_streams_split_where_the_first_task_specific_parameters_are():
+    shared_gate = tiny_moevit(tasks=TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2, router="shared"))
+    assert shared_gate.task_split_point() is None  # nothing is task-specific but the heads
+    apply_task_adapters(shared_gate, list(TASKS), [2], modules=["fc1"])
+    assert shared_gate.task_split_point() == (2, "mlp")  # the adapted dense MLP of block 2
+    apply_task_adapters(shared_gate, list(TASKS), [3], modules=["qkv"])
+    assert shared_gate.task_split_point() == (2, "mlp")  # the first one counts
+    per_task_gate = tiny_moevit(tasks=TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2))
+    assert per_task_gate.task_split_point() == (1, "mlp")
+    apply_task_adapters(per_task_gate, list(TASKS), [1], modules=["proj"])
+    assert per_task_gate.task_split_point() == (1, "attn")
 
 
 def test_bad_adapter_settings_are_refused_in_one_line(tmp_path):

@@ -52,8 +52,6 @@ class TaskLoRALinear(nn.Linear):
     """``nn.Linear`` plus one LoRA delta per task (``lora_A[task]`` ``[rank, in]``, ``lora_B[task]`` ``[out, rank]``,
     B zero-initialised so every task starts from the shared layer)."""
 
-    per_task = True  # task-specific parameters: the task streams of a joint batch must split before this layer
-
     def __init__(self, base: nn.Linear, tasks: Sequence[str], rank: int, alpha: float) -> None:
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
                          device=base.weight.device, dtype=base.weight.dtype)
@@ -94,8 +92,9 @@ class TaskLoRALinear(nn.Linear):
 
 
 def has_task_parameters(module: nn.Module) -> bool:
-    """Whether ``module`` holds task-specific layers (a task adapter), so it computes differently per task."""
-    return any(getattr(child, "per_task", False) is True for child in module.modules())
+    """Whether ``module`` holds a task adapter, so it computes differently per task: the task streams of a joint
+    batch must split before it."""
+    return any(isinstance(child, TaskLoRALinear) for child in module.modules())
 
 
 def apply_task_adapters(model: nn.Module, tasks: Sequence[str], blocks: Sequence[int],
