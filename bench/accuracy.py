@@ -16,24 +16,19 @@ Protocol (no pretrained weights can be downloaded here; README "Accuracy on real
     python bench/accuracy.py --recipes full paper_bsr --seeds 0 1 2
 
 Each run's ``metrics.json`` is kept under ``<out>/accuracy_runs/``; a re-run skips the runs already there, so an
-interrupted benchmark resumes. Writes ``<out>/accuracy_quickstart.json`` and ``.md`` (read by ``bench/compare.py``); a
-run of some ``--recipes`` replaces their rows and keeps the other recipes' rows of the same protocol and overrides.
+interrupted benchmark resumes. Rows of recipes not named in ``--recipes`` stay in the results file when it was made
+with the same tasks, seeds and overrides. Writes ``<out>/accuracy_quickstart.json`` and ``.md`` (read by
+``bench/compare.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import shutil
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from recipes import BASE_CONFIG, RECIPES, REPO, recipe_overrides
+from recipes import RECIPES, REPO, cached_run, recipe_overrides
 
 TASKS = ["mnist", "mnist_parity", "digits", "digits_parity", "animals"]
 DEFAULT_RECIPES = ["full", "full_drop", "paper_bsr", "paper_bsr_per_task", "bsr_no_drop", "paper_bsr_frozen_experts",
@@ -49,37 +44,13 @@ def run(recipe: str, lr: float, seed: int, validation: bool, args: argparse.Name
     """Top-1 per task of one fine-tuning run (cached: a finished run is read back, not re-run)."""
     phase = "validation" if validation else "test"
     output = Path(args.out) / "accuracy_runs" / recipe / f"{phase}-lr{lr:g}-seed{seed}"
-    metrics_file, settings_file = output / "metrics.json", output / "overrides.json"
     overrides = recipe_overrides("quickstart", recipe) + [
         f"tasks=[{','.join(TASKS)}]", f"train.lr={lr}", f"train.seed={seed}", f"train.output_dir={output}",
         "train.checkpoint_every=0", "logging.trackers=[none]", "logging.progress=false", *args.overrides]
     if validation:
         overrides += [f"data.task_options.{task}.validation_fraction={VALIDATION_FRACTION}" for task in TASKS]
-    settings = json.dumps({"overrides": overrides, "config": BASE_CONFIG.read_text(),
-                           "backbone_sha256": backbone_digest(overrides)}, indent=1)
-    if not (metrics_file.is_file() and settings_file.is_file() and settings_file.read_text() == settings):
-        if output.exists():
-            shutil.rmtree(output)  # a run of other settings (or an unfinished one): not this run's result
-        print(f"{recipe}: {phase} lr {lr:g} seed {seed} ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
-        subprocess.run([sys.executable, str(REPO / "launch" / "multitask.py"), "--config", str(BASE_CONFIG),
-                        *overrides], check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
-        (output / "wall_s.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
-        settings_file.write_text(settings)
-    metrics = json.loads(metrics_file.read_text())["metrics"]
+    metrics = cached_run(output, overrides, f"{recipe}: {phase} lr {lr:g} seed {seed}", threads=args.threads)
     return {task: metrics[task]["top1"] for task in TASKS}
-
-
-def backbone_digest(overrides: list[str]) -> str:
-    """The backbone file's SHA-256: a cached run is only reused for the same backbone weights."""
-    sys.path.insert(0, str(REPO))
-    from moebsr.config import load_config
-    checkpoint = load_config(BASE_CONFIG, overrides).model.checkpoint
-    if checkpoint is None:
-        return "none"
-    path = Path(checkpoint) if Path(checkpoint).is_absolute() else REPO / checkpoint
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def mean(values: list[float]) -> float:
@@ -115,15 +86,22 @@ def main() -> None:
                                       "summary": summarise(per_seed)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "accuracy_quickstart.json"
-    if path.is_file():  # a run of some recipes updates their rows and keeps the others of the same protocol
-        earlier = json.loads(path.read_text())
-        if all(earlier.get(key) == results[key] for key in ("tasks", "seeds", "validation_fraction", "overrides")):
-            results["recipes"] = {**earlier["recipes"], **results["recipes"]}
-    path.write_text(json.dumps(results, indent=2))
+    keep_earlier_rows(results, out / "accuracy_quickstart.json")
+    (out / "accuracy_quickstart.json").write_text(json.dumps(results, indent=2))
     table = format_table(results)
     (out / "accuracy_quickstart.md").write_text(table + "\n")
     print(table)
+
+
+def keep_earlier_rows(results: dict, path: Path) -> None:
+    """Rows of recipes this call did not run stay in the results file, when it was made by the same protocol (tasks,
+    seeds, validation share, overrides), so a new recipe is added beside the earlier ones without re-running them."""
+    if not path.is_file():
+        return
+    earlier = json.loads(path.read_text())
+    if all(earlier.get(key) == results[key] for key in ("tasks", "seeds", "validation_fraction", "overrides")):
+        results["recipes"] = {**{name: row for name, row in earlier["recipes"].items()
+                                 if name not in results["recipes"]}, **results["recipes"]}
 
 
 def format_table(results: dict) -> str:

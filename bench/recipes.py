@@ -6,6 +6,13 @@ the same recipes run on the 6-block quickstart model and on 12-block ViT-Tiny, D
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Callable, Union
 
@@ -67,6 +74,8 @@ RECIPES: dict[str, Union[list[str], Callable[[int], list[str]]]] = {
     "bsr_no_drop": ["bsr.preset=paper", *NO_DROP],
     "paper_bsr_recompute": ["bsr.preset=paper", *DROP, "moe.recompute_experts=true"],
     "paper_bsr_lean_memory": ["bsr.preset=paper", *DROP, "moe.recompute_experts=true", "bsr.frozen_dtype=bf16"],
+    # paper BSR plus one LoRA delta per task (rank 4) on the attention of the trained blocks (all MoE here)
+    "paper_bsr_task_adapters": ["bsr.preset=paper", *DROP, "adapters.enabled=true"],
     "lora_paper_blocks": ["bsr.preset=none", "lora.enabled=true", "lora.blocks=null", *NO_DROP],
     "dense_full": [*DENSE, "bsr.preset=all", *NO_DROP],
     "dense_last_3": [*DENSE, "bsr.preset=last_k", "bsr.last_k=3", *NO_DROP],
@@ -87,3 +96,35 @@ def depth_of(size: str) -> int:
 def recipe_overrides(size: str, recipe: str) -> list[str]:
     overrides = RECIPES[recipe]
     return SIZES[size] + COMMON + (overrides(depth_of(size)) if callable(overrides) else overrides)
+
+
+def backbone_digest(overrides: list[str]) -> str:
+    """The backbone file's SHA-256: a cached run is only reused for the same backbone weights."""
+    sys.path.insert(0, str(REPO))
+    from moebsr.config import load_config
+    checkpoint = load_config(BASE_CONFIG, overrides).model.checkpoint
+    if checkpoint is None:
+        return "none"
+    path = Path(checkpoint) if Path(checkpoint).is_absolute() else REPO / checkpoint
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cached_run(output: Path, overrides: list[str], label: str, threads: int = 1) -> dict[str, dict[str, float]]:
+    """Per-task metrics of a quickstart-config training run into ``output`` with ``overrides`` (which must set
+    ``train.output_dir`` to it), trained only when ``output`` holds no finished run of exactly these settings
+    (overrides, base config text, backbone weights), so an interrupted benchmark resumes. ``threads``: torch's CPU
+    threads for the run (one: two such runs share 2 cores without spin-waiting, and results depend on it at ~1e-7)."""
+    metrics_file, settings_file = output / "metrics.json", output / "overrides.json"
+    settings = json.dumps({"overrides": overrides, "config": BASE_CONFIG.read_text(),
+                           "backbone_sha256": backbone_digest(overrides)}, indent=1)
+    if not (metrics_file.is_file() and settings_file.is_file() and settings_file.read_text() == settings):
+        if output.exists():
+            shutil.rmtree(output)  # a run of other settings (or an unfinished one): not this run's result
+        print(f"{label} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(threads))
+        subprocess.run([sys.executable, str(REPO / "launch" / "multitask.py"), "--config", str(BASE_CONFIG),
+                        *overrides], check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+        (output / "wall_s.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+        settings_file.write_text(settings)
+    return json.loads(metrics_file.read_text())["metrics"]

@@ -55,7 +55,22 @@ def model_from_config(config: RunConfig, heads: Mapping[str, HeadFactory], load_
         lora = config.lora
         blocks = lora.blocks if lora.blocks is not None else scale_block_indices(PAPER_MOE_BLOCKS, model.depth)
         apply_lora(model, blocks, lora.modules, lora.rank, lora.alpha, lora.dropout)
+    if config.adapters.enabled:
+        from .model.adapters import apply_task_adapters
+        adapters = config.adapters
+        apply_task_adapters(model, list(heads), config.adapters_blocks(model.depth), adapters.modules, adapters.rank,
+                            adapters.alpha)
     store_frozen_weights(model, config.bsr.frozen_dtype)  # after everything that decides what trains
+    return model
+
+
+def model_for_run(config: RunConfig, heads: Mapping[str, HeadFactory], document: Mapping) -> MoEViT:
+    """The model a saved folder holds, built without weights: a training run's, or a task model written by
+    ``moebsr export`` (its ``export`` section says which experts each MoE layer kept)."""
+    model = model_from_config(config, heads, load_weights=False)
+    if "export" in document:
+        from .deploy.bundle import apply_export_structure
+        apply_export_structure(model, document["export"])
     return model
 
 

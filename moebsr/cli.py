@@ -1,4 +1,5 @@
-"""The ``moebsr`` command: one sub-command per job (``tasks``, ``train``, ``eval``, ``tokens``, ``profile``).
+"""The ``moebsr`` command: one sub-command per job (``tasks``, ``train``, ``eval``, ``tokens``, ``profile``,
+``export``, ``predict``).
 
 Bad input (unknown task, broken task file, bad config) exits 2 with one line on stderr, not a stack trace.
 """
@@ -108,6 +109,36 @@ def command_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_export(args: argparse.Namespace) -> int:
+    """One task of a run as its own model folder (pruned, ONNX on request), measured after export."""
+    import json
+
+    from .deploy import export_task, format_report
+    report = export_task(args.run, args.task, args.out, prune=args.prune, criterion=args.criterion,
+                         threshold=args.threshold, fmt=args.format, overwrite=args.overwrite,
+                         calibration_examples=args.calibration_examples, tolerance=args.tolerance,
+                         batch_size=args.batch_size, command=["moebsr", *sys.argv[1:]])
+    print(json.dumps({"out": str(report.out), "metrics": report.metrics, "export": report.section}) if args.json
+          else format_report(report))
+    return 0
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    """A task's top classes for image files; a bad path costs one line, the other images are still predicted."""
+    import json
+
+    from .deploy.predict import format_predictions, predict
+    report = predict(args.run, args.paths, args.task, args.top_k, args.keep_rate, args.batch_size)
+    if args.json:
+        print(json.dumps({"run": args.run, "task": report.task, "keep_rate": args.keep_rate,
+                          "predictions": [p.to_dict() for p in report.predictions], "errors": report.errors}))
+    elif report.predictions:
+        print(format_predictions(report))
+    for error in report.errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 2 if report.errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moebsr", description="Multitask MoE-ViT fine-tuning with BSR.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -136,6 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--split", default="test", help="split to draw the images from (default: test)")
     tokens.add_argument("--out", required=True, help="PNG file to write")
     tokens.set_defaults(handler=command_tokens)
+
+    export = commands.add_parser("export", help="one task of a run as its own model (pruned, safetensors or ONNX)")
+    export.add_argument("--run", required=True, help="training run folder (train.output_dir)")
+    export.add_argument("--task", required=True, help="the task to export")
+    export.add_argument("--out", required=True, help="folder to write the task model to (new, or an export)")
+    export.add_argument("--prune", action="store_true",
+                        help="remove the experts the task's gate sends little routing mass to (calibrated on the "
+                             "task's training split)")
+    export.add_argument("--criterion", default=None, help="with --prune: share (default) or coverage")
+    export.add_argument("--threshold", type=float, default=None,
+                        help="with --prune: least share of a layer's routing mass an expert needs to stay (share, "
+                             "default 0.08), or the mass the kept experts must cover (coverage, default 0.9)")
+    export.add_argument("--calibration-examples", type=int, default=None,
+                        help="with --prune: calibrate on the first N training examples (default: all)")
+    export.add_argument("--format", default="safetensors",
+                        help="safetensors (default) or onnx (adds model.onnx, checked in onnxruntime)")
+    export.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest accepted ONNX vs PyTorch logit difference (default 1e-4)")
+    export.add_argument("--batch-size", type=int, default=None, help="batch size of calibration and evaluation")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.add_argument("--json", action="store_true", help="print one JSON object")
+    export.set_defaults(handler=command_export)
+
+    prediction = commands.add_parser("predict", help="a task's top classes for image files or folders")
+    prediction.add_argument("--run", required=True, help="training run folder or exported task model folder")
+    prediction.add_argument("--task", default=None, help="the task (default: the folder's only task)")
+    prediction.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    prediction.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
+    prediction.add_argument("--keep-rate", type=float, default=None, help="predict with another token keep rate")
+    prediction.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
+    prediction.add_argument("--json", action="store_true", help="print one JSON object")
+    prediction.set_defaults(handler=command_predict)
 
     training = commands.add_parser("train", help="train as configured (the same job as launch/multitask.py)")
     training.add_argument("--config", required=True, help="YAML file, e.g. configs/quickstart.yaml")

@@ -116,6 +116,17 @@ class TrunkCacheConfig:
 
 
 @dataclass
+class AdaptersConfig:
+    """Per-task LoRA adapters: each task trains its own low-rank delta on the shared (BSR-trained) weights."""
+
+    enabled: bool = False
+    blocks: Optional[List[int]] = None  # None: the BSR plan's trainable blocks
+    modules: List[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])  # fc1/fc2: dense MLPs only
+    rank: int = 4
+    alpha: float = 8.0
+
+
+@dataclass
 class DataConfig:
     task_dirs: List[str] = field(default_factory=list)  # extra folders of task files
     task_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-task factory options
@@ -172,10 +183,17 @@ class RunConfig:
     token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     trunk_cache: TrunkCacheConfig = field(default_factory=TrunkCacheConfig)
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def adapters_blocks(self, depth: int) -> tuple[int, ...]:
+        """The blocks that take task adapters: ``adapters.blocks``, or the BSR plan's trainable blocks."""
+        if self.adapters.blocks is not None:
+            return check_block_indices("adapters.blocks", self.adapters.blocks, depth)
+        return self.bsr.plan().resolve(depth).trainable_blocks
 
 
 def _omegaconf_message(error: OmegaConfBaseException, source: str) -> str:
@@ -251,7 +269,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
 
 
 # sections whose other keys act only while their `enabled` is true
-SWITCHED_SECTIONS = ("token_drop", "lora", "trunk_cache")
+SWITCHED_SECTIONS = ("token_drop", "lora", "trunk_cache", "adapters")
 
 
 def check_overrides_take_effect(config: RunConfig, overrides: Sequence[str]) -> None:
@@ -325,6 +343,15 @@ def validate_config(config: RunConfig) -> None:
         _positive("lora.rank", config.lora.rank)
         for name in config.lora.modules:
             _choice("lora.modules", name, list(LORA_MODULES))
+    if config.adapters.enabled:
+        from .model.adapters import ADAPTER_MODULES
+        _positive("adapters.rank", config.adapters.rank)
+        _positive("adapters.alpha", config.adapters.alpha)
+        for name in config.adapters.modules:
+            _choice("adapters.modules", name, list(ADAPTER_MODULES))
+        if config.lora.enabled:
+            raise ConfigError("adapters.enabled: true with lora.enabled: true; accepted: one of them (shared LoRA is "
+                              "the baseline the task adapters are compared with)")
     from .model.spec import check_decision, check_dispatch, check_keep_rate
     try:
         check_keep_rate(config.token_drop.keep_rate)
@@ -344,6 +371,17 @@ def validate_against_model(config: RunConfig, depth: int) -> None:
         config.bsr.plan().validate(depth)
         if config.lora.enabled and config.lora.blocks is not None:
             check_block_indices("lora.blocks", config.lora.blocks, depth)
+        if config.adapters.enabled:
+            blocks = config.adapters_blocks(depth)
+            if not blocks:
+                raise ValueError("adapters.blocks: no block (bsr trains none and adapters.blocks is null); accepted: "
+                                 "a list of block indices")
+            drop = config.token_drop.spec()
+            if drop is not None and drop.decision == "shared" and 0 in blocks \
+                    and {"qkv", "proj"} & set(config.adapters.modules):
+                raise ValueError("adapters.blocks: an adapter in block 0's attention leaves no attention every task "
+                                 "shares to rank tokens by (token_drop.decision: shared); accepted: adapters.blocks "
+                                 "from 1 on, adapters.modules without qkv/proj, or token_drop.decision=per_task")
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

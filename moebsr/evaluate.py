@@ -81,7 +81,7 @@ def open_run(run_dir: str, tasks: Optional[Sequence[str]] = None, keep_rate: Opt
     """
     from pathlib import Path
 
-    from .build import image_spec_of, model_from_config
+    from .build import image_spec_of, model_for_run
     from .config import config_from_dict
     from .export import find_weights, load_weights, read_run_document
     from .model.spec import check_keep_rate
@@ -104,7 +104,7 @@ def open_run(run_dir: str, tasks: Optional[Sequence[str]] = None, keep_rate: Opt
     config.data.task_options = {k: v for k, v in config.data.task_options.items() if k in config.tasks}
     data = RunData.from_config(config, check_data=False)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # first: a tutel model shards over its processes
-    model = model_from_config(config, {**document["task_outputs"], **data.heads()}, load_weights=False)
+    model = model_for_run(config, {**document["task_outputs"], **data.heads()}, document)
     # on the job's device before the state dict is read: with tutel's sharded experts that read all-gathers them,
     # and NCCL only gathers device tensors
     model = model.to(accelerator.device)

@@ -156,10 +156,10 @@ def load_exported_model(run_dir: str | os.PathLike, heads: Optional[Mapping[str,
     """Rebuild the run's model from its config and load its weights (no pretrained download). ``device``: where
     the model lives; under several processes with tutel's sharded experts it must be the process's device,
     since loading reads the state dict, which all-gathers the experts."""
-    from .build import model_from_config
+    from .build import model_for_run
     document = read_run_document(run_dir)
     config = config_from_dict(document["config"])
-    model = model_from_config(config, heads or document["task_outputs"], load_weights=False)
+    model = model_for_run(config, heads or document["task_outputs"], document)
     if device is not None:
         model = model.to(device)
     load_weights(model, weights or find_weights(run_dir))

@@ -30,16 +30,20 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def unfused_attention(model: nn.Module) -> Iterator[None]:
-    attentions = [m for m in model.modules() if isinstance(m, Attention)]
-    previous = [m.fused_attn for m in attentions]
-    for module in attentions:
-        module.fused_attn = False
+def attribute_set(objects: Sequence[Any], name: str, value: Any) -> Iterator[None]:
+    """``setattr(obj, name, value)`` on every object meanwhile; the previous values come back afterwards."""
+    previous = [getattr(obj, name) for obj in objects]
+    for obj in objects:
+        setattr(obj, name, value)
     try:
         yield
     finally:
-        for module, fused in zip(attentions, previous):
-            module.fused_attn = fused
+        for obj, old in zip(objects, previous):
+            setattr(obj, name, old)
+
+
+def unfused_attention(model: nn.Module) -> contextlib.AbstractContextManager:
+    return attribute_set([m for m in model.modules() if isinstance(m, Attention)], "fused_attn", False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -31,6 +31,12 @@ def describe_recipe(config: "RunConfig", model: "MoEViT", task_sizes: Optional[M
                if plan.trainable_blocks else f"no block ({chosen_by})")
     if config.lora.enabled:
         trained += f" · LoRA rank {config.lora.rank} on {', '.join(config.lora.modules)}"
+    if config.adapters.enabled:
+        from .model.adapters import TaskLoRALinear
+        adapted = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, TaskLoRALinear)})
+        trained += (f" · task adapters rank {config.adapters.rank} on {', '.join(adapted)} of blocks "
+                    f"{list(config.adapters_blocks(model.depth))}")
     trained += f" · {' and '.join(extras + ['heads'])}"
     drop = config.token_drop
     drop_line = (f"blocks {list(model.token_drop_blocks)} · keep {drop.keep_rate:g}"

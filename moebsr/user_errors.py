@@ -13,6 +13,7 @@ _USER_ERROR_CLASSES = {
     "moebsr.run_folder": ("RunFolderError",),
     "moebsr.train": ("TrainingAborted",),
     "moebsr.model.tutel_backend": ("TutelBackendError",),
+    "moebsr.deploy.bundle": ("ExportError",),
 }
 
 

@@ -52,3 +52,23 @@ def subprocess_env() -> dict[str, str]:
                OMP_NUM_THREADS="1", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("PYTEST_CURRENT_TEST", None)
     return env
+
+
+def write_untrained_run(output_dir: Path, tasks: Sequence[str] = ("digits", "digits_parity"),
+                        extra: Sequence[str] = ()) -> Path:
+    """A run folder as training writes it (config.json, model.safetensors, card), without training: the short run's
+    model with distinct experts and gates (upcycled experts are copies, so routing would change nothing)."""
+    import torch
+
+    from moebsr.build import model_from_config
+    from moebsr.config import load_config
+    from moebsr.export import export_run
+    from moebsr.run_data import RunData
+    from tiny_models import distinct_experts
+
+    config = load_config(QUICKSTART, short_run_overrides(output_dir, 1, [f"tasks=[{','.join(tasks)}]", *extra]))
+    data = RunData.from_config(config, check_data=False)
+    torch.manual_seed(0)
+    model = distinct_experts(model_from_config(config, data.heads()))
+    export_run(output_dir, model, config, data.task_outputs(), {}, class_names=data.class_names())
+    return output_dir

@@ -62,8 +62,8 @@ def test_shared_ranking_is_the_cls_attention_of_the_ranking_block():
     block = model.blocks[1]
     original = block.forward_attention
 
-    def spy(tokens, selection, make_ranking=False):
-        out, new_selection = original(tokens, selection, make_ranking)
+    def spy(tokens, selection, make_ranking=False, task_rows=None):
+        out, new_selection = original(tokens, selection, make_ranking, task_rows)
         ranking["scores"], ranking["origin"] = new_selection.ranking, new_selection.origin
         return out, new_selection
     block.forward_attention = spy

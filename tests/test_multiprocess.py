@@ -11,7 +11,10 @@ from run_helpers import launch_run
 # differ by ~1e-6), so the ~1e-7 rounding differences between one batch of 16 and two of 8 flip which tokens survive
 # within a few AdamW steps. That batch-splitting itself is exact with dropping on is tested directly in
 # tests/test_model_shared_trunk.py; the balancing loss is tested here (its statistics are summed over processes).
-SAME_RUN = ["token_drop.enabled=false", "train.checkpoint_every=3", "logging.trackers=[none]", "train.lr=2e-3"]
+# Task adapters on (blocks 2, 3): their rows of the joint batch, and the adapters of the tasks a step does not draw
+# (unused parameters for DDP), go through the same all-reduce as every other trained weight.
+SAME_RUN = ["token_drop.enabled=false", "train.checkpoint_every=3", "logging.trackers=[none]", "train.lr=2e-3",
+            "adapters.enabled=true", "adapters.blocks=[2,3]"]
 
 
 def _run(tmp_path, processes: int, batch: int):

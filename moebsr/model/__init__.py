@@ -1,5 +1,6 @@
-"""The MoE-ViT core: per-task routed experts, block selective reprogramming, attention token dropping."""
+"""The MoE-ViT core: per-task routed experts, task adapters, block selective reprogramming, token dropping."""
 
+from .adapters import TaskLoRALinear, apply_task_adapters
 from .block import MoEViTBlock
 from .bsr import BSR_PRESETS, SUBLAYERS, BSRPlan, ResolvedBSRPlan
 from .dispatch import dispatch_dense_reference, dispatch_grouped
@@ -15,7 +16,7 @@ from .token_drop import (FUSED_TOKEN, TOKEN_DROP_DECISIONS, TokenSelection, atte
 __all__ = [
     "BSR_PRESETS", "FUSED_TOKEN", "SUBLAYERS", "TOKEN_DROP_DECISIONS", "BSRPlan", "ResolvedBSRPlan", "Experts",
     "MoEMlp", "MoESpec", "MoEViT", "MoEViTBlock", "Routing", "TaskRouter", "TaskRows", "TokenDropSpec",
-    "TokenSelection", "apply_capacity",
+    "TaskLoRALinear", "TokenSelection", "apply_capacity", "apply_task_adapters",
     "attention_with_cls_scores", "build_backbone", "create_moevit", "dispatch_dense_reference",
     "dispatch_grouped", "load_balancing_loss", "scale_block_indices", "select_tokens",
 ]

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
+from .adapters import bind_task_rows, has_task_parameters
 from .moe import MoEMlp, TaskRows
 from .spec import check_keep_rate
 from .token_drop import TokenSelection, attention_with_cls_scores, check_attention_supported, select_tokens
@@ -58,6 +59,16 @@ class MoEViTBlock(nn.Module):
         return self.is_moe and self.mlp.router.per_task
 
     @property
+    def attention_per_task(self) -> bool:
+        """Its attention holds task-specific layers (task adapters): the task streams must split before it."""
+        return has_task_parameters(self.attn)
+
+    @property
+    def mlp_per_task(self) -> bool:
+        """Its MLP routes per task or holds task adapters: the task streams must split before it."""
+        return self.routes_per_task or has_task_parameters(self.mlp)
+
+    @property
     def drops_tokens(self) -> bool:
         return self.keep_rate is not None and self.keep_rate < 1.0
 
@@ -67,15 +78,21 @@ class MoEViTBlock(nn.Module):
             keep_rate = check_keep_rate(keep_rate)
         self.keep_rate = keep_rate
 
-    def forward_attention(self, x: torch.Tensor, selection: TokenSelection, make_ranking: bool = False
-                          ) -> tuple[torch.Tensor, TokenSelection]:
+    def forward_attention(self, x: torch.Tensor, selection: TokenSelection, make_ranking: bool = False,
+                          task_rows: Optional[TaskRows] = None) -> tuple[torch.Tensor, TokenSelection]:
         """Attention residual, then token dropping if this block drops tokens.
 
         ``make_ranking``: this block's CLS attention becomes the shared ranking that this and every later dropping
         stage keep the top of (``decision: shared``); otherwise a block ranks by its own CLS attention unless
-        ``selection`` already carries a ranking. Returns the new tokens and selection (nothing is mutated, so
-        activation checkpointing can re-run it).
+        ``selection`` already carries a ranking. ``task_rows``: which rows are which task's, for task adapters in
+        the attention. Returns the new tokens and selection (nothing is mutated, so activation checkpointing can
+        re-run it).
         """
+        with bind_task_rows(task_rows):
+            return self._attention(x, selection, make_ranking)
+
+    def _attention(self, x: torch.Tensor, selection: TokenSelection, make_ranking: bool
+                   ) -> tuple[torch.Tensor, TokenSelection]:
         if not (self.drops_tokens or make_ranking):
             return x + self.drop_path1(self.ls1(self.attn(self.norm1(x)))), selection
         attn_out, cls_scores = attention_with_cls_scores(self.attn, self.norm1(x), self.num_prefix_tokens)
@@ -90,9 +107,10 @@ class MoEViTBlock(nn.Module):
         return x, (selection if kept_index is None else selection.keep(kept_index, self.fuse))
 
     def forward_mlp(self, x: torch.Tensor, task_rows: TaskRows) -> torch.Tensor:
-        hidden = self.norm2(x)
-        hidden = self.mlp(hidden, task_rows) if self.is_moe else self.mlp(hidden)
-        return x + self.drop_path2(self.ls2(hidden))
+        with bind_task_rows(task_rows):  # for task adapters in a dense MLP
+            hidden = self.norm2(x)
+            hidden = self.mlp(hidden, task_rows) if self.is_moe else self.mlp(hidden)
+            return x + self.drop_path2(self.ls2(hidden))
 
     def forward(self, x: torch.Tensor, task_rows: TaskRows) -> torch.Tensor:
         """The whole block on its own, dropping by its own CLS attention (the model drives the halves itself)."""

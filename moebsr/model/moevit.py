@@ -1,14 +1,16 @@
 """MoE-ViT: a timm ViT/DeiT with per-task routed MoE blocks, token dropping, BSR and one head per task.
 
 Data flow of ``forward(images, tasks)``: the stem and the blocks before the first trainable one run under
-``torch.no_grad()`` (they keep no activations); up to the first per-task-routed MoE MLP every task shares
-one pass over the images (including its token-dropping decisions); from there the batch is stacked once per
-task (rows ``[t*B, (t+1)*B)`` belong to task t) so every later layer, expert dispatch included, still runs as
-one batched computation; the pooled features of each task's rows go to that task's head.
+``torch.no_grad()`` (they keep no activations); up to the first task-specific layer (a per-task-routed MoE MLP,
+or a task adapter, which splits the streams before its block's attention) every task shares one pass over the
+images (including its token-dropping decisions); from there the batch is stacked once per task (rows
+``[t*B, (t+1)*B)`` belong to task t) so every later layer, expert dispatch and task adapters included, still runs
+as one batched computation; the pooled features of each task's rows go to that task's head.
 
-Token dropping after that split stays shared across tasks (``token_drop_decision="shared"``): the attention of
-the first per-task-routed block is the last one every task shares, its CLS attention ranks the tokens once per
-image, and every later dropping stage keeps the top of that ranking among the tokens still present. An image
+Token dropping after that split stays shared across tasks (``token_drop_decision="shared"``): the last attention
+every task shares (that of the first per-task-routed block, or of the block before the first adapted attention)
+ranks the tokens once per image, and every later dropping stage keeps the top of that ranking among the tokens
+still present. An image
 therefore keeps the same tokens for every task, and a task's output does not depend on which other tasks share
 its batch. ``"per_task"`` lets every stage after the split rank by its own task's CLS attention instead.
 
@@ -38,6 +40,7 @@ from .spec import check_decision
 from .token_drop import TokenSelection, num_kept_tokens
 
 HeadFactory = Union[int, nn.Module, Callable[[int], nn.Module]]
+SplitPoint = tuple[int, str]  # (block, "attn" | "mlp"): the task streams split before that half of that block
 NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, RmsNorm,
                                getattr(nn, "RMSNorm", None)) if t is not None)
 
@@ -84,6 +87,8 @@ class MoEViT(nn.Module):
         self.grad_checkpointing = False
         self.token_drop_decision = check_decision(token_drop_decision)
         self.last_kept_tokens: dict[int, dict[str, torch.Tensor]] = {}
+        # a task model exported from a multitask one keeps that model's split point (see task_split_point)
+        self.origin_split_point: Optional[SplitPoint] = None
 
     # ---- introspection -------------------------------------------------------------------------------------
     @property
@@ -149,19 +154,43 @@ class MoEViT(nn.Module):
             counts.append(num_tokens)
         return counts
 
+    def task_split_point(self) -> Optional[SplitPoint]:
+        """Where the task streams of a joint batch split: where task-specific parameters first appear.
+
+        ``(block, "attn")``: before the attention of the first block whose attention holds task adapters;
+        ``(block, "mlp")``: before the MLP of the first block whose MLP routes per task (or holds task adapters);
+        ``None`` when nothing is task-specific. A task model exported from a multitask one keeps the split point of
+        its origin (``origin_split_point``), even where export merged the adapters or pruning made an MLP dense, so
+        its token dropping ranks by the same attention.
+        """
+        if self.origin_split_point is not None:
+            return self.origin_split_point
+        for index, block in enumerate(self.blocks):
+            if block.attention_per_task:
+                return index, "attn"
+            if block.mlp_per_task:
+                return index, "mlp"
+        return None
+
     def ranking_block(self) -> Optional[int]:
         """The block whose CLS attention ranks the tokens for every later dropping stage (``decision: shared``).
 
-        It is the first per-task-routed MoE block: its attention is the last that every task shares. ``None``
-        when no stage comes after it (or dropping is per task, or nothing routes per task): then every stage
+        It is the last block whose attention every task shares: the split block itself when the streams split at
+        its MLP (its attention is still shared), the block before it when they split at its attention. ``None``
+        when no stage comes after it (or dropping is per task, or nothing is task-specific): then every stage
         already ranks on a stream all tasks share, or by its own task's attention.
         """
-        if self.token_drop_decision != "shared":
+        split = self.task_split_point()
+        if self.token_drop_decision != "shared" or split is None:
             return None
-        split = next((i for i, block in enumerate(self.blocks) if block.routes_per_task), None)
-        if split is None or not any(i > split for i in self.token_drop_blocks):
+        ranking = split[0] if split[1] == "mlp" else split[0] - 1
+        if ranking < 0 and self.token_drop_blocks:
+            raise ValueError("token_drop.decision: shared needs an attention every task shares, but task adapters "
+                             "start in block 0's attention; accepted: adapters.blocks from block 1 on, or "
+                             "token_drop.decision=per_task")
+        if not any(i > ranking for i in self.token_drop_blocks):
             return None
-        return split
+        return ranking
 
     def set_keep_rate(self, keep_rate: Optional[float]) -> None:
         """Use ``keep_rate`` at every block that drops tokens (e.g. to evaluate other token budgets)."""
@@ -278,17 +307,19 @@ class MoEViT(nn.Module):
         ranking_block = self.ranking_block()
         x, selection, task_rows, kept = state.tokens, state.selection, state.task_rows, dict(state.kept)
         task_list, batch, shared = state.tasks, state.batch, state.shared
+        split = self.task_split_point() if len(task_list) > 1 else None
         for index in range(start, end):
             block = self.blocks[index]
             with _no_grad_if(index < grad_from):
                 use_checkpoint = self.grad_checkpointing and index >= grad_from and torch.is_grad_enabled()
-                attention_args = (x, selection, index == ranking_block)
+                if shared and split == (index, "attn"):
+                    x, selection, task_rows = _stack_per_task(x, selection, task_list)
+                    shared = False
+                attention_args = (x, selection, index == ranking_block, task_rows)
                 x, selection = checkpoint(block.forward_attention, *attention_args, use_reentrant=False) \
                     if use_checkpoint else block.forward_attention(*attention_args)
-                if shared and len(task_list) > 1 and block.routes_per_task:
-                    x = repeat(x, "b n c -> (t b) n c", t=len(task_list))
-                    selection = selection.repeat(len(task_list))
-                    task_rows = [(task, t * batch, (t + 1) * batch) for t, task in enumerate(task_list)]
+                if shared and split == (index, "mlp"):
+                    x, selection, task_rows = _stack_per_task(x, selection, task_list)
                     shared = False
                 if block.drops_tokens:
                     kept[index] = (selection.origin, shared)
@@ -337,6 +368,14 @@ class MoEViT(nn.Module):
             return self.forward_from_trunk(trunk)
         features, task_rows = self.forward_features(images, tasks)
         return self.forward_heads(features, task_rows)
+
+
+def _stack_per_task(x: torch.Tensor, selection: TokenSelection, tasks: Sequence[str]
+                    ) -> tuple[torch.Tensor, TokenSelection, TaskRows]:
+    """One copy of the batch per task, stacked: rows ``[t*B, (t+1)*B)`` are task t's from here on."""
+    batch = x.shape[0]
+    task_rows = [(task, t * batch, (t + 1) * batch) for t, task in enumerate(tasks)]
+    return repeat(x, "b n c -> (t b) n c", t=len(tasks)), selection.repeat(len(tasks)), task_rows
 
 
 def _no_grad_if(condition: bool) -> contextlib.AbstractContextManager:

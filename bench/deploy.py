@@ -1,0 +1,286 @@
+"""Deploying one task of the quickstart run: the multitask model, the exported task, and the pruned one, per task.
+
+Protocol:
+1. Runs. For each variant (``quickstart``: the README's quickstart as shipped; ``no_balance``: the same with
+   ``moe.aux_loss_weight=0``, no load-balancing loss), a *test run* (the quickstart command, full training splits) and
+   a *validation run* (the same with a 0.15 validation share of every task's training split held out). Trained once
+   and cached under ``<out>/deploy_runs/``.
+2. Threshold choice, on the validation run only: each task extracted, its routing mass calibrated on its training
+   split, pruned at each point of a grid of criteria and thresholds, top-1 on the validation split.
+3. Deployment, on the test run: per task, the multitask model, ``moebsr export`` (no pruning) and ``moebsr export
+   --prune --format onnx`` at the default criterion and threshold: parameters, MoE-layer parameters, weights file,
+   inference FLOPs per image, images per CPU-second (batch 64 of test images, one thread, process time: the
+   machine is shared, and wall time would measure the other jobs too) and top-1 on the test split (measured by the
+   export on its own files), with the ONNX check's max abs difference and onnxruntime's images per CPU-second.
+   Target (DESIGN.md): pruned within 0.5 point of the multitask model, >= 2x fewer MoE-layer parameters.
+
+    python bench/deploy.py                  # both variants (~30 min on 2 quiet cores, most of it training 4 runs)
+    python bench/deploy.py --variants quickstart --runs quickstart:test=runs/quickstart   # reuse a run
+
+Writes ``<out>/deploy_quickstart.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from recipes import REPO, cached_run
+
+TASKS = ["mnist", "mnist_parity", "digits", "animals"]
+VALIDATION_FRACTION = 0.15
+VARIANTS = {"quickstart": [], "no_balance": ["moe.aux_loss_weight=0"]}
+GRID = [("share", t) for t in (0.02, 0.05, 0.08, 0.1, 0.12, 0.15)] + \
+       [("coverage", c) for c in (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)]
+TARGET_POINTS, TARGET_MOE_RATIO = 0.5, 2.0
+THROUGHPUT_BATCH, ROTATIONS = 64, 3
+
+
+def run_overrides(variant: str, phase: str) -> list[str]:
+    """The quickstart command's overrides for a variant's run (``train.output_dir`` aside)."""
+    overrides = [*VARIANTS[variant], "logging.progress=false"]
+    if phase == "validation":
+        overrides += [f"data.task_options.{task}.validation_fraction={VALIDATION_FRACTION}" for task in TASKS]
+    return overrides
+
+
+def train_runs(variant: str, out: Path, given: dict[str, str]) -> dict[str, Path]:
+    """The variant's test and validation runs: given ones (checked to be of this variant), else trained (cached)."""
+    from moebsr.config import config_from_dict, load_config
+    from moebsr.export import read_run_document
+    from recipes import BASE_CONFIG
+
+    runs = {}
+    for phase in ("validation", "test"):
+        if f"{variant}:{phase}" in given:
+            folder = Path(given[f"{variant}:{phase}"])
+            expected = load_config(BASE_CONFIG, [*run_overrides(variant, phase), f"train.output_dir={folder}"])
+            found = config_from_dict(read_run_document(folder)["config"])
+            for config in (expected, found):
+                config.logging = type(config.logging)()  # logging does not change what a run trains
+                if config.model.checkpoint:  # the same backbone weights, wherever the file was read from
+                    config.model.checkpoint = hashlib.sha256(Path(config.model.checkpoint).read_bytes()).hexdigest()
+            if found != expected:
+                raise SystemExit(f"--runs {variant}:{phase}={folder}: not a run of that variant (its config differs)")
+            runs[phase] = folder
+            continue
+        folder = out / "deploy_runs" / variant / phase
+        cached_run(folder, [*run_overrides(variant, phase), f"train.output_dir={folder}", "logging.trackers=[none]"],
+                   f"{variant}: {phase} run")
+        runs[phase] = folder
+    return runs
+
+
+def sweep(validation_run: Path) -> dict:
+    """Per task and grid point: experts kept per layer, MoE-parameter ratio, validation top-1 and its change."""
+    from moebsr.build import image_spec_of
+    from moebsr.deploy import choose_experts, extract_task, measure_routing_mass, prune_experts
+    from moebsr.deploy.exporter import task_images
+    from moebsr.deploy.prune import moe_parameter_count
+    from moebsr.evaluate import evaluate, open_run
+
+    results = {}
+    for task in TASKS:
+        print(f"sweep {task} ...", file=sys.stderr, flush=True)
+        accelerator, model, data = open_run(str(validation_run), [task])
+        network = accelerator.unwrap_model(model)
+        blocks = list(network.moe_blocks)
+        single = extract_task(network, task)
+        mass = measure_routing_mass(single, task, task_images(data.config, task, "train", image_spec_of(network), 256))
+        unpruned = evaluate(accelerator, single, data)[task]["top1"]
+        total = moe_parameter_count(network, blocks)
+        points = []
+        for criterion, threshold in GRID:
+            kept = {index: choose_experts(measured.share, criterion, threshold) for index, measured in mass.items()}
+            pruned = prune_experts(copy.deepcopy(single), kept)
+            top1 = evaluate(accelerator, pruned, data)[task]["top1"]
+            points.append({"criterion": criterion, "threshold": threshold,
+                           "kept": [len(kept[index]) for index in blocks],
+                           "moe_ratio": total / moe_parameter_count(pruned, blocks), "top1": top1,
+                           "change_points": (top1 - unpruned) * 100})
+        results[task] = {"unpruned_top1": unpruned, "points": points}
+    return results
+
+
+def choose_threshold(sweep_results: dict) -> dict:
+    """The largest ``share`` threshold at which every task stays within the target on validation, and likewise
+    for ``coverage`` (the smallest covered mass)."""
+    chosen = {}
+    for criterion in ("share", "coverage"):
+        grid = [threshold for c, threshold in GRID if c == criterion]
+        within = [t for t in grid if all(point["change_points"] >= -TARGET_POINTS
+                                         for result in sweep_results.values() for point in result["points"]
+                                         if point["criterion"] == criterion and point["threshold"] == t)]
+        best = (max(within) if criterion == "share" else min(within)) if within else None
+        chosen[criterion] = best
+    return chosen
+
+
+def images_per_cpu_second(forward, images, steps: int = 10, warmup: int = 3) -> float:
+    """Images per second of this process's CPU time (one thread), median over ``steps`` forwards: on a machine
+    other jobs share, wall time measures the other jobs too, CPU time mostly this one."""
+    for _ in range(warmup):
+        forward()
+    times = []
+    for _ in range(steps):
+        started = time.process_time()
+        forward()
+        times.append(time.process_time() - started)
+    return images.shape[0] / statistics.median(times)
+
+
+def torch_forward(model, images, task):
+    import torch
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(images, task)
+    return forward
+
+
+def onnx_forward(path: Path, images):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"images": images.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def deploy(test_run: Path, exports: Path) -> dict:
+    """Per task: the three models side by side (see the module doc)."""
+    import torch
+
+    from moebsr.build import image_spec_of
+    from moebsr.deploy import export_task
+    from moebsr.deploy.exporter import task_images
+    from moebsr.export import load_exported_model
+    from moebsr.profiling import inference_flops
+
+    torch.set_num_threads(1)
+    multitask, config, _ = load_exported_model(test_run)
+    multitask.eval()
+    results = {}
+    for task in TASKS:
+        print(f"deploy {task} ...", file=sys.stderr, flush=True)
+        exported = export_task(test_run, task, exports / f"{task}_exported", overwrite=True)
+        pruned = export_task(test_run, task, exports / f"{task}_pruned", prune=True, fmt="onnx", overwrite=True)
+        models = {"multitask": multitask, "exported": load_exported_model(exported.out)[0].eval(),
+                  "pruned": load_exported_model(pruned.out)[0].eval()}
+        images = next(task_images(config, task, "test", image_spec_of(multitask), THROUGHPUT_BATCH, THROUGHPUT_BATCH))
+        speeds: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(ROTATIONS):  # in rotation, so a slow spell of the machine hits every model alike
+            for name, model in models.items():
+                speeds[name].append(images_per_cpu_second(torch_forward(model, images, task), images))
+        sections = {"exported": exported.section, "pruned": pruned.section}
+        rows = {}
+        for name, model in models.items():
+            section = sections.get(name, exported.section)
+            side = "multitask" if name == "multitask" else "task_model"
+            rows[name] = {
+                "parameters": section["parameters"][side], "moe_parameters": section["moe_parameters"][side],
+                "file_bytes": section["bytes"]["multitask" if name == "multitask" else "model.safetensors"],
+                "inference_flops_per_image": inference_flops(model, images, task) / images.shape[0],
+                "images_per_cpu_s": statistics.median(speeds[name]),
+                "top1": (section["metrics_multitask"] if name == "multitask" else
+                         (exported.metrics if name == "exported" else pruned.metrics))["top1"]}
+        rows["pruned"].update(kept=pruned.section["kept_experts"], dense_blocks=pruned.section["dense_blocks"],
+                              onnx=pruned.section["onnx"], onnx_bytes=pruned.section["bytes"]["model.onnx"],
+                              onnx_images_per_cpu_s=images_per_cpu_second(
+                                  onnx_forward(pruned.out / "model.onnx", images), images),
+                              pruning={k: v for k, v in pruned.section["pruning"].items() if k != "routing_mass"})
+        results[task] = rows
+    return results
+
+
+def format_results(results: dict) -> str:
+    from moebsr.deploy.bundle import human_bytes
+
+    lines = ["Per task: the multitask model (the run's model run for that task alone), `moebsr export` of the task, "
+             "and `moebsr export --prune --format onnx` at the default rule. Top-1 on the test split, measured by "
+             "the export on its own files; images per CPU-second: batch 64 of test images, one thread, process time "
+             f"(the machine is shared), median of {ROTATIONS} rotations of 10 forwards. Target: pruned within "
+             f"{TARGET_POINTS} pt, >= {TARGET_MOE_RATIO:g}x fewer MoE-layer parameters.", ""]
+    for variant, result in results["variants"].items():
+        rule = result["default_rule"]
+        lines += [f"### `{variant}` ({', '.join(VARIANTS[variant]) or 'configs/quickstart.yaml as shipped'}); "
+                  f"pruned at {rule['criterion']} {rule['threshold']:g}", "",
+                  "| task | model | parameters | MoE-layer params | weights file | GFLOPs/img | images/CPU-s | top-1 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        verdicts = []
+        for task, rows in result["deploy"].items():
+            for name, row in rows.items():
+                label = name if name != "pruned" else f"pruned ({'/'.join(str(len(e)) for e in row['kept'].values())}"\
+                                                      " experts)"
+                lines.append(f"| {task} | {label} | {row['parameters']:,} | {row['moe_parameters']:,} | "
+                             f"{human_bytes(row['file_bytes'])} | {row['inference_flops_per_image'] / 1e9:.4f} | "
+                             f"{row['images_per_cpu_s']:.0f} | {row['top1'] * 100:.2f} |")
+            multitask, pruned = rows["multitask"], rows["pruned"]
+            change = (pruned["top1"] - multitask["top1"]) * 100
+            ratio = multitask["moe_parameters"] / pruned["moe_parameters"]
+            met = change >= -TARGET_POINTS and ratio >= TARGET_MOE_RATIO
+            verdicts.append(f"{task} {change:+.2f} pt at {ratio:.2f}x fewer MoE parameters "
+                            f"({'met' if met else 'missed'})")
+        onnx = ", ".join(f"{task} {rows['pruned']['onnx']['max_abs_diff']:.2g} "
+                         f"({rows['pruned']['onnx_images_per_cpu_s']:.0f} images/CPU-s in onnxruntime)"
+                         for task, rows in result["deploy"].items())
+        lines += ["", f"Pruned vs multitask: {'; '.join(verdicts)}.", "",
+                  f"ONNX (pruned model, onnxruntime vs PyTorch, max abs logit difference on 32 training images "
+                  f"reaching every kept expert): {onnx}.", ""]
+        lines += [f"Threshold sweep on the validation run (validation top-1 change in points vs the unpruned task "
+                  f"model; MoE-layer parameter ratio; experts kept per MoE layer). Largest rule within "
+                  f"{TARGET_POINTS} pt for every task: share {result['chosen']['share']}, coverage "
+                  f"{result['chosen']['coverage']}.", "",
+                  "| rule | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+        for position, (criterion, threshold) in enumerate(GRID):
+            cells = []
+            for task in TASKS:
+                point = result["sweep"][task]["points"][position]
+                cells.append(f"{point['change_points']:+.2f} pt, {point['moe_ratio']:.2f}x "
+                             f"({'/'.join(map(str, point['kept']))})")
+            lines.append(f"| {criterion} {threshold:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--runs", nargs="*", default=[], metavar="VARIANT:PHASE=DIR",
+                        help="runs already trained with the quickstart command and the variant's overrides, e.g. "
+                             "quickstart:test=runs/quickstart (checked against the variant's config)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from moebsr.deploy.prune import DEFAULT_CRITERION, DEFAULT_THRESHOLDS
+
+    out = Path(args.out)
+    given = dict(item.split("=", 1) for item in args.runs)
+    results = {"protocol": __doc__.split("\n\n")[1], "tasks": TASKS, "validation_fraction": VALIDATION_FRACTION,
+               "grid": GRID, "variants": {}}
+    for variant in args.variants:
+        runs = train_runs(variant, out, given)
+        swept = sweep(runs["validation"])
+        with tempfile.TemporaryDirectory() as exports:
+            deployed = deploy(runs["test"], Path(exports))
+        results["variants"][variant] = {
+            "runs": {phase: str(path) for phase, path in runs.items()}, "sweep": swept,
+            "chosen": choose_threshold(swept), "deploy": deployed,
+            "default_rule": {"criterion": DEFAULT_CRITERION, "threshold": DEFAULT_THRESHOLDS[DEFAULT_CRITERION]}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "deploy_quickstart.json").write_text(json.dumps(results, indent=2))
+    table = format_results(results)
+    (out / "deploy_quickstart.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
