@@ -162,28 +162,47 @@ def write_outputs(results: dict, out: Path) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Accuracy (from ``bench/accuracy.py``, when present) against three costs, each recipe a point, with the
+    accuracy/cost frontier: the recipes no other recipe beats on both accuracy and that cost."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = results["recipes"]
     accuracy = {name: recipe["summary"]["mean"]["mean"] * 100
                 for name, recipe in results.get("accuracy", {}).get("recipes", {}).items()}
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for axis, key, label in ((axes[0], "train_memory_bytes", "training memory (MiB)"),
-                             (axes[1], "train_flops_per_image", "training GFLOPs per image")):
-        for name, row in rows.items():
-            if accuracy and name not in accuracy:
-                continue  # a recipe without an accuracy figure has no place on an accuracy axis
-            x = row[key] / (2 ** 20 if "memory" in key else 1e9)
-            y = accuracy.get(name, row["step_time_s"] * 1e3)
-            axis.scatter(x, y, s=40, marker="o" if not name.startswith("dense") else "s")
+    costs = (("train_flops_per_image", "training GFLOPs per image", 1e9, False),
+             ("saved_activation_bytes_per_image", "MiB saved for backward per image (log)", 2 ** 20, True),
+             ("train_memory_bytes", "training memory (MiB)", 2 ** 20, False))
+    figure, axes = plt.subplots(1, len(costs), figsize=(17, 4.8))
+    for axis, (key, label, scale, log) in zip(axes, costs):
+        points = {name: (row[key] / scale, accuracy.get(name, row["step_time_s"] * 1e3)) for name, row in rows.items()
+                  if not accuracy or name in accuracy}  # without an accuracy figure a recipe has no place here
+        for name, (x, y) in points.items():
+            axis.scatter(x, y, s=40, marker="s" if name.startswith("dense") else "o")
             axis.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if accuracy:
+            frontier = pareto_frontier(points)
+            axis.plot(*zip(*(points[name] for name in frontier)), color="grey", linestyle="--", linewidth=1,
+                      label="frontier (no recipe cheaper and more accurate)")
+            axis.legend(fontsize=7, loc="lower right")
+        if log:
+            axis.set_xscale("log")
         axis.set_xlabel(label)
         axis.set_ylabel("mean top-1 over the tasks (%, bench/accuracy.py)" if accuracy else "step time (ms)")
         axis.grid(alpha=0.3)
     figure.suptitle(f"moebsr recipes, {results['size']}, batch {results['batch_size']}, {results['device']}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def pareto_frontier(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the (cost, accuracy) points that no other point matches or beats on both, cheapest first."""
+    frontier, best = [], float("-inf")
+    for name, (_, accuracy) in sorted(points.items(), key=lambda item: (item[1][0], -item[1][1])):
+        if accuracy > best:
+            frontier.append(name)
+            best = accuracy
+    return frontier
 
 
 if __name__ == "__main__":
