@@ -23,13 +23,17 @@ def test_one_step_on_cuda_matches_cpu(precision):
     cuda = distinct_experts(tiny_moevit(token_drop=dict(keep_rate=0.5))).cuda()
     batch = images(8)
     cpu_loss, cuda_loss = _loss(cpu, batch, "no"), _loss(cuda, batch.cuda(), precision)
-    cpu_loss.backward()
-    cuda_loss.backward()
-    tolerance = 1e-4 if precision == "no" else 5e-2
-    assert cuda_loss.item() == pytest.approx(cpu_loss.item(), rel=tolerance)
-    for (name, a), (_, b) in zip(cpu.named_parameters(), cuda.named_parameters()):
+    _assert_same_step(cpu, cpu_loss, cuda, cuda_loss, 1e-4 if precision == "no" else 5e-2)
+
+
+def _assert_same_step(reference, reference_loss, candidate, candidate_loss, tolerance: float) -> None:
+    """Equal losses and gradients within ``tolerance`` (relative, and absolute for the gradients)."""
+    reference_loss.backward()
+    candidate_loss.backward()
+    assert candidate_loss.item() == pytest.approx(reference_loss.item(), rel=tolerance)
+    for (name, a), (_, b) in zip(reference.named_parameters(), candidate.named_parameters()):
         if a.grad is not None:
-            assert torch.allclose(a.grad, b.grad.float().cpu(), atol=tolerance, rtol=tolerance * 10), name
+            assert torch.allclose(a.grad.float().cpu(), b.grad.float().cpu(), atol=tolerance, rtol=tolerance * 10), name
 
 
 def _needs_gpus(count: int) -> None:
@@ -45,13 +49,7 @@ def test_tutel_on_cuda_matches_the_torch_backend_on_cuda(precision):
     candidate.load_state_dict(reference.state_dict())
     batch = images(8).cuda()
     reference_loss, candidate_loss = _loss(reference, batch, precision), _loss(candidate, batch, precision)
-    reference_loss.backward()
-    candidate_loss.backward()
-    tolerance = 1e-4 if precision == "no" else 5e-2
-    assert candidate_loss.item() == pytest.approx(reference_loss.item(), rel=tolerance)
-    for (name, a), (_, b) in zip(reference.named_parameters(), candidate.named_parameters()):
-        if a.grad is not None:
-            assert torch.allclose(a.grad.float(), b.grad.float(), atol=tolerance, rtol=tolerance * 10), name
+    _assert_same_step(reference, reference_loss, candidate, candidate_loss, 1e-4 if precision == "no" else 5e-2)
 
 
 def test_two_gpus_over_nccl_train_like_one_gpu_with_the_same_global_batch(tmp_path):
