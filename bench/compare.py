@@ -149,6 +149,18 @@ def write_outputs(results: dict, out: Path) -> None:
                       f"{no_drop['infer_flops_per_image'] / drop['infer_flops_per_image']:.2f}x lower, throughput "
                       f"{drop['infer_images_per_s'] / no_drop['infer_images_per_s']:.2f}x higher "
                       f"({drop['infer_images_per_s']:.1f} vs {no_drop['infer_images_per_s']:.1f} images/s)."]
+    cached = {name: row for name, row in rows.items() if row.get("cached_train_flops_per_image")}
+    if cached and "full" in rows:
+        full = rows["full"]
+        lines += ["", "With the frozen-trunk cache (`trunk_cache.enabled`), a step whose images are all read back "
+                      "skips the blocks before the first trainable one:", "",
+                  "| recipe | blocks read back | train GFLOPs/img | FLOPs x | step CPU x | "
+                  "vs the same recipe uncached: FLOPs x | step CPU x |", "|---|---|---|---|---|---|---|"]
+        for name, row in cached.items():
+            flops, cpu = row["cached_train_flops_per_image"], row["cached_step_cpu_time_s"]
+            lines.append(f"| {name} | 0-{row['cached_from_block'] - 1} | {flops / 1e9:.3f} | "
+                         f"{full['train_flops_per_image'] / flops:.2f} | {full['step_cpu_time_s'] / cpu:.2f} | "
+                         f"{row['train_flops_per_image'] / flops:.2f} | {row['step_cpu_time_s'] / cpu:.2f} |")
     for router, times in results.get("joint_step_time_s", {}).items():
         flops = results.get("joint_train_flops_per_image", {}).get(router, {})
         cpu = results.get("joint_step_cpu_time_s", {}).get(router, {})

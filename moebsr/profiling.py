@@ -24,6 +24,7 @@ from timm.layers import Attention
 from torch.utils.flop_counter import FlopCounterMode
 
 from .model import MoEViT
+from .model.moevit import TrunkState
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -70,18 +71,20 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def training_loss(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor],
-                  aux_weight: float = 0.01, precision: str = "no") -> torch.Tensor:
+                  aux_weight: float = 0.01, precision: str = "no", trunk: Optional[TrunkState] = None) -> torch.Tensor:
+    """The step's loss; with ``trunk`` (the images' frozen-trunk state) the forward starts at the first trainable
+    block, as a step whose images all come from the trunk cache does."""
     with autocast(precision, images.device):
-        outputs = model(images, list(labels))
+        outputs = model(images, list(labels), trunk=trunk)
     loss = sum(F.cross_entropy(outputs[task].float(), target) for task, target in labels.items())
     return loss + aux_weight * model.aux_loss().float()
 
 
 def training_step_flops(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor],
-                        precision: str = "no") -> int:
+                        precision: str = "no", trunk: Optional[TrunkState] = None) -> int:
     """FLOPs of forward + backward of one step (the optimizer's elementwise update is not counted)."""
     with unfused_attention(model), FlopCounterMode(display=False) as counter:
-        training_loss(model, images, labels, precision=precision).backward()
+        training_loss(model, images, labels, precision=precision, trunk=trunk).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -189,8 +192,8 @@ def profile_step(model: MoEViT, task_outputs: Mapping[str, int], batch_size: int
     labels = {t: v.to(device) for t, v in synthetic_labels(task_outputs, batch_size).items()}
     trainable, total = count_parameters(model)
 
-    def step() -> None:
-        training_loss(model, images, labels, aux_weight, precision).backward()
+    def step(trunk: Optional[TrunkState] = None) -> None:
+        training_loss(model, images, labels, aux_weight, precision, trunk).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -212,6 +215,7 @@ def profile_step(model: MoEViT, task_outputs: Mapping[str, int], batch_size: int
     model.train()
     saved_bytes = saved_activation_bytes(model, images, labels, precision)
     gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    cached = cached_trunk_step(model, images, labels, step, device, steps, warmup, precision)
     return dict(
         tasks=list(tasks), batch_size=batch_size, image_size=image_size, device=str(device), precision=precision,
         trainable_params=trainable, total_params=total,
@@ -224,7 +228,24 @@ def profile_step(model: MoEViT, task_outputs: Mapping[str, int], batch_size: int
         step_cpu_time_s=statistics.median(cpu_times),
         infer_images_per_s=batch_size / statistics.median(infer_times),
         tokens_per_block=model.tokens_per_block(),
+        **cached,
     )
+
+
+def cached_trunk_step(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor],
+                      step: Callable[[Optional[TrunkState]], None], device: torch.device, steps: int, warmup: int,
+                      precision: str) -> dict[str, Any]:
+    """The same step with every image read back from the trunk cache (``trunk_cache.enabled``): the blocks before
+    the first trainable one are skipped. Empty when there is no frozen block to cache."""
+    first = model.first_grad_block()
+    if first <= 0:
+        return {}
+    with torch.no_grad(), autocast(precision, images.device):
+        trunk = model.forward_frozen_trunk(images, list(labels))
+    timed = timed_calls(lambda: step(trunk), device, steps, warmup=max(1, warmup))
+    return dict(cached_train_flops_per_image=training_step_flops(model, images, labels, precision, trunk)
+                / images.shape[0], cached_step_time_s=statistics.median(wall for wall, _ in timed),
+                cached_step_cpu_time_s=statistics.median(cpu for _, cpu in timed), cached_from_block=first)
 
 
 def timed_calls(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int
@@ -329,6 +350,11 @@ def format_profile(report: dict[str, Any]) -> str:
         ("step time (median)", f"{report['step_time_s'] * 1000:.1f} ms over {len(report['step_times_s'])} steps, "
                                f"{report['torch_threads']} threads"),
         ("step CPU time (median)", f"{report['step_cpu_time_s'] * 1000:.1f} ms (all threads)"),
+        *([("with the trunk cache", f"blocks 0-{report['cached_from_block'] - 1} read back: "
+                                    f"{report['cached_train_flops_per_image'] / 1e9:.3f} training GFLOPs per image, "
+                                    f"step {report['cached_step_time_s'] * 1000:.1f} ms, CPU "
+                                    f"{report['cached_step_cpu_time_s'] * 1000:.1f} ms")]
+          if "cached_from_block" in report else []),
         ("inference throughput", f"{report['infer_images_per_s']:.1f} images/s (eval, no autograd)"),
         ("tokens per block", " ".join(map(str, report["tokens_per_block"]))),
     ]

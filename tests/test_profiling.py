@@ -30,6 +30,28 @@ def test_profile_measures_under_the_configured_autocast():
     assert "precision bf16" in recipe and "  tokens per block  34 19 11 11" in recipe
 
 
+def test_profile_measures_the_step_with_the_frozen_trunk_read_back():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from moebsr.profiling import cached_trunk_step, synthetic_labels, training_step_flops, unfused_attention
+    from tiny_models import images, tiny_moevit
+
+    report = _profile("bsr.preset=last_k", "bsr.last_k=2", "moe.blocks=[3]")
+    assert report["cached_from_block"] == 2 and "blocks 0-1 read back" in format_profile(report)
+    assert 0 < report["cached_train_flops_per_image"] < report["train_flops_per_image"]
+    assert report["cached_step_cpu_time_s"] > 0
+    # the saving is exactly the frozen blocks' forward: no backward ran through them anyway
+    model = tiny_moevit(moe=dict(blocks=[3], num_experts=4, top_k=2), bsr=dict(preset="last_k", last_k=2)).train()
+    x, labels = images(4), synthetic_labels({"a": 10}, 4)
+    with unfused_attention(model), FlopCounterMode(display=False) as prefix, torch.no_grad():  # as the profile counts
+        model.forward_frozen_trunk(x, ["a"])
+    cached = cached_trunk_step(model, x, labels, lambda trunk: None, x.device, steps=1, warmup=1, precision="no")
+    whole = training_step_flops(model, x, labels)
+    assert cached["cached_train_flops_per_image"] * 4 == whole - prefix.get_total_flops()
+    assert _profile()["train_flops_per_image"] > 0 and "cached_from_block" not in _profile()  # block 0 trains
+
+
 def test_python_dash_m_moebsr_is_the_moebsr_command():
     result = subprocess.run([sys.executable, "-m", "moebsr", "tasks", "digits*"], cwd=REPO, env=subprocess_env(),
                             capture_output=True, text=True, timeout=120)
