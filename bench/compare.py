@@ -161,6 +161,19 @@ def write_outputs(results: dict, out: Path) -> None:
             lines.append(f"| {name} | 0-{row['cached_from_block'] - 1} | {flops / 1e9:.3f} | "
                          f"{full['train_flops_per_image'] / flops:.2f} | {full['step_cpu_time_s'] / cpu:.2f} | "
                          f"{row['train_flops_per_image'] / flops:.2f} | {row['step_cpu_time_s'] / cpu:.2f} |")
+    accuracy = {name: recipe["summary"]["mean"]
+                for name, recipe in results.get("accuracy", {}).get("recipes", {}).items()}
+    if ratios and any(name in accuracy for name in rows):
+        full = accuracy.get("full", {}).get("mean")
+        lines += ["", "Accuracy (`bench/accuracy.py`, mean top-1 over tasks and seeds) beside the cost ratios above:",
+                  "",
+                  "| recipe | mean top-1 | vs full | train FLOPs x | saved for backward x | train memory x | "
+                  "peak memory x | step CPU x |", "|---|---|---|---|---|---|---|---|"]
+        for name in (name for name in rows if name in accuracy):
+            mean, r = accuracy[name], ratios[name]
+            gap = "—" if name == "full" or full is None else f"{(mean['mean'] - full) * 100:+.2f} pt"
+            lines.append(f"| {name} | {mean['mean'] * 100:.2f} ± {mean['std'] * 100:.2f} | {gap} | " + " | ".join(
+                f"{r.get(key, float('nan')):.2f}" for key in RATIO_KEYS if key != "step_time_s") + " |")
     for router, times in results.get("joint_step_time_s", {}).items():
         flops = results.get("joint_train_flops_per_image", {}).get(router, {})
         cpu = results.get("joint_step_cpu_time_s", {}).get(router, {})
