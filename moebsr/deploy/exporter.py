@@ -1,4 +1,4 @@
-"""``moebsr export``: one task of a training run as its own model folder, optionally pruned, optionally ONNX.
+"""``moebsr export``: one task of a training run as its own model folder, optionally pruned (and healed), or ONNX.
 
 Nothing is written to ``--out`` until the whole export exists and was measured: the folder is assembled in a
 hidden staging folder beside it (weights, config, ONNX graph and its check), evaluated from there (so the card's
