@@ -7,8 +7,15 @@ Protocol:
    and cached under ``<out>/deploy_runs/``.
 2. Threshold choice, on the validation run only: each task extracted, its routing mass calibrated on its training
    split, pruned at each point of a grid of criteria and thresholds, top-1 on the validation split.
+   Heal choice (``--heal-steps N``, N > 0), likewise on the validation run only: each task pruned at each share
+   threshold of ``HEAL_GRID`` and healed N steps (``moebsr.deploy.heal``: its training split, the run's batch and
+   augmentation) at each LR of ``HEAL_LR_SCALES`` x the run's ``train.lr``, top-1 on the validation split. Chosen:
+   the largest threshold at which every task stays within the target of its unpruned model for one LR (that LR; the
+   LR whose worst task loses least if several), else the point whose worst task loses least.
 3. Deployment, on the test run: per task, the multitask model, ``moebsr export`` (no pruning) and ``moebsr export
-   --prune --format onnx`` at the default criterion and threshold: parameters, MoE-layer parameters, weights file,
+   --prune --format onnx`` at the default criterion and threshold, and with ``--heal-steps N`` ``moebsr export
+   --prune --threshold T --heal-steps N --heal-lr LR --format onnx`` at the heal choice: parameters, MoE-layer
+   parameters, weights file,
    inference FLOPs per image, images per CPU-second (batch 64 of test images, one thread, process time: the
    machine is shared, and wall time would measure the other jobs too) and top-1 on the test split (measured by the
    export on its own files), with the ONNX check's max abs difference and onnxruntime's images per CPU-second.
@@ -16,6 +23,7 @@ Protocol:
 
     python bench/deploy.py                  # both variants (~30 min on 2 quiet cores, most of it training 4 runs)
     python bench/deploy.py --variants quickstart --runs quickstart:test=runs/quickstart   # reuse a run
+    python bench/deploy.py --heal-steps 150 --runs ...   # also prune harder and heal (~10 more min per variant)
 
 Writes ``<out>/deploy_quickstart.json`` and ``.md``.
 """
@@ -31,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from recipes import REPO, cached_run
 
@@ -40,6 +49,8 @@ VARIANTS = {"quickstart": [], "no_balance": ["moe.aux_loss_weight=0"]}
 GRID = [("share", t) for t in (0.02, 0.05, 0.08, 0.1, 0.12, 0.15)] + \
        [("coverage", c) for c in (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)]
 TARGET_POINTS, TARGET_MOE_RATIO = 0.5, 2.0
+HEAL_GRID = [0.1, 0.12, 0.15]  # share thresholds: the ones that reach 2x fewer MoE parameters in the pruning sweep
+HEAL_LR_SCALES = [0.1, 0.3]  # heal LR as a share of the run's train.lr
 THROUGHPUT_BATCH, ROTATIONS = 64, 3
 
 
@@ -109,6 +120,59 @@ def sweep(validation_run: Path) -> dict:
     return results
 
 
+def heal_sweep(validation_run: Path, heal_steps: int) -> dict:
+    """Per task and (threshold, LR) of the heal grid: the pruned model healed ``heal_steps`` steps on the training
+    split, its validation top-1 and the change against the unpruned task model."""
+    import torch
+
+    from moebsr.build import image_spec_of
+    from moebsr.deploy import choose_experts, extract_task, heal_task_model, measure_routing_mass, prune_experts
+    from moebsr.deploy.exporter import task_images
+    from moebsr.deploy.prune import moe_parameter_count
+    from moebsr.evaluate import evaluate, open_run
+
+    torch.set_num_threads(1)
+    results = {}
+    for task in TASKS:
+        print(f"heal sweep {task} ...", file=sys.stderr, flush=True)
+        accelerator, model, data = open_run(str(validation_run), [task])
+        network = accelerator.unwrap_model(model)
+        blocks = list(network.moe_blocks)
+        single = extract_task(network, task)
+        mass = measure_routing_mass(single, task, task_images(data.config, task, "train", image_spec_of(network), 256))
+        unpruned = evaluate(accelerator, single, data)[task]["top1"]
+        total = moe_parameter_count(network, blocks)
+        points = []
+        for threshold in HEAL_GRID:
+            kept = {index: choose_experts(measured.share, "share", threshold) for index, measured in mass.items()}
+            for scale in HEAL_LR_SCALES:
+                healed = prune_experts(copy.deepcopy(single), kept)
+                report = heal_task_model(healed, data.config, task, heal_steps, scale * data.config.train.lr)
+                top1 = evaluate(accelerator, healed, data)[task]["top1"]
+                points.append({"criterion": "share", "threshold": threshold, "lr_scale": scale, "lr": report.lr,
+                               "kept": [len(kept[index]) for index in blocks],
+                               "moe_ratio": total / moe_parameter_count(healed, blocks), "top1": top1,
+                               "change_points": (top1 - unpruned) * 100, "loss_first": report.loss_first,
+                               "loss_last": report.loss_last})
+        results[task] = {"unpruned_top1": unpruned, "points": points}
+    return results
+
+
+def choose_heal(heal_results: dict) -> dict:
+    """The heal choice of the module doc: ``{"threshold", "lr_scale", "worst_change_points", "within"}``."""
+    options = []
+    for threshold in HEAL_GRID:
+        for scale in HEAL_LR_SCALES:
+            worst = min(point["change_points"] for result in heal_results.values() for point in result["points"]
+                        if point["threshold"] == threshold and point["lr_scale"] == scale)
+            options.append({"threshold": threshold, "lr_scale": scale, "worst_change_points": worst,
+                            "within": worst >= -TARGET_POINTS})
+    within = [option for option in options if option["within"]]
+    if within:
+        return max(within, key=lambda option: (option["threshold"], option["worst_change_points"]))
+    return max(options, key=lambda option: option["worst_change_points"])
+
+
 def choose_threshold(sweep_results: dict) -> dict:
     """The largest ``share`` threshold at which every task stays within the target on validation, and likewise
     for ``coverage`` (the smallest covered mass)."""
@@ -155,8 +219,9 @@ def onnx_forward(path: Path, images):
     return lambda: session.run(None, feed)
 
 
-def deploy(test_run: Path, exports: Path) -> dict:
-    """Per task: the three models side by side (see the module doc)."""
+def deploy(test_run: Path, exports: Path, heal: Optional[dict] = None) -> dict:
+    """Per task: the three models (four with ``heal``: its threshold, LR scale and steps) side by side (see the
+    module doc)."""
     import torch
 
     from moebsr.build import image_spec_of
@@ -175,28 +240,37 @@ def deploy(test_run: Path, exports: Path) -> dict:
         pruned = export_task(test_run, task, exports / f"{task}_pruned", prune=True, fmt="onnx", overwrite=True)
         models = {"multitask": multitask, "exported": load_exported_model(exported.out)[0].eval(),
                   "pruned": load_exported_model(pruned.out)[0].eval()}
+        reports = {"exported": exported, "pruned": pruned}
+        if heal is not None:
+            healed = export_task(test_run, task, exports / f"{task}_healed", prune=True, threshold=heal["threshold"],
+                                 fmt="onnx", overwrite=True, heal_steps=heal["steps"],
+                                 heal_lr=heal["lr_scale"] * config.train.lr)
+            models["healed"] = load_exported_model(healed.out)[0].eval()
+            reports["healed"] = healed
         images = next(task_images(config, task, "test", image_spec_of(multitask), THROUGHPUT_BATCH, THROUGHPUT_BATCH))
         speeds: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(ROTATIONS):  # in rotation, so a slow spell of the machine hits every model alike
             for name, model in models.items():
                 speeds[name].append(images_per_cpu_second(torch_forward(model, images, task), images))
-        sections = {"exported": exported.section, "pruned": pruned.section}
         rows = {}
         for name, model in models.items():
-            section = sections.get(name, exported.section)
+            section = reports.get(name, exported).section
             side = "multitask" if name == "multitask" else "task_model"
             rows[name] = {
                 "parameters": section["parameters"][side], "moe_parameters": section["moe_parameters"][side],
                 "file_bytes": section["bytes"]["multitask" if name == "multitask" else "model.safetensors"],
                 "inference_flops_per_image": inference_flops(model, images, task) / images.shape[0],
                 "images_per_cpu_s": statistics.median(speeds[name]),
-                "top1": (section["metrics_multitask"] if name == "multitask" else
-                         (exported.metrics if name == "exported" else pruned.metrics))["top1"]}
-        rows["pruned"].update(kept=pruned.section["kept_experts"], dense_blocks=pruned.section["dense_blocks"],
-                              onnx=pruned.section["onnx"], onnx_bytes=pruned.section["bytes"]["model.onnx"],
+                "top1": (section["metrics_multitask"] if name == "multitask" else reports[name].metrics)["top1"]}
+        for name in ("pruned", "healed") if heal is not None else ("pruned",):
+            report = reports[name]
+            rows[name].update(kept=report.section["kept_experts"], dense_blocks=report.section["dense_blocks"],
+                              onnx=report.section["onnx"], onnx_bytes=report.section["bytes"]["model.onnx"],
                               onnx_images_per_cpu_s=images_per_cpu_second(
-                                  onnx_forward(pruned.out / "model.onnx", images), images),
-                              pruning={k: v for k, v in pruned.section["pruning"].items() if k != "routing_mass"})
+                                  onnx_forward(report.out / "model.onnx", images), images),
+                              pruning={k: v for k, v in report.section["pruning"].items() if k != "routing_mass"})
+            if name == "healed":
+                rows[name]["heal"] = report.section["heal"]
         results[task] = rows
     return results
 
@@ -208,33 +282,48 @@ def format_results(results: dict) -> str:
              "and `moebsr export --prune --format onnx` at the default rule. Top-1 on the test split, measured by "
              "the export on its own files; images per CPU-second: batch 64 of test images, one thread, process time "
              f"(the machine is shared), median of {ROTATIONS} rotations of 10 forwards. Target: pruned within "
-             f"{TARGET_POINTS} pt, >= {TARGET_MOE_RATIO:g}x fewer MoE-layer parameters.", ""]
+             f"{TARGET_POINTS} pt, >= {TARGET_MOE_RATIO:g}x fewer MoE-layer parameters. `pruned + healed` (with "
+             "`--heal-steps`): `moebsr export --prune --threshold T --heal-steps N --heal-lr LR --format onnx` at the "
+             "threshold and LR chosen on the validation run (the heal sweep below).", ""]
     for variant, result in results["variants"].items():
         rule = result["default_rule"]
+        heal = result.get("heal")
+        healed_at = (f"; pruned + healed at share {heal['threshold']:g}, {heal['steps']} heal steps at lr "
+                     f"{heal['lr_scale']:g} x train.lr" if heal else "")
         lines += [f"### `{variant}` ({', '.join(VARIANTS[variant]) or 'configs/quickstart.yaml as shipped'}); "
-                  f"pruned at {rule['criterion']} {rule['threshold']:g}", "",
+                  f"pruned at {rule['criterion']} {rule['threshold']:g}{healed_at}", "",
                   "| task | model | parameters | MoE-layer params | weights file | GFLOPs/img | images/CPU-s | top-1 |",
                   "|---|---|---|---|---|---|---|---|"]
-        verdicts = []
+        verdicts: dict[str, list[str]] = {"pruned": [], "healed": []}
+        labels = {"pruned": "pruned", "healed": "pruned + healed"}
         for task, rows in result["deploy"].items():
             for name, row in rows.items():
-                label = name if name != "pruned" else f"pruned ({'/'.join(str(len(e)) for e in row['kept'].values())}"\
-                                                      " experts)"
+                label = labels[name] + f" ({'/'.join(str(len(e)) for e in row['kept'].values())} experts)" \
+                    if name in labels else name
                 lines.append(f"| {task} | {label} | {row['parameters']:,} | {row['moe_parameters']:,} | "
                              f"{human_bytes(row['file_bytes'])} | {row['inference_flops_per_image'] / 1e9:.4f} | "
                              f"{row['images_per_cpu_s']:.0f} | {row['top1'] * 100:.2f} |")
-            multitask, pruned = rows["multitask"], rows["pruned"]
-            change = (pruned["top1"] - multitask["top1"]) * 100
-            ratio = multitask["moe_parameters"] / pruned["moe_parameters"]
-            met = change >= -TARGET_POINTS and ratio >= TARGET_MOE_RATIO
-            verdicts.append(f"{task} {change:+.2f} pt at {ratio:.2f}x fewer MoE parameters "
-                            f"({'met' if met else 'missed'})")
-        onnx = ", ".join(f"{task} {rows['pruned']['onnx']['max_abs_diff']:.2g} "
-                         f"({rows['pruned']['onnx_images_per_cpu_s']:.0f} images/CPU-s in onnxruntime)"
-                         for task, rows in result["deploy"].items())
-        lines += ["", f"Pruned vs multitask: {'; '.join(verdicts)}.", "",
-                  f"ONNX (pruned model, onnxruntime vs PyTorch, max abs logit difference on 32 training images "
-                  f"reaching every kept expert): {onnx}.", ""]
+            multitask = rows["multitask"]
+            for name in verdicts:
+                if name not in rows:
+                    continue
+                change = (rows[name]["top1"] - multitask["top1"]) * 100
+                ratio = multitask["moe_parameters"] / rows[name]["moe_parameters"]
+                met = change >= -TARGET_POINTS and ratio >= TARGET_MOE_RATIO
+                verdicts[name].append(f"{task} {change:+.2f} pt at {ratio:.2f}x fewer MoE parameters "
+                                      f"({'met' if met else 'missed'})")
+        lines += [""]
+        for name, listed in verdicts.items():
+            if listed:
+                lines += [f"{labels[name].capitalize()} vs multitask: {'; '.join(listed)}.", ""]
+        for name in verdicts:
+            if not verdicts[name]:
+                continue
+            onnx = ", ".join(f"{task} {rows[name]['onnx']['max_abs_diff']:.2g} "
+                             f"({rows[name]['onnx_images_per_cpu_s']:.0f} images/CPU-s in onnxruntime)"
+                             for task, rows in result["deploy"].items())
+            lines += [f"ONNX ({labels[name]} model, onnxruntime vs PyTorch, max abs logit difference on 32 training "
+                      f"images reaching every kept expert): {onnx}.", ""]
         lines += [f"Threshold sweep on the validation run (validation top-1 change in points vs the unpruned task "
                   f"model; MoE-layer parameter ratio; experts kept per MoE layer). Largest rule within "
                   f"{TARGET_POINTS} pt for every task: share {result['chosen']['share']}, coverage "
@@ -248,6 +337,23 @@ def format_results(results: dict) -> str:
                              f"({'/'.join(map(str, point['kept']))})")
             lines.append(f"| {criterion} {threshold:g} | " + " | ".join(cells) + " |")
         lines.append("")
+        if heal:
+            lines += [f"Heal sweep on the validation run: pruned at a share threshold, then healed {heal['steps']} "
+                      "steps on the training split at an LR (x the run's train.lr); validation top-1 change in points "
+                      "vs the unpruned task model, MoE-layer parameter ratio, experts kept per MoE layer. Chosen: "
+                      f"share {heal['threshold']:g} at lr x {heal['lr_scale']:g} (worst task "
+                      f"{heal['worst_change_points']:+.2f} pt; {'within' if heal['within'] else 'not within'} "
+                      f"{TARGET_POINTS} pt).", "",
+                      "| rule | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+            for position, point in enumerate(result["heal_sweep"][TASKS[0]]["points"]):
+                cells = []
+                for task in TASKS:
+                    cell = result["heal_sweep"][task]["points"][position]
+                    cells.append(f"{cell['change_points']:+.2f} pt, {cell['moe_ratio']:.2f}x "
+                                 f"({'/'.join(map(str, cell['kept']))})")
+                lines.append(f"| share {point['threshold']:g}, lr x {point['lr_scale']:g} | " + " | ".join(cells)
+                             + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -258,23 +364,32 @@ def main() -> None:
                         help="runs already trained with the quickstart command and the variant's overrides, e.g. "
                              "quickstart:test=runs/quickstart (checked against the variant's config)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--heal-steps", type=int, default=0,
+                        help="also choose a harder pruning + heal on the validation runs and deploy it (0: no heal)")
     args = parser.parse_args()
+    if args.heal_steps < 0:
+        raise SystemExit(f"--heal-steps: {args.heal_steps} is invalid; accepted: an integer >= 0")
     sys.path.insert(0, str(REPO))
     from moebsr.deploy.prune import DEFAULT_CRITERION, DEFAULT_THRESHOLDS
 
     out = Path(args.out)
     given = dict(item.split("=", 1) for item in args.runs)
     results = {"protocol": __doc__.split("\n\n")[1], "tasks": TASKS, "validation_fraction": VALIDATION_FRACTION,
-               "grid": GRID, "variants": {}}
+               "grid": GRID, "heal_grid": HEAL_GRID, "heal_lr_scales": HEAL_LR_SCALES, "heal_steps": args.heal_steps,
+               "variants": {}}
     for variant in args.variants:
         runs = train_runs(variant, out, given)
         swept = sweep(runs["validation"])
+        heal_swept = heal_sweep(runs["validation"], args.heal_steps) if args.heal_steps else None
+        heal = {**choose_heal(heal_swept), "steps": args.heal_steps} if heal_swept else None
         with tempfile.TemporaryDirectory() as exports:
-            deployed = deploy(runs["test"], Path(exports))
+            deployed = deploy(runs["test"], Path(exports), heal)
         results["variants"][variant] = {
             "runs": {phase: str(path) for phase, path in runs.items()}, "sweep": swept,
             "chosen": choose_threshold(swept), "deploy": deployed,
-            "default_rule": {"criterion": DEFAULT_CRITERION, "threshold": DEFAULT_THRESHOLDS[DEFAULT_CRITERION]}}
+            "default_rule": {"criterion": DEFAULT_CRITERION, "threshold": DEFAULT_THRESHOLDS[DEFAULT_CRITERION]},
+            **({"heal_sweep": heal_swept, "heal": heal} if heal else {})}
+        print(f"{variant}: done", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "deploy_quickstart.json").write_text(json.dumps(results, indent=2))
     table = format_results(results)

@@ -117,7 +117,8 @@ def command_export(args: argparse.Namespace) -> int:
     report = export_task(args.run, args.task, args.out, prune=args.prune, criterion=args.criterion,
                          threshold=args.threshold, fmt=args.format, overwrite=args.overwrite,
                          calibration_examples=args.calibration_examples, tolerance=args.tolerance,
-                         batch_size=args.batch_size, command=["moebsr", *sys.argv[1:]])
+                         batch_size=args.batch_size, command=["moebsr", *sys.argv[1:]], heal_steps=args.heal_steps,
+                         heal_lr=args.heal_lr)
     print(json.dumps({"out": str(report.out), "metrics": report.metrics, "export": report.section}) if args.json
           else format_report(report))
     return 0
@@ -181,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "default 0.08), or the mass the kept experts must cover (coverage, default 0.9)")
     export.add_argument("--calibration-examples", type=int, default=None,
                         help="with --prune: calibrate on the first N training examples (default: all)")
+    export.add_argument("--heal-steps", type=int, default=0,
+                        help="with --prune: fine-tune the pruned model N steps on the task's training split (what the "
+                             "run trained: its BSR blocks, the kept gates, the head; default 0: no heal)")
+    export.add_argument("--heal-lr", type=float, default=None,
+                        help="with --heal-steps: the heal's peak LR (AdamW, cosine to 0; default: train.lr x 0.1)")
     export.add_argument("--format", default="safetensors",
                         help="safetensors (default) or onnx (adds model.onnx, checked in onnxruntime)")
     export.add_argument("--tolerance", type=float, default=1e-4,

@@ -54,6 +54,8 @@ def task_card(config: RunConfig, section: Mapping[str, Any], metrics: Mapping[st
             lines.append(f"  - block {block} routing-mass shares per expert: {shares}")
     else:
         lines.append("- pruning: none (every expert kept)")
+    if section.get("heal"):
+        lines.append(_heal_line(section["heal"]))
     lines.append(_dropping_line(config, section))
     lines += ["", "| | multitask model | this model | multitask / this |", "|---|---|---|---|",
               f"| parameters | {parameters['multitask']:,} | {parameters['task_model']:,} | "
@@ -86,6 +88,18 @@ def task_card(config: RunConfig, section: Mapping[str, Any], metrics: Mapping[st
         lines += [f"- classes: {format_class_names(class_names)}"]
     lines += ["", "Use: `moebsr eval --run <this folder>`, `moebsr predict --run <this folder> IMAGE...`."]
     return "\n".join(lines) + "\n"
+
+
+def _heal_line(heal: Mapping[str, Any]) -> str:
+    """What the heal did, and what it means: the weights are no longer the run's."""
+    return (f"- healed after pruning: fine-tuned {heal['steps']} steps on the task's {heal['split']} split "
+            f"(batch {heal['batch_size']}, augmentation {heal['augmentation']}; {heal['optimizer']} at lr "
+            f"{heal['lr']:g}, {heal['schedule']}, weight decay {heal['weight_decay']:g}, seed {heal['seed']}), "
+            f"training the {heal['trainable_parameters']:,} parameters the run trained for this task (its BSR "
+            f"blocks, the kept gates, the head); task loss {heal['loss_first']:.4f} over the first steps, "
+            f"{heal['loss_last']:.4f} over the last. So this model no longer computes the multitask model's function "
+            "for the task: its trainable blocks and head were changed after export (the routing mass above was "
+            "measured before the heal).")
 
 
 def _dropping_line(config: RunConfig, section: Mapping[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""``moebsr export``: one task of a training run as its own model folder, optionally pruned, optionally ONNX.
+"""``moebsr export``: one task of a training run as its own model folder, optionally pruned (and healed), or ONNX.
 
 Nothing is written to ``--out`` until the whole export exists and was measured: the folder is assembled in a
 hidden staging folder beside it (weights, config, ONNX graph and its check), evaluated from there (so the card's
@@ -26,6 +26,7 @@ from .bundle import (FORMATS, ONNX_FILE, ExportError, check_out_dir, export_stru
                      move_into, task_config, timm_create_call, timm_state_dict)
 from .card import describe_layers, task_card
 from .extract import extract_task
+from .heal import heal_task_model
 from .onnx_export import DEFAULT_TOLERANCE, check_onnx, covering_images, export_onnx
 from .prune import (CRITERIA, DEFAULT_CRITERION, DEFAULT_THRESHOLDS, choose_experts, measure_routing_mass,
                     moe_parameter_count, prune_experts)
@@ -90,7 +91,8 @@ def task_images(config: RunConfig, task: str, split: str, image_spec: dict, batc
 
 
 def check_options(fmt: str, prune: bool, criterion: Optional[str], threshold: Optional[float],
-                  calibration_examples: Optional[int], tolerance: float) -> None:
+                  calibration_examples: Optional[int], tolerance: float, heal_steps: int = 0,
+                  heal_lr: Optional[float] = None) -> None:
     """Every option checked before anything is loaded, in one line naming the option and what it accepts."""
     if fmt not in FORMATS:
         raise ExportError(f"--format: {fmt!r} is invalid; accepted: {', '.join(FORMATS)}")
@@ -111,18 +113,33 @@ def check_options(fmt: str, prune: bool, criterion: Optional[str], threshold: Op
         raise ExportError(f"--calibration-examples: {calibration_examples} is invalid; accepted: an integer >= 1")
     if not tolerance > 0:
         raise ExportError(f"--tolerance: {tolerance!r} is invalid; accepted: a number > 0")
+    if isinstance(heal_steps, bool) or not isinstance(heal_steps, int) or heal_steps < 0:
+        raise ExportError(f"--heal-steps: {heal_steps!r} is invalid; accepted: an integer >= 0 (0: no heal)")
+    if heal_steps and not prune:
+        raise ExportError(f"--heal-steps: {heal_steps} heals a pruned model and does nothing without --prune; "
+                          "accepted: add --prune, or leave --heal-steps out")
+    if heal_lr is not None and not heal_lr > 0:
+        raise ExportError(f"--heal-lr: {heal_lr!r} is invalid; accepted: a number > 0")
+    if heal_lr is not None and not heal_steps:
+        raise ExportError("--heal-lr: does nothing without --heal-steps; accepted: add --heal-steps N (N >= 1), or "
+                          "leave --heal-lr out")
 
 
 def export_task(run_dir: str | os.PathLike, task: str, out: str | os.PathLike, *, prune: bool = False,
                 criterion: Optional[str] = None, threshold: Optional[float] = None, fmt: str = "safetensors",
                 overwrite: bool = False, calibration_examples: Optional[int] = None,
                 tolerance: float = DEFAULT_TOLERANCE, batch_size: Optional[int] = None,
-                command: Optional[Sequence[str]] = None) -> ExportReport:
-    """Write ``task`` of the run in ``run_dir`` as a task folder in ``out`` (see the module doc) and measure it."""
+                command: Optional[Sequence[str]] = None, heal_steps: int = 0,
+                heal_lr: Optional[float] = None) -> ExportReport:
+    """Write ``task`` of the run in ``run_dir`` as a task folder in ``out`` (see the module doc) and measure it.
+
+    ``heal_steps`` > 0 (with ``prune``): fine-tune the pruned model that many steps on the task's training split
+    before it is written (:mod:`moebsr.deploy.heal`; ``heal_lr`` defaults to a tenth of the run's ``train.lr``).
+    """
     from ..build import image_spec_of
     from ..tasks import TaskError
 
-    check_options(fmt, prune, criterion, threshold, calibration_examples, tolerance)
+    check_options(fmt, prune, criterion, threshold, calibration_examples, tolerance, heal_steps, heal_lr)
     source = open_source_run(run_dir)
     if task not in source.config.tasks:
         raise TaskError(f"--task: unknown task {task!r}; this run has: {', '.join(source.config.tasks)}")
@@ -143,6 +160,7 @@ def export_task(run_dir: str | os.PathLike, task: str, out: str | os.PathLike, *
         pruning = {"criterion": criterion, "threshold": threshold, "calibration_split": "train",
                    "calibration_images": next(iter(mass.values())).images if mass else 0,
                    "routing_mass": {str(index): measured.to_dict() for index, measured in mass.items()}}
+    healing = heal_task_model(single, source.config, task, heal_steps, heal_lr).to_dict() if heal_steps else None
     sample = next(task_images(source.config, task, "train", image_spec, SAMPLE_IMAGES, SAMPLE_IMAGES))
 
     staging = out.parent / f".{out.name}.export-tmp"
@@ -151,6 +169,8 @@ def export_task(run_dir: str | os.PathLike, task: str, out: str | os.PathLike, *
     try:
         section = write_task_folder(staging, source, single, task, out, sample, fmt, tolerance)
         section.update(pruning=pruning, command=shlex.join(command) if command else None)
+        if healing is not None:  # only then: without a heal the folder is what it was before heals existed
+            section["heal"] = healing
         metrics = measure_task_folder(staging, out, source, task, section, batch_size)
         move_into(staging, out)
     finally:
@@ -243,6 +263,8 @@ def format_report(report: ExportReport) -> str:
     parameters, moe, sizes = section["parameters"], section["moe_parameters"], section["bytes"]
     pruning = section["pruning"]
     how = f" (pruned: {pruning['criterion']} {pruning['threshold']:g})" if pruning else ""
+    if section.get("heal"):
+        how = how[:-1] + f"; healed: {section['heal']['steps']} steps at lr {section['heal']['lr']:g})"
     onnx_size = f"; {ONNX_FILE} {human_bytes(sizes[ONNX_FILE])}" if ONNX_FILE in sizes else ""
     measured = ", ".join(f"{name} {card_value(name, value)} (multitask "
                          f"{card_value(name, section['metrics_multitask'].get(name))})"
