@@ -88,7 +88,16 @@ def run_dir(tmp_path_factory):
 
 
 def _files(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """Every file's bytes; a safetensors file as its tensors and metadata (its header's metadata map is written in
+    no fixed key order)."""
+    from safetensors import safe_open
+
+    def content(path):
+        if path.suffix != ".safetensors":
+            return path.read_bytes()
+        with safe_open(str(path), "pt") as handle:
+            return handle.metadata(), {key: handle.get_tensor(key).numpy().tobytes() for key in handle.keys()}
+    return {p.name: content(p) for p in sorted(folder.iterdir())}
 
 
 def test_heal_steps_zero_is_todays_export_and_a_heal_is_recorded(run_dir, tmp_path):
@@ -96,7 +105,7 @@ def test_heal_steps_zero_is_todays_export_and_a_heal_is_recorded(run_dir, tmp_pa
     today = export_task(run_dir, "digits", out, prune=True, threshold=0.2)
     today_files = _files(out)
     zero = export_task(run_dir, "digits", out, prune=True, threshold=0.2, heal_steps=0, overwrite=True)
-    assert _files(out) == today_files and "heal" not in zero.section  # the same folder, byte for byte
+    assert _files(out) == today_files and "heal" not in zero.section  # the same folder: tensors, metadata, card, config
     assert "healed" not in today_files["README.md"].decode()
 
     healed = export_task(run_dir, "digits", tmp_path / "healed", prune=True, threshold=0.2, heal_steps=4,
