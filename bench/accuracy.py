@@ -100,8 +100,8 @@ def keep_earlier_rows(results: dict, path: Path) -> None:
         return
     earlier = json.loads(path.read_text())
     if all(earlier.get(key) == results[key] for key in ("tasks", "seeds", "validation_fraction", "overrides")):
-        results["recipes"] = {**{name: row for name, row in earlier["recipes"].items()
-                                 if name not in results["recipes"]}, **results["recipes"]}
+        merged = {**earlier["recipes"], **results["recipes"]}  # a re-run recipe keeps its place
+        results["recipes"] = {"full": merged["full"], **merged} if "full" in merged else merged  # the baseline first
 
 
 def format_table(results: dict) -> str:
