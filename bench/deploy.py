@@ -89,24 +89,34 @@ def train_runs(variant: str, out: Path, given: dict[str, str]) -> dict[str, Path
     return runs
 
 
-def sweep(validation_run: Path) -> dict:
-    """Per task and grid point: experts kept per layer, MoE-parameter ratio, validation top-1 and its change."""
+def calibrated_task(validation_run: Path, task: str) -> tuple:
+    """The validation run's task model, ready to prune: ``(accelerator, data, task model, routing mass on the training
+    split, its unpruned validation top-1, the multitask MoE-layer parameter count, the MoE blocks)``."""
     from moebsr.build import image_spec_of
-    from moebsr.deploy import choose_experts, extract_task, measure_routing_mass, prune_experts
+    from moebsr.deploy import extract_task, measure_routing_mass
     from moebsr.deploy.exporter import task_images
     from moebsr.deploy.prune import moe_parameter_count
     from moebsr.evaluate import evaluate, open_run
 
+    accelerator, model, data = open_run(str(validation_run), [task])
+    network = accelerator.unwrap_model(model)
+    blocks = list(network.moe_blocks)
+    single = extract_task(network, task)
+    mass = measure_routing_mass(single, task, task_images(data.config, task, "train", image_spec_of(network), 256))
+    unpruned = evaluate(accelerator, single, data)[task]["top1"]
+    return accelerator, data, single, mass, unpruned, moe_parameter_count(network, blocks), blocks
+
+
+def sweep(validation_run: Path) -> dict:
+    """Per task and grid point: experts kept per layer, MoE-parameter ratio, validation top-1 and its change."""
+    from moebsr.deploy import choose_experts, prune_experts
+    from moebsr.deploy.prune import moe_parameter_count
+    from moebsr.evaluate import evaluate
+
     results = {}
     for task in TASKS:
         print(f"sweep {task} ...", file=sys.stderr, flush=True)
-        accelerator, model, data = open_run(str(validation_run), [task])
-        network = accelerator.unwrap_model(model)
-        blocks = list(network.moe_blocks)
-        single = extract_task(network, task)
-        mass = measure_routing_mass(single, task, task_images(data.config, task, "train", image_spec_of(network), 256))
-        unpruned = evaluate(accelerator, single, data)[task]["top1"]
-        total = moe_parameter_count(network, blocks)
+        accelerator, data, single, mass, unpruned, total, blocks = calibrated_task(validation_run, task)
         points = []
         for criterion, threshold in GRID:
             kept = {index: choose_experts(measured.share, criterion, threshold) for index, measured in mass.items()}
@@ -125,23 +135,15 @@ def heal_sweep(validation_run: Path, heal_steps: int) -> dict:
     split, its validation top-1 and the change against the unpruned task model."""
     import torch
 
-    from moebsr.build import image_spec_of
-    from moebsr.deploy import choose_experts, extract_task, heal_task_model, measure_routing_mass, prune_experts
-    from moebsr.deploy.exporter import task_images
+    from moebsr.deploy import choose_experts, heal_task_model, prune_experts
     from moebsr.deploy.prune import moe_parameter_count
-    from moebsr.evaluate import evaluate, open_run
+    from moebsr.evaluate import evaluate
 
     torch.set_num_threads(1)
     results = {}
     for task in TASKS:
         print(f"heal sweep {task} ...", file=sys.stderr, flush=True)
-        accelerator, model, data = open_run(str(validation_run), [task])
-        network = accelerator.unwrap_model(model)
-        blocks = list(network.moe_blocks)
-        single = extract_task(network, task)
-        mass = measure_routing_mass(single, task, task_images(data.config, task, "train", image_spec_of(network), 256))
-        unpruned = evaluate(accelerator, single, data)[task]["top1"]
-        total = moe_parameter_count(network, blocks)
+        accelerator, data, single, mass, unpruned, total, blocks = calibrated_task(validation_run, task)
         points = []
         for threshold in HEAL_GRID:
             kept = {index: choose_experts(measured.share, "share", threshold) for index, measured in mass.items()}
