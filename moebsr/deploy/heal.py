@@ -151,7 +151,7 @@ def heal_task_model(model: MoEViT, config: RunConfig, task: str, steps: int, lr:
         loader.close()
     window = min(10, steps)
     augment = definition.batch_augment
-    if isinstance(definition.build_dataset("train"), TensorImageDataset):
+    if isinstance(loader.dataset, TensorImageDataset):
         augmentation = (f"the run's: shifts of up to {augment.crop_padding} px"
                         f"{', horizontal flips' if augment.hflip else ''}" if augment.crop_padding or augment.hflip
                         else "none (the task has none)")
