@@ -103,31 +103,32 @@ class TrunkCache:
         trunk where it holds these images; ``network`` is the unwrapped model that computes what is missing."""
         keys = indices.to(torch.int64) * max(self.views, 1) + (view if self.views else 0)
         slots = self.slot_of[keys]
-        hit = slots >= 0
-        self.hits += int(hit.sum())
-        self.misses += int((~hit).sum())
-        missing = (~hit).nonzero().flatten()
-        per_image: dict[str, torch.Tensor] = {}
-        if len(missing):
-            rows = missing.to(images.device)
+        hit = slots >= 0  # on the host, as slot_of is: counting and splitting the batch read nothing back
+        hits = int(hit.sum())
+        self.hits += hits
+        self.misses += len(keys) - hits
+        parts = []  # (batch rows, per-image fields) of the images computed now and of those read back
+        if hits < len(keys):
+            missing = (~hit).nonzero().flatten()
             with torch.no_grad():
-                computed = self._per_image(network.forward_frozen_trunk(images[rows], self.tasks))
+                computed = self._per_image(network.forward_frozen_trunk(images[missing.to(images.device)], self.tasks))
             self._put(keys[missing], computed)
-            if not bool(hit.any()):
-                per_image = computed
-            else:
-                per_image = {name: value.new_empty((len(keys), *value.shape[1:])) for name, value in computed.items()}
-                for name, value in computed.items():
-                    per_image[name][rows] = value
-        if bool(hit.any()):
-            loaded = self._get(slots[hit])
-            present = hit.nonzero().flatten().to(self.device)
-            if not per_image:
-                per_image = loaded
-            else:
-                for name, value in loaded.items():
-                    per_image[name][present.to(per_image[name].device)] = value.to(per_image[name].device)
+            parts.append((missing, computed))
+        if hits:
+            parts.append((hit.nonzero().flatten(), self._get(slots[hit])))
+        per_image = parts[0][1] if len(parts) == 1 else self._merge(parts, len(keys))
         return model(images, self.tasks, trunk=self._state(per_image, len(keys), images.dtype))
+
+    @staticmethod
+    def _merge(parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]], batch: int) -> dict[str, torch.Tensor]:
+        """One batch's per-image fields from its parts, each row back in its place in the batch."""
+        first = parts[0][1]
+        merged = {name: value.new_empty((batch, *value.shape[1:])) for name, value in first.items()}
+        for rows, fields in parts:
+            for name, value in fields.items():
+                target = merged[name]
+                target[rows.to(target.device)] = value.to(target.device)
+        return merged
 
     def stats(self) -> dict[str, Any]:
         stored = self.used * (self.layout.bytes_per_image() if self.layout else 0)
@@ -203,8 +204,9 @@ class TrunkCache:
 
 def build_trunk_caches(config: Any, model: MoEViT, loaders: dict[tuple[str, ...], Any], device: torch.device,
                        output_dir: Path, process_index: int) -> dict[tuple[str, ...], TrunkCache]:
-    """One :class:`TrunkCache` per training loader; the size bound is shared among them by their image counts."""
-    check_cacheable(model)
+    """One :class:`TrunkCache` per training loader; the size bound is shared among them by their image counts.
+
+    ``model`` passed :func:`check_cacheable` already (training checks it before it loads any data)."""
     cache = config.trunk_cache
     folder = output_dir / TRUNK_CACHE_FOLDER if cache.location == "disk" else None
     if folder is not None and process_index == 0 and folder.exists():
