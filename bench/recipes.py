@@ -109,22 +109,29 @@ def backbone_digest(overrides: list[str]) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def run_settings(overrides: list[str]) -> str:
+    """What identifies a cached run: its overrides, the base config's text and the backbone weights' digest."""
+    return json.dumps({"overrides": overrides, "config": BASE_CONFIG.read_text(),
+                       "backbone_sha256": backbone_digest(overrides)}, indent=1)
+
+
 def cached_run(output: Path, overrides: list[str], label: str, threads: int = 1) -> dict[str, dict[str, float]]:
     """Per-task metrics of a quickstart-config training run into ``output`` with ``overrides`` (which must set
     ``train.output_dir`` to it), trained only when ``output`` holds no finished run of exactly these settings
-    (overrides, base config text, backbone weights), so an interrupted benchmark resumes. ``threads``: torch's CPU
-    threads for the run (one: two such runs share 2 cores without spin-waiting, and results depend on it at ~1e-7)."""
+    (:func:`run_settings`), so an interrupted benchmark resumes. ``threads``: torch's CPU threads for the run (one: two
+    such runs share 2 cores without spin-waiting, and results depend on it at ~1e-7). The run's stdout is kept in
+    ``output/stdout.txt`` (what it printed at the end, e.g. the trunk cache's line)."""
     metrics_file, settings_file = output / "metrics.json", output / "overrides.json"
-    settings = json.dumps({"overrides": overrides, "config": BASE_CONFIG.read_text(),
-                           "backbone_sha256": backbone_digest(overrides)}, indent=1)
+    settings = run_settings(overrides)
     if not (metrics_file.is_file() and settings_file.is_file() and settings_file.read_text() == settings):
         if output.exists():
             shutil.rmtree(output)  # a run of other settings (or an unfinished one): not this run's result
         print(f"{label} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(threads))
-        subprocess.run([sys.executable, str(REPO / "launch" / "multitask.py"), "--config", str(BASE_CONFIG),
-                        *overrides], check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+        result = subprocess.run([sys.executable, str(REPO / "launch" / "multitask.py"), "--config", str(BASE_CONFIG),
+                                 *overrides], check=True, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        (output / "stdout.txt").write_text(result.stdout)
         (output / "wall_s.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
         settings_file.write_text(settings)
     return json.loads(metrics_file.read_text())["metrics"]

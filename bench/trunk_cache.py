@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from recipes import BASE_CONFIG, RECIPES, REPO, recipe_overrides
+from recipes import RECIPES, REPO, cached_run, recipe_overrides
 
 TASKS = ["mnist", "mnist_parity", "digits", "digits_parity", "animals"]
 SETTINGS = {"off": [], "cache_views0": ["trunk_cache.enabled=true", "trunk_cache.views=0"],
@@ -41,19 +37,11 @@ FIRST_EPOCH_STEPS = 375
 
 def run(recipe: str, setting: str, seed: int, lr: float, args: argparse.Namespace) -> dict:
     output = Path(args.out) / "trunk_cache_runs" / recipe / f"{setting}-seed{seed}"
-    if (output / "metrics.json").is_file() and (output / "stdout.txt").is_file():
-        return summarise(output)
-    if output.exists():
-        shutil.rmtree(output)
     overrides = recipe_overrides("quickstart", recipe) + [
         f"tasks=[{','.join(TASKS)}]", f"train.lr={lr}", f"train.seed={seed}", f"train.output_dir={output}",
         "train.checkpoint_every=0", "logging.trackers=[none]", "logging.progress=false", *SETTINGS[setting],
         *args.overrides]
-    print(f"{recipe}: {setting} seed {seed} ...", file=sys.stderr, flush=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
-    result = subprocess.run([sys.executable, str(REPO / "launch" / "multitask.py"), "--config", str(BASE_CONFIG),
-                             *overrides], check=True, env=env, cwd=REPO, capture_output=True, text=True)
-    (output / "stdout.txt").write_text(result.stdout)
+    cached_run(output, overrides, f"{recipe}: {setting} seed {seed}", threads=args.threads)
     return summarise(output)
 
 
