@@ -37,7 +37,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -192,14 +191,11 @@ def choose_threshold(sweep_results: dict) -> dict:
 def images_per_cpu_second(forward, images, steps: int = 10, warmup: int = 3) -> float:
     """Images per second of this process's CPU time (one thread), median over ``steps`` forwards: on a machine
     other jobs share, wall time measures the other jobs too, CPU time mostly this one."""
-    for _ in range(warmup):
-        forward()
-    times = []
-    for _ in range(steps):
-        started = time.process_time()
-        forward()
-        times.append(time.process_time() - started)
-    return images.shape[0] / statistics.median(times)
+    import torch
+
+    from moebsr.profiling import timed_calls
+    cpu_times = [cpu for _, cpu in timed_calls(forward, torch.device("cpu"), steps, warmup)]
+    return images.shape[0] / statistics.median(cpu_times)
 
 
 def torch_forward(model, images, task):
