@@ -97,6 +97,24 @@ def test_an_unpruned_export_scores_as_the_multitask_model_and_bad_input_is_one_l
     assert code == 0 and json.loads(printed)["metrics"] == json.loads((out / "config.json").read_text())["metrics"]
 
 
+def test_a_budget_export_keeps_that_share_of_the_experts_heaviest_first(run_dir, tmp_path, capsys):
+    out = tmp_path / "digits_budget"
+    code, printed, _ = _cli(capsys, "export", "--run", run_dir, "--task", "digits", "--out", out, "--prune",
+                            "--criterion", "budget", "--threshold", "0.5", "--json")
+    assert code == 0
+    section = json.loads(printed)["export"]
+    kept, total = section["kept_experts"], sum(section["num_experts"].values())
+    assert sum(len(experts) for experts in kept.values()) == total // 2 and all(kept.values())
+    shares = {block: measured["share"] for block, measured in section["pruning"]["routing_mass"].items()}
+    # beyond each layer's heaviest expert, every kept expert carries at least the share of every removed one
+    extra = [shares[b][e] for b, experts in kept.items() for e in experts if e != shares[b].index(max(shares[b]))]
+    removed = [share for b, experts in kept.items() for e, share in enumerate(shares[b]) if e not in experts]
+    assert removed and min(extra, default=1.0) >= max(removed)
+    assert section["moe_parameters"]["multitask"] / section["moe_parameters"]["task_model"] >= 2
+    card = (out / "README.md").read_text()
+    assert "0.5 of all experts, those with the most share of their layer's routing mass" in card
+
+
 def test_onnx_without_the_deploy_extra_is_refused_in_one_line(run_dir, tmp_path, capsys, monkeypatch):
     import importlib.util
 

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import Mlp
 
-from moebsr.deploy import check_onnx, choose_experts, export_onnx, extract_task, measure_routing_mass, prune_experts
+from moebsr.deploy import (check_onnx, choose_experts, choose_layer_experts, export_onnx, extract_task,
+                           measure_routing_mass, prune_experts)
 from moebsr.deploy.bundle import is_plain_vit, timm_state_dict
 from moebsr.deploy.onnx_export import experts_reached
 from moebsr.deploy.prune import PrunedRouter, moe_parameter_count
@@ -117,8 +118,24 @@ def test_choose_experts_by_share_or_by_coverage():
     assert choose_experts(share, "coverage", 0.8) == [0, 2]
     assert choose_experts(share, "coverage", 0.81) == [0, 2, 3]
     assert choose_experts(share, "coverage", 1.0) == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="--criterion: 'mass' is invalid; accepted: share, coverage"):
+    with pytest.raises(ValueError, match="--criterion: 'mass' is invalid; accepted: share, coverage, budget"):
         choose_experts(share, "mass", 0.1)
+
+
+def test_a_budget_keeps_the_heaviest_experts_over_all_layers_and_one_per_layer_at_least():
+    shares = {1: torch.tensor([0.5, 0.02, 0.3, 0.18]), 3: torch.tensor([0.1, 0.1, 0.1, 0.7]),
+              5: torch.tensor([0.25, 0.25, 0.26, 0.24])}
+    # 12 experts: 6 kept; the three layers' heaviest (0.5, 0.7, 0.26), then 0.3, 0.25, 0.25 (layer 5's, in order)
+    assert choose_layer_experts(shares, "budget", 0.5) == {1: [0, 2], 3: [3], 5: [0, 1, 2]}
+    assert choose_layer_experts(shares, "budget", 7 / 12) == {1: [0, 2], 3: [3], 5: [0, 1, 2, 3]}
+    assert choose_layer_experts(shares, "budget", 0.0) == {1: [0], 3: [3], 5: [2]}  # never a layer left empty
+    assert choose_layer_experts(shares, "budget", 1.0) == {index: [0, 1, 2, 3] for index in shares}
+    # the other criteria choose per layer, as choose_experts does
+    assert choose_layer_experts(shares, "share", 0.2) == {1: [0, 2], 3: [3], 5: [0, 1, 2, 3]}
+    with pytest.raises(ValueError, match=r"--threshold: 1.5 is invalid; accepted: a number in \[0, 1\]"):
+        choose_layer_experts(shares, "budget", 1.5)
+    with pytest.raises(ValueError, match="--criterion budget: chooses across MoE layers"):
+        choose_experts(shares[1], "budget", 0.5)
 
 
 def test_a_layer_left_with_one_expert_is_a_dense_mlp_equal_to_that_expert():

@@ -10,7 +10,8 @@ from .exporter import export_task, format_report
 from .extract import extract_task, merge_lora
 from .heal import heal, heal_task_model
 from .onnx_export import check_onnx, export_onnx
-from .prune import choose_experts, measure_routing_mass, prune_experts
+from .prune import choose_experts, choose_layer_experts, measure_routing_mass, prune_experts
 
-__all__ = ["ExportError", "check_onnx", "choose_experts", "export_onnx", "export_task", "extract_task",
-           "format_report", "heal", "heal_task_model", "measure_routing_mass", "merge_lora", "prune_experts"]
+__all__ = ["ExportError", "check_onnx", "choose_experts", "choose_layer_experts", "export_onnx", "export_task",
+           "extract_task", "format_report", "heal", "heal_task_model", "measure_routing_mass", "merge_lora",
+           "prune_experts"]
