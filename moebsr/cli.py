@@ -118,7 +118,7 @@ def command_export(args: argparse.Namespace) -> int:
                          threshold=args.threshold, fmt=args.format, overwrite=args.overwrite,
                          calibration_examples=args.calibration_examples, tolerance=args.tolerance,
                          batch_size=args.batch_size, command=["moebsr", *sys.argv[1:]], heal_steps=args.heal_steps,
-                         heal_lr=args.heal_lr)
+                         heal_lr=args.heal_lr, heal_loss=args.heal_loss)
     print(json.dumps({"out": str(report.out), "metrics": report.metrics, "export": report.section}) if args.json
           else format_report(report))
     return 0
@@ -176,10 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--prune", action="store_true",
                         help="remove the experts the task's gate sends little routing mass to (calibrated on the "
                              "task's training split)")
-    export.add_argument("--criterion", default=None, help="with --prune: share (default) or coverage")
+    export.add_argument("--criterion", default=None, help="with --prune: share (default), coverage or budget")
     export.add_argument("--threshold", type=float, default=None,
                         help="with --prune: least share of a layer's routing mass an expert needs to stay (share, "
-                             "default 0.08), or the mass the kept experts must cover (coverage, default 0.9)")
+                             "default 0.08), the mass the kept experts must cover (coverage, default 0.9), or the "
+                             "fraction of all experts kept, heaviest first over the layers (budget, default 0.5)")
     export.add_argument("--calibration-examples", type=int, default=None,
                         help="with --prune: calibrate on the first N training examples (default: all)")
     export.add_argument("--heal-steps", type=int, default=0,
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "run trained: its BSR blocks, the kept gates, the head; default 0: no heal)")
     export.add_argument("--heal-lr", type=float, default=None,
                         help="with --heal-steps: the heal's peak LR (AdamW, cosine to 0; default: train.lr x 0.1)")
+    export.add_argument("--heal-loss", default=None,
+                        help="with --heal-steps: distill (default: match the unpruned task model's outputs) or task "
+                             "(the task's loss on its labels)")
     export.add_argument("--format", default="safetensors",
                         help="safetensors (default) or onnx (adds model.onnx, checked in onnxruntime)")
     export.add_argument("--tolerance", type=float, default=1e-4,

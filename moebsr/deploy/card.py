@@ -44,9 +44,10 @@ def task_card(config: RunConfig, section: Mapping[str, Any], metrics: Mapping[st
                  + "; ".join(f"block {b}: {e}" for b, e in section["kept_experts"].items()))
     pruning = section.get("pruning")
     if pruning:
-        rule = (f"experts with at least {pruning['threshold']:g} of the layer's routing mass" if
-                pruning["criterion"] == "share" else
-                f"the fewest experts covering {pruning['threshold']:g} of the layer's routing mass")
+        rule = {"share": f"experts with at least {pruning['threshold']:g} of the layer's routing mass",
+                "coverage": f"the fewest experts covering {pruning['threshold']:g} of the layer's routing mass",
+                "budget": f"{pruning['threshold']:g} of all experts, those with the most share of their layer's "
+                          "routing mass (at least one per layer)"}[pruning["criterion"]]
         lines.append(f"- pruning: kept {rule}, measured by this task's gate over {pruning['calibration_images']:,} "
                      f"{pruning['calibration_split']} images")
         for block, measured in pruning["routing_mass"].items():
@@ -92,14 +93,16 @@ def task_card(config: RunConfig, section: Mapping[str, Any], metrics: Mapping[st
 
 def _heal_line(heal: Mapping[str, Any]) -> str:
     """What the heal did, and what it means: the weights are no longer the run's."""
+    loss = ("the task loss on its labels" if heal.get("loss", "task") == "task" else
+            "a distillation loss towards the task model before pruning")
     return (f"- healed after pruning: fine-tuned {heal['steps']} steps on the task's {heal['split']} split "
             f"(batch {heal['batch_size']}, augmentation {heal['augmentation']}; {heal['optimizer']} at lr "
             f"{heal['lr']:g}, {heal['schedule']}, weight decay {heal['weight_decay']:g}, seed {heal['seed']}), "
             f"training the {heal['trainable_parameters']:,} parameters the run trained for this task (its BSR "
-            f"blocks, the kept gates, the head); task loss {heal['loss_first']:.4f} over the first steps, "
+            f"blocks, the kept gates, the head) on {loss}: {heal['loss_first']:.4f} over the first steps, "
             f"{heal['loss_last']:.4f} over the last. So this model no longer computes the multitask model's function "
-            "for the task: its trainable blocks and head were changed after export (the routing mass above was "
-            "measured before the heal).")
+            "for the task exactly: its trainable blocks and head were changed after export (the routing mass above "
+            "was measured before the heal).")
 
 
 def _dropping_line(config: RunConfig, section: Mapping[str, Any]) -> str:

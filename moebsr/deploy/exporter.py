@@ -7,6 +7,7 @@ accuracy is that of the files shipped), and only then moved in.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shlex
@@ -26,9 +27,9 @@ from .bundle import (FORMATS, ONNX_FILE, ExportError, check_out_dir, export_stru
                      move_into, task_config, timm_create_call, timm_state_dict)
 from .card import describe_layers, task_card
 from .extract import extract_task
-from .heal import heal_task_model
+from .heal import DEFAULT_HEAL_LOSS, HEAL_LOSSES, heal_task_model
 from .onnx_export import DEFAULT_TOLERANCE, check_onnx, covering_images, export_onnx
-from .prune import (CRITERIA, DEFAULT_CRITERION, DEFAULT_THRESHOLDS, choose_experts, measure_routing_mass,
+from .prune import (CRITERIA, DEFAULT_CRITERION, DEFAULT_THRESHOLDS, choose_layer_experts, measure_routing_mass,
                     moe_parameter_count, prune_experts)
 
 ONNX_CHECK_IMAGES = 32  # images the ONNX check runs, chosen to reach every kept expert
@@ -92,7 +93,7 @@ def task_images(config: RunConfig, task: str, split: str, image_spec: dict, batc
 
 def check_options(fmt: str, prune: bool, criterion: Optional[str], threshold: Optional[float],
                   calibration_examples: Optional[int], tolerance: float, heal_steps: int = 0,
-                  heal_lr: Optional[float] = None) -> None:
+                  heal_lr: Optional[float] = None, heal_loss: Optional[str] = None) -> None:
     """Every option checked before anything is loaded, in one line naming the option and what it accepts."""
     if fmt not in FORMATS:
         raise ExportError(f"--format: {fmt!r} is invalid; accepted: {', '.join(FORMATS)}")
@@ -123,6 +124,11 @@ def check_options(fmt: str, prune: bool, criterion: Optional[str], threshold: Op
     if heal_lr is not None and not heal_steps:
         raise ExportError("--heal-lr: does nothing without --heal-steps; accepted: add --heal-steps N (N >= 1), or "
                           "leave --heal-lr out")
+    if heal_loss is not None and heal_loss not in HEAL_LOSSES:
+        raise ExportError(f"--heal-loss: {heal_loss!r} is invalid; accepted: {', '.join(HEAL_LOSSES)}")
+    if heal_loss is not None and not heal_steps:
+        raise ExportError("--heal-loss: does nothing without --heal-steps; accepted: add --heal-steps N (N >= 1), or "
+                          "leave --heal-loss out")
 
 
 def export_task(run_dir: str | os.PathLike, task: str, out: str | os.PathLike, *, prune: bool = False,
@@ -130,16 +136,18 @@ def export_task(run_dir: str | os.PathLike, task: str, out: str | os.PathLike, *
                 overwrite: bool = False, calibration_examples: Optional[int] = None,
                 tolerance: float = DEFAULT_TOLERANCE, batch_size: Optional[int] = None,
                 command: Optional[Sequence[str]] = None, heal_steps: int = 0,
-                heal_lr: Optional[float] = None) -> ExportReport:
+                heal_lr: Optional[float] = None, heal_loss: Optional[str] = None,
+                heal_seed: Optional[int] = None) -> ExportReport:
     """Write ``task`` of the run in ``run_dir`` as a task folder in ``out`` (see the module doc) and measure it.
 
     ``heal_steps`` > 0 (with ``prune``): fine-tune the pruned model that many steps on the task's training split
-    before it is written (:mod:`moebsr.deploy.heal`; ``heal_lr`` defaults to a tenth of the run's ``train.lr``).
+    before it is written (:mod:`moebsr.deploy.heal`; ``heal_lr`` defaults to a tenth of the run's ``train.lr``,
+    ``heal_loss`` to ``distill``: towards the task model as it was before pruning; ``heal_seed`` to the run's seed).
     """
     from ..build import image_spec_of
     from ..tasks import TaskError
 
-    check_options(fmt, prune, criterion, threshold, calibration_examples, tolerance, heal_steps, heal_lr)
+    check_options(fmt, prune, criterion, threshold, calibration_examples, tolerance, heal_steps, heal_lr, heal_loss)
     source = open_source_run(run_dir)
     if task not in source.config.tasks:
         raise TaskError(f"--task: unknown task {task!r}; this run has: {', '.join(source.config.tasks)}")
@@ -149,18 +157,22 @@ def export_task(run_dir: str | os.PathLike, task: str, out: str | os.PathLike, *
     image_spec = image_spec_of(source.model)
 
     single = extract_task(source.model, task)
+    heal_loss = heal_loss or DEFAULT_HEAL_LOSS
+    teacher = copy.deepcopy(single) if heal_steps and heal_loss == "distill" else None
     pruning = None
     if prune:
         criterion = criterion or DEFAULT_CRITERION
         threshold = DEFAULT_THRESHOLDS[criterion] if threshold is None else threshold
         calibration = task_images(source.config, task, "train", image_spec, batch_size, calibration_examples)
         mass = measure_routing_mass(single, task, calibration)
-        prune_experts(single, {index: choose_experts(measured.share, criterion, threshold)
-                               for index, measured in mass.items()})
+        prune_experts(single, choose_layer_experts({index: measured.share for index, measured in mass.items()},
+                                                   criterion, threshold))
         pruning = {"criterion": criterion, "threshold": threshold, "calibration_split": "train",
                    "calibration_images": next(iter(mass.values())).images if mass else 0,
                    "routing_mass": {str(index): measured.to_dict() for index, measured in mass.items()}}
-    healing = heal_task_model(single, source.config, task, heal_steps, heal_lr).to_dict() if heal_steps else None
+    healing = heal_task_model(single, source.config, task, heal_steps, heal_lr, heal_loss, teacher,
+                              heal_seed).to_dict() if heal_steps else None
+    del teacher
     sample = next(task_images(source.config, task, "train", image_spec, SAMPLE_IMAGES, SAMPLE_IMAGES))
 
     staging = out.parent / f".{out.name}.export-tmp"
@@ -264,7 +276,8 @@ def format_report(report: ExportReport) -> str:
     pruning = section["pruning"]
     how = f" (pruned: {pruning['criterion']} {pruning['threshold']:g})" if pruning else ""
     if section.get("heal"):
-        how = how[:-1] + f"; healed: {section['heal']['steps']} steps at lr {section['heal']['lr']:g})"
+        how = how[:-1] + (f"; healed: {section['heal']['steps']} steps at lr {section['heal']['lr']:g}, "
+                          f"{section['heal'].get('loss', 'task')} loss)")
     onnx_size = f"; {ONNX_FILE} {human_bytes(sizes[ONNX_FILE])}" if ONNX_FILE in sizes else ""
     measured = ", ".join(f"{name} {card_value(name, value)} (multitask "
                          f"{card_value(name, section['metrics_multitask'].get(name))})"
