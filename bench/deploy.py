@@ -153,8 +153,8 @@ def heal_sweep(validation_run: Path, heal_steps: int) -> dict:
             kept = choose_layer_experts({index: measured.share for index, measured in mass.items()}, "budget", budget)
             for loss, scale in itertools.product(HEAL_LOSSES, HEAL_LR_SCALES):
                 healed = prune_experts(copy.deepcopy(single), kept)
-                report = heal_task_model(healed, data.config, task, heal_steps, scale * data.config.train.lr, loss,
-                                         single if loss == "distill" else None)
+                report = heal_task_model(healed, data.config, task, heal_steps, scale * data.config.train.lr,
+                                         teacher=single if loss == "distill" else None)
                 top1 = evaluate(accelerator, healed, data)[task]["top1"]
                 points.append({"criterion": "budget", "threshold": budget, "loss": loss, "lr_scale": scale,
                                "lr": report.lr, "kept": [len(kept[index]) for index in blocks],

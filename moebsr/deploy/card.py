@@ -93,7 +93,7 @@ def task_card(config: RunConfig, section: Mapping[str, Any], metrics: Mapping[st
 
 def _heal_line(heal: Mapping[str, Any]) -> str:
     """What the heal did, and what it means: the weights are no longer the run's."""
-    loss = ("the task loss on its labels" if heal.get("loss", "task") == "task" else
+    loss = ("the task loss on its labels" if heal["loss"] == "task" else
             "a distillation loss towards the task model before pruning")
     return (f"- healed after pruning: fine-tuned {heal['steps']} steps on the task's {heal['split']} split "
             f"(batch {heal['batch_size']}, augmentation {heal['augmentation']}; {heal['optimizer']} at lr "

@@ -170,7 +170,7 @@ def export_task(run_dir: str | os.PathLike, task: str, out: str | os.PathLike, *
         pruning = {"criterion": criterion, "threshold": threshold, "calibration_split": "train",
                    "calibration_images": next(iter(mass.values())).images if mass else 0,
                    "routing_mass": {str(index): measured.to_dict() for index, measured in mass.items()}}
-    healing = heal_task_model(single, source.config, task, heal_steps, heal_lr, heal_loss, teacher,
+    healing = heal_task_model(single, source.config, task, heal_steps, heal_lr, teacher,
                               heal_seed).to_dict() if heal_steps else None
     del teacher
     sample = next(task_images(source.config, task, "train", image_spec, SAMPLE_IMAGES, SAMPLE_IMAGES))
@@ -277,7 +277,7 @@ def format_report(report: ExportReport) -> str:
     how = f" (pruned: {pruning['criterion']} {pruning['threshold']:g})" if pruning else ""
     if section.get("heal"):
         how = how[:-1] + (f"; healed: {section['heal']['steps']} steps at lr {section['heal']['lr']:g}, "
-                          f"{section['heal'].get('loss', 'task')} loss)")
+                          f"{section['heal']['loss']} loss)")
     onnx_size = f"; {ONNX_FILE} {human_bytes(sizes[ONNX_FILE])}" if ONNX_FILE in sizes else ""
     measured = ", ".join(f"{name} {card_value(name, value)} (multitask "
                          f"{card_value(name, section['metrics_multitask'].get(name))})"

@@ -72,7 +72,7 @@ class HealReport:
     trainable_parameters: int
     loss_first: float
     loss_last: float
-    loss: str = "task"
+    loss: str
     schedule: str = "cosine to 0, no warm-up"
     optimizer: str = "adamw"
 
@@ -159,22 +159,18 @@ def heal(model: MoEViT, task: Task, batches: Iterator[dict], plan: ResolvedBSRPl
 
 
 def heal_task_model(model: MoEViT, config: RunConfig, task: str, steps: int, lr: Optional[float] = None,
-                    loss: str = DEFAULT_HEAL_LOSS, teacher: Optional[MoEViT] = None, seed: Optional[int] = None
-                    ) -> HealReport:
+                    teacher: Optional[MoEViT] = None, seed: Optional[int] = None) -> HealReport:
     """Heal ``model`` (a task model of the run ``config`` describes) as the module doc says; returns the report.
 
-    ``loss="distill"`` needs ``teacher``: the task model before pruning (it is not changed). ``seed`` (default: the
-    run's ``train.seed``) seeds the data order and the fine-tune, so a heal's spread over seeds can be measured.
+    With ``teacher`` (the task model before pruning; it is not changed) the loss is ``distill``, without it ``task``.
+    ``seed`` (default: the run's ``train.seed``) seeds the data order and the fine-tune, so a heal's spread over seeds
+    can be measured.
     """
     from ..build import image_spec_of
     from ..data import build_task_loader
     from ..data.image_datasets import TensorImageDataset
     from ..run_data import RunData
 
-    if loss not in HEAL_LOSSES:
-        raise ValueError(f"--heal-loss: {loss!r} is invalid; accepted: {', '.join(HEAL_LOSSES)}")
-    if (loss == "distill") != (teacher is not None):
-        raise ValueError(f"heal: loss {loss!r} {'needs' if teacher is None else 'takes no'} teacher model")
     lr = default_heal_lr(config) if lr is None else lr
     train = config.train
     seed = train.seed if seed is None else seed
@@ -205,7 +201,8 @@ def heal_task_model(model: MoEViT, config: RunConfig, task: str, steps: int, lr:
     return HealReport(steps=steps, lr=lr, batch_size=loader.batch_size, weight_decay=train.weight_decay,
                       grad_clip=train.grad_clip, seed=seed, split="train", augmentation=augmentation,
                       trainable_parameters=trainable_count(model, config),
-                      loss_first=sum(losses[:window]) / window, loss_last=sum(losses[-window:]) / window, loss=loss)
+                      loss_first=sum(losses[:window]) / window, loss_last=sum(losses[-window:]) / window,
+                      loss="task" if teacher is None else "distill")
 
 
 def trainable_count(model: MoEViT, config: RunConfig) -> int:
