@@ -33,7 +33,7 @@ def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
-def _contiguous_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def contiguous_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().contiguous().cpu() for key, value in state.items()}
 
 
@@ -48,7 +48,7 @@ def export_run(output_dir: str | os.PathLike, model: MoEViT, config: RunConfig,
     processes (gathering them is collective, and only the main process exports)."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    state = _contiguous_state(model.state_dict() if state is None else state)
+    state = contiguous_state(model.state_dict() if state is None else state)
     write_atomically(output / MODEL_FILE, lambda temporary: save_file(
         state, str(temporary), metadata={"format": "pt", "library": "moebsr"}))
     if not model.moe_blocks:

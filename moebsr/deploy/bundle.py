@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..checkpoint import CheckpointError
 from ..config import RunConfig, config_from_dict, config_to_dict
-from ..export import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE
+from ..export import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, contiguous_state
 from ..model import MoEViT
 from .prune import prune_experts
 
@@ -82,9 +82,7 @@ def timm_state_dict(model: MoEViT) -> dict[str, torch.Tensor]:
     if not is_plain_vit(model):
         raise ExportError("a timm state dict needs every MoE layer pruned to one expert and a linear head")
     (head,) = model.heads.values()
-    state = {k: v for k, v in model.backbone.state_dict().items()}
-    state.update({f"head.{k}": v for k, v in head.state_dict().items()})
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return contiguous_state({**model.backbone.state_dict(), **{f"head.{k}": v for k, v in head.state_dict().items()}})
 
 
 def timm_create_call(config: RunConfig, num_classes: int, file: str = BACKBONE_FILE) -> str:

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import RunConfig, config_from_dict, config_to_dict
-from ..export import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, card_value, find_weights, load_weights, \
-    read_run_document
+from ..export import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, card_value, contiguous_state, find_weights, \
+    load_weights, read_run_document
 from ..model import MoEViT
 from .bundle import (FORMATS, ONNX_FILE, ExportError, check_out_dir, export_structure, human_bytes, is_plain_vit,
                      move_into, task_config, timm_create_call, timm_state_dict)
@@ -197,7 +197,7 @@ def write_task_folder(folder: Path, source: SourceRun, single: MoEViT, task: str
     from ..profiling import inference_flops
 
     model = source.model
-    save_file({k: v.detach().contiguous().cpu() for k, v in single.state_dict().items()}, str(folder / MODEL_FILE),
+    save_file(contiguous_state(single.state_dict()), str(folder / MODEL_FILE),
               metadata={"format": "pt", "library": "moebsr"})
     plain = is_plain_vit(single)
     if plain:
