@@ -8,8 +8,9 @@ over N processes equal those of one.
 
 from __future__ import annotations
 
+import signal
 import sys
-from typing import TYPE_CHECKING, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -28,20 +29,44 @@ class EvaluationData(Protocol):
         ...
 
 
+class EvaluationStopped(RuntimeError):
+    """A stop signal arrived during an evaluation, which was abandoned (every process at the same batch)."""
+
+    def __init__(self, signal_number: int, batches_done: int) -> None:
+        super().__init__(f"{signal.Signals(signal_number).name} after {batches_done} batch(es)")
+        self.signal_number = signal_number
+
+
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, data: EvaluationData, split: str = "test",
-             tasks: Optional[Sequence[str]] = None, max_examples: Optional[int] = None
-             ) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` for ``tasks`` (default: all) on ``split``."""
+             tasks: Optional[Sequence[str]] = None, max_examples: Optional[int] = None,
+             stop_signal: Optional[Callable[[], int]] = None) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` for ``tasks`` (default: all) on ``split``.
+
+    ``stop_signal`` (a collective every process calls, returning the agreed stop signal or 0) is asked before
+    every batch; a non-zero answer raises :class:`EvaluationStopped`."""
     network = accelerator.unwrap_model(model)
     was_training = network.training
     network.eval()
+    try:
+        return _evaluate_groups(accelerator, network, data, split, tasks, max_examples, stop_signal)
+    finally:
+        network.train(was_training)
+
+
+def _evaluate_groups(accelerator: Accelerator, network: torch.nn.Module, data: EvaluationData, split: str,
+                     tasks: Optional[Sequence[str]], max_examples: Optional[int],
+                     stop_signal: Optional[Callable[[], int]]) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
+    batches_done = 0
     for group in data.eval_groups(tasks):
         logits: dict[str, list[torch.Tensor]] = {task: [] for task in group}
         labels: dict[str, list[torch.Tensor]] = {task: [] for task in group}
         indices: list[torch.Tensor] = []
         for batch in data.eval_loader(group, split, max_examples):
+            if stop_signal is not None and (signal_number := stop_signal()):
+                raise EvaluationStopped(signal_number, batches_done)
+            batches_done += 1
             with accelerator.autocast():
                 outputs = network(batch["images"], group)
             indices.append(accelerator.gather(batch["indices"].to(accelerator.device)).cpu())
@@ -56,7 +81,6 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, data: EvaluationD
             results[task] = {metric.name: metric.compute(all_logits, all_labels)
                              for metric in data.tasks[task].metrics}
             results[task]["examples"] = float(all_labels.numel())
-    network.train(was_training)
     return results
 
 

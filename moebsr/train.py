@@ -12,7 +12,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from accelerate import Accelerator
@@ -23,7 +23,7 @@ from .build import check_config_against_model, image_spec_of, model_from_config
 from .checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
 from .config import RunConfig, config_to_dict, save_config
 from .run_data import RunData
-from .evaluate import evaluate
+from .evaluate import EvaluationStopped, evaluate
 from .expert_parallel import (ShardedOptimizerState, check_precision_with_sharding, clip_grad_norm_,
                               exclude_sharded_from_ddp, parameter_count)
 from .export import card_value, export_run, write_run_document, write_text_atomically
@@ -251,7 +251,13 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
             if step % config.logging.log_every == 0 or step == config.train.steps:
                 accelerator.log(window.means(), step=step)  # every task, whichever tasks this step drew
             if config.eval.every and step % config.eval.every == 0 and step < config.train.steps:
-                metrics = _evaluate_and_log(accelerator, model, data, config, step)
+                try:  # a long evaluation must not eat the launcher's grace period: a stop abandons it
+                    metrics = _evaluate_and_log(accelerator, model, data, config, step,
+                                                stop_signal=lambda: _agreed_signal(accelerator, stop.signal_number))
+                except EvaluationStopped as stopped:
+                    accelerator.print(f"evaluation at step {step} abandoned: {stopped}")
+                    stop_signal = stopped.signal_number
+                    break
                 model.train()
             if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 \
                     and step < config.train.steps:
@@ -263,7 +269,7 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
             accelerator.wait_for_everyone()
             remove_trunk_caches(trunk_caches, accelerator.process_index)
         if stop_signal and step < config.train.steps:  # at the last step, finishing is the better stop
-            _save_and_stop(accelerator, config, output_dir, step, data, stop_signal)
+            _save_and_stop(accelerator, config, output_dir, step, data, stop_signal, stop.seconds_since_request)
     # from here on (evaluation, export) a signal interrupts as usual: the final checkpoint is saved first
 
     save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
@@ -297,22 +303,35 @@ def _agree(accelerator: Accelerator, losses: list[torch.Tensor], signal_number: 
     return not_finite == 0.0, int(agreed_signal), read
 
 
+def _agreed_signal(accelerator: Accelerator, signal_number: Optional[int]) -> int:
+    """The stop signal any process was asked to stop on (0: none), agreed by all of them."""
+    flag = torch.tensor([float(signal_number or 0)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
 def _save_and_stop(accelerator: Accelerator, config: RunConfig, output_dir: Path, step: int, data: RunData,
-                   signal_number: int) -> None:
-    """Save a complete checkpoint at the last finished step, then stop with one line saying how to resume."""
+                   signal_number: int, seconds_since_signal: Callable[[], float]) -> None:
+    """Save a complete checkpoint at the last finished step, then stop with one line saying how to resume and how
+    long the stop took (to compare with the launcher's grace period before SIGKILL)."""
     import signal
 
     path = save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
                            config.train.keep_checkpoints)
+    saved_after = seconds_since_signal()
+    data.close()  # loader workers stop now, not at garbage collection (seconds the launcher may not wait)
     accelerator.end_training()
     raise TrainingInterrupted(
-        f"{signal.Signals(signal_number).name} at step {step} of {config.train.steps}: saved {path}; continue with "
-        "the same command and train.resume=latest", signal_number)
+        f"{signal.Signals(signal_number).name} at step {step} of {config.train.steps}: saved {path} "
+        f"{saved_after:.1f} s after the signal; continue with the same command and train.resume=latest",
+        signal_number)
 
 
 def _evaluate_and_log(accelerator: Accelerator, model: torch.nn.Module, data: RunData, config: RunConfig,
-                      step: int) -> dict[str, dict[str, float]]:
-    metrics = evaluate(accelerator, model, data, split=config.eval.split, max_examples=config.eval.max_examples)
+                      step: int, stop_signal: Optional[Callable[[], int]] = None) -> dict[str, dict[str, float]]:
+    metrics = evaluate(accelerator, model, data, split=config.eval.split, max_examples=config.eval.max_examples,
+                       stop_signal=stop_signal)
     accelerator.log({f"{task}/{name}": value for task, values in metrics.items() for name, value in values.items()},
                     step=step)
     accelerator.print(format_metrics(metrics, title=f"step {step} · {config.eval.split}"))

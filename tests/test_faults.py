@@ -21,6 +21,7 @@ from moebsr.checkpoint import list_checkpoints
 from moebsr.config import load_config
 from moebsr.runner import run_training_cli
 from moebsr.tasks import unregister_task
+from moebsr.interrupt import TrainingInterrupted
 from moebsr.train import TrainingAborted, train
 from run_helpers import QUICKSTART, REPO, read_losses, short_run_overrides, subprocess_env
 
@@ -73,23 +74,23 @@ def test_kill_9_at_random_steps_then_resume_latest_finishes_identically(uninterr
         assert not list((output / "checkpoints").glob(".tmp-*"))
 
 
-def test_sigterm_to_an_accelerate_launch_run_saves_and_resume_latest_equals_uninterrupted(uninterrupted, tmp_path):
-    from run_helpers import launch_command
-    output = tmp_path / "preempted"
-    command = [*launch_command(1), *short_run_overrides(output, 12, KILL_RUN + ["train.checkpoint_every=5"])]
-    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)  # its own group, as a cluster job's
+STOP_LINE = (r"^stopped: SIGTERM at step (\d+) of 12: saved (\S+) (\d+\.\d) s after the signal; continue with the same "
+             r"command and train.resume=latest$")
+
+
+def _wait_for_steps(output: Path, steps: int, process: subprocess.Popen) -> None:
     deadline = time.time() + 240
-    while _logged_steps(output) < 3 and process.poll() is None and time.time() < deadline:
+    while _logged_steps(output) < steps and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGTERM)  # the launcher and the training process, as a preemption does
-    stdout, stderr = process.communicate(timeout=120)  # returns once the training process closed the pipes too
-    stopped = re.search(r"^stopped: SIGTERM at step (\d+) of 12: saved (\S+); continue with the same command and "
-                        r"train.resume=latest$", stderr, re.MULTILINE)
+
+
+def _assert_stopped_and_resumes_identically(output: Path, stderr: str, uninterrupted: Path) -> None:
+    stopped = re.search(STOP_LINE, stderr, re.MULTILINE)
     assert stopped, stderr[-2000:]
     step = int(stopped[1])
     assert 3 <= step < 12 and Path(stopped[2]) == list_checkpoints(output)[-1] and stopped[2].endswith(f"{step:08d}")
-    assert "Traceback" not in stderr and not (output / "metrics.json").exists()
+    assert "Traceback" not in stderr and "exiting now without saving" not in stderr
+    assert not (output / "metrics.json").exists()
     assert [r["step"] for r in read_losses(output)] == list(range(1, step + 1))
     resumed = _launch(output, ["train.resume=latest", "train.checkpoint_every=5"])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
@@ -97,12 +98,64 @@ def test_sigterm_to_an_accelerate_launch_run_saves_and_resume_latest_equals_unin
     assert read_losses(output) == read_losses(uninterrupted)
 
 
-def test_sigint_exits_130_and_a_second_signal_exits_at_once_leaving_checkpoints_intact(tmp_path):
+def test_sigterm_to_an_accelerate_launch_run_saves_and_resume_latest_equals_uninterrupted(uninterrupted, tmp_path):
+    """The installed launcher as a preemption meets it: SIGTERM to the job's process group. accelerate 1.15 lets the
+    signal pass (the training process gets it once); 1.16 also forwards it to its children and SIGKILLs them 5 s
+    later (twice, with a deadline)."""
+    from run_helpers import launch_command
+    output = tmp_path / "preempted"
+    command = [*launch_command(1), *short_run_overrides(output, 12, KILL_RUN + ["train.checkpoint_every=5"])]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # its own group, as a cluster job's
+    _wait_for_steps(output, 3, process)
+    os.killpg(process.pid, signal.SIGTERM)  # the launcher and the training process, as a preemption does
+    stdout, stderr = process.communicate(timeout=120)  # returns once the training process closed the pipes too
+    _assert_stopped_and_resumes_identically(output, stderr, uninterrupted)
+
+
+def test_sigterm_to_the_training_process_alone_under_accelerate_launch_saves(tmp_path):
+    """``kill <pid>`` of the training process (accelerate 1.15's pass-through): one signal, the launcher untouched."""
+    import psutil
+
+    from run_helpers import launch_command
+    output = tmp_path / "told"
+    command = [*launch_command(1), *short_run_overrides(output, 400, KILL_RUN)]
+    launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    _wait_for_steps(output, 3, launcher)
+    training, = psutil.Process(launcher.pid).children()
+    training.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    assert "non-zero exit status 143" in stderr  # the launcher reports its child's 143 as for any failed run
+    stopped = re.search(r"^stopped: SIGTERM at step (\d+) of 400: saved (\S+) ", stderr, re.MULTILINE)
+    assert stopped and "the same stop request" not in stderr, stderr[-2000:]
+    assert Path(stopped[2]) == list_checkpoints(output)[-1] and _logged_steps(output) == int(stopped[1])
+
+
+def test_a_launcher_that_forwards_the_signal_and_kills_after_5_s_still_gets_its_checkpoint(uninterrupted, tmp_path):
+    """What ``accelerate launch`` 1.16 does, whatever version is installed: the group's SIGTERM, the launcher's own
+    SIGTERM to its child right after (one request, not "exit now"), and SIGKILL once its 5 s grace is over."""
+    output = tmp_path / "forwarded"
+    process = subprocess.Popen([sys.executable, str(REPO / "launch" / "multitask.py"), "--config", str(QUICKSTART),
+                                *short_run_overrides(output, 12, KILL_RUN + ["train.checkpoint_every=5"])],
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    _wait_for_steps(output, 3, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)  # forwarded
+    try:
+        process.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    stderr = process.stderr.read()
+    assert process.wait() == 143, stderr[-2000:]
+    _assert_stopped_and_resumes_identically(output, stderr, uninterrupted)
+
+
+def test_sigint_exits_130_and_signals_close_together_are_one_request(tmp_path):
     output = tmp_path / "twice"
     process = _launch(output, ["train.steps=400"])
-    deadline = time.time() + 240
-    while _logged_steps(output) < 3 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    _wait_for_steps(output, 3, process)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 130
     stderr = process.stderr.read()
@@ -110,24 +163,40 @@ def test_sigint_exits_130_and_a_second_signal_exits_at_once_leaving_checkpoints_
     assert re.search(r"^stopped: SIGINT at step \d+ of 400", stderr, re.MULTILINE)
 
     again = _launch(output, ["train.steps=400", "train.resume=latest"])
-    while _logged_steps(output) < 8 and again.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    lines: queue.Queue = queue.Queue()  # stderr read by a thread, so waiting for a line has a time limit
-    threading.Thread(target=lambda: [lines.put(line) for line in iter(again.stderr.readline, "")] + [lines.put(None)],
-                     daemon=True).start()
+    _wait_for_steps(output, 8, again)
+    again.send_signal(signal.SIGINT)  # Ctrl-C in a terminal: SIGINT to the group, then the launcher's SIGTERM
     again.send_signal(signal.SIGTERM)
-    said = []
-    while not any("SIGTERM: finishing this step" in line for line in said):  # the first was handled: now the second
-        line = lines.get(timeout=120)
-        assert line is not None, "".join(said)[-2000:]
-        said.append(line)
-    again.send_signal(signal.SIGTERM)
-    assert again.wait(timeout=60) == 143
-    while (line := lines.get(timeout=60)) is not None:
-        said.append(line)
-    assert "SIGTERM again: exiting now without saving" in "".join(said)
+    assert again.wait(timeout=120) == 130
+    stderr = again.stderr.read()
+    stopped = re.search(r"^stopped: SIGINT at step (\d+) of 400: saved (\S+) ", stderr, re.MULTILINE)
+    assert stopped and "exiting now without saving" not in stderr, stderr[-2000:]
+    assert Path(stopped[2]) == list_checkpoints(output)[-1]
     for checkpoint in list_checkpoints(output):
         assert load_file(str(checkpoint / "model.safetensors"))
+
+
+def test_a_stop_during_a_mid_run_evaluation_abandons_it_and_saves_that_step(tmp_path, monkeypatch, capsys):
+    """An evaluation can outlast a launcher's grace period: a stop signal ends it at the next batch."""
+    import moebsr.train as training
+    evaluations = []
+
+    def evaluate_with_a_signal(*args, **kwargs):
+        evaluations.append(kwargs.get("stop_signal"))
+        if len(evaluations) == 1:
+            signal.raise_signal(signal.SIGTERM)  # lands while the evaluation at step 4 runs
+        return evaluate(*args, **kwargs)
+
+    from moebsr.evaluate import evaluate
+    monkeypatch.setattr(training, "evaluate", evaluate_with_a_signal)
+    output = tmp_path / "run"
+    config = load_config(QUICKSTART, short_run_overrides(output, 12, [
+        "tasks=[digits]", "train.sampler=round_robin", "eval.every=4", "logging.trackers=[none]"]))
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM at step 4 of 12: saved \S+step_00000004 "):
+        train(config)
+    assert "evaluation at step 4 abandoned: SIGTERM after 0 batch(es)" in capsys.readouterr().out
+    assert len(evaluations) == 1 and evaluations[0] is not None
+    assert [p.name for p in list_checkpoints(output)] == ["step_00000004"] and _logged_steps(output) == 4
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone with the run
 
 
 def test_eval_of_a_run_killed_mid_way_uses_its_newest_checkpoint(tmp_path):

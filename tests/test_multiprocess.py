@@ -56,11 +56,43 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_complete_c
     rank_one = next(pid for pid in workers if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
     subprocess.run(["kill", "-TERM", rank_one], check=True)  # only rank 1 is told; rank 0 learns it at the agreement
     _, stderr = launcher.communicate(timeout=180)
-    stops = re.findall(r"^stopped: SIGTERM at step (\d+) of 400: saved (\S+);", stderr, re.MULTILINE)
+    stops = re.findall(r"^stopped: SIGTERM at step (\d+) of 400: saved (\S+) ", stderr, re.MULTILINE)
     assert len(stops) == 1, stderr[-3000:]  # rank 0 says it, although only rank 1 got the signal
     assert stderr.count("SIGTERM: finishing this step") == 1  # rank 1's handler
     step, saved = int(stops[0][0]), Path(stops[0][1])
     # the checkpoint is collective: it completes only if both processes stopped at the same step
+    assert list_checkpoints(output)[-1] == saved and read_training_state(saved)["step"] == step
+    assert {p.name for p in saved.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert len(log.read_text().splitlines()) == step
+
+
+def test_a_preemption_of_the_whole_job_stops_both_processes_at_one_step_with_one_checkpoint(tmp_path):
+    """SIGTERM to the job's process group: each worker gets it from the group and again from torchrun's agent (which
+    forwards what it got, then waits 30 s before SIGKILL); both are one request, so the checkpoint is still saved."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from moebsr.checkpoint import list_checkpoints, read_training_state
+    from run_helpers import launch_command, short_run_overrides, subprocess_env
+    output = tmp_path / "preempted"
+    command = [*launch_command(2), *short_run_overrides(output, 400, SAME_RUN + ["train.batch_size=8"])]
+    launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    log, deadline = output / "train_log.jsonl", time.time() + 240
+    while (not log.is_file() or len(log.read_text().splitlines()) < 4) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=180)
+    assert launcher.returncode == 143 or "SignalException" in stderr, stderr[-3000:]  # accelerate 1.16 / 1.15
+    stops = re.findall(r"^stopped: SIGTERM at step (\d+) of 400: saved (\S+) ", stderr, re.MULTILINE)
+    assert len(stops) == 1, stderr[-3000:]
+    assert stderr.count("SIGTERM: finishing this step") == 2  # each worker's first signal
+    assert "exiting now without saving" not in stderr
+    step, saved = int(stops[0][0]), Path(stops[0][1])
     assert list_checkpoints(output)[-1] == saved and read_training_state(saved)["step"] == step
     assert {p.name for p in saved.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert len(log.read_text().splitlines()) == step
