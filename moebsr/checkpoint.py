@@ -2,7 +2,10 @@
 
 A checkpoint is written to a hidden temporary folder and renamed into place only once complete (rename is
 atomic on one file system), so a run killed mid-save leaves the previous checkpoint untouched and loadable;
-``training_state.json`` is written last and its presence marks a checkpoint as complete.
+``training_state.json`` is written last and its presence marks a checkpoint as complete. Every file is flushed
+to disk before the rename and the rename before older checkpoints are rotated out: a machine that goes down
+right after a save (a preempted VM) could otherwise come back with the new checkpoint's files empty and the old
+ones deleted.
 """
 
 from __future__ import annotations
@@ -78,15 +81,30 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
         state_path = temporary / STATE_FILE
         with open(state_path, "w") as handle:
             json.dump(training_state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        sync_to_disk(temporary)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
+        _fsync(root)  # the rename itself
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def sync_to_disk(folder: Path) -> None:
+    """Flush every file under ``folder`` (whichever process wrote it) and the folder entries themselves."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders that list them
+        _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
