@@ -24,11 +24,13 @@ the same number of batches (see ``EpochBatchSampler``).
 from __future__ import annotations
 
 import random
+import weakref
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader
 
+from ..interrupt import ignore_stop_signals
 from ..tasks.errors import TaskError
 from ..tasks.spec import BatchAugment, Task
 from .batch_ops import augment_batch, to_model_batch
@@ -117,6 +119,7 @@ class BatchLoader:
         self._cycle: Optional[Iterator[Batch]] = None
         self._requests = _BatchRequests()
         self._item_loader: Optional[DataLoader] = None
+        self._stop_workers: Optional[weakref.finalize] = None
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -189,17 +192,18 @@ class BatchLoader:
                 _TransformedItems(self.dataset, transform, self.image_spec.in_chans, self.name),
                 batch_sampler=self._requests, num_workers=workers, collate_fn=_collate,
                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                prefetch_factor=2 if workers > 0 else None,
+                prefetch_factor=2 if workers > 0 else None, worker_init_fn=ignore_stop_signals if workers else None,
                 generator=torch.Generator().manual_seed(self.sampler.seed))  # not the global RNG
+            if workers:  # stopped when this loader is closed, collected, or left open at exit
+                self._stop_workers = weakref.finalize(self, _stop_workers, self._item_loader)
         return self._item_loader
 
     def close(self) -> None:
         """Stop the per-image workers now: left to the garbage collector, a loader with batches in flight stalls its
         collection for ~10 s (two 5 s joins), while a shutdown takes milliseconds."""
-        iterator = getattr(self._item_loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()  # torch's own teardown of a multi-process iterator
-        self._item_loader, self._cycle = None, None
+        if self._stop_workers is not None:
+            self._stop_workers()
+        self._item_loader, self._cycle, self._stop_workers = None, None, None
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "num_examples": len(self.dataset),
@@ -266,3 +270,19 @@ def build_joint_loader(tasks: Sequence[Task], split: str, image_spec: Union[Imag
                        batch_size, train, seed, num_workers, drop_last, augment, transform, process_index,
                        num_processes, joint=True, name=f"joint loader {list(keys)}, split {split!r}", device=device,
                        augment_views=augment_views)
+
+
+
+def _stop_workers(loader: DataLoader) -> None:
+    """torch's own teardown of a multi-process iterator, run by us while its queues still work: the workers ignore
+    SIGTERM (a preemption signals the whole job, see ``ignore_stop_signals``), and SIGTERM is what torch falls back
+    on when a collected iterator's queues are already gone, and what multiprocessing's exit handler sends before
+    joining daemon processes without a time limit."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+        return
+    iterator._shutdown_workers()
+    for worker in iterator._workers:
+        if worker.is_alive():  # did not answer the shutdown request: torch's SIGTERM does not reach it
+            worker.kill()
+            worker.join(timeout=5)
