@@ -308,6 +308,8 @@ def validate_config(config: RunConfig) -> None:
     train = config.train
     _choice("train.optimizer", train.optimizer, OPTIMIZERS)
     _choice("train.sampler", train.sampler, SAMPLERS)
+    if train.mixed_precision == "False":  # YAML 1.1 reads a bare `no` as false, which OmegaConf stores as "False"
+        train.mixed_precision = "no"
     _choice("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
     for key in ("batch_size", "steps", "grad_accum_steps", "keep_checkpoints", "max_bad_steps"):
         _positive(f"train.{key}", getattr(train, key))

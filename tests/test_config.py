@@ -64,6 +64,13 @@ def test_overrides_are_typed_and_nested():
     assert config.data.task_options == {"digits": {"seed": 3}}
 
 
+def test_mixed_precision_no_means_no_although_yaml_reads_it_as_false(tmp_path):
+    """`no` is accelerate's own word (and what the loop suggests after non-finite losses); YAML 1.1 makes it false."""
+    assert load_config(CONFIGS / "paper_bsr.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    (tmp_path / "fp32.yaml").write_text("tasks: [digits]\ntrain:\n  mixed_precision: no\n")
+    assert load_config(tmp_path / "fp32.yaml").train.mixed_precision == "no"
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.stepz=3", r"^override: unknown key 'train.stepz'; accepted here: output_dir, batch_size"),
     ("bogus=1", r"unknown key 'bogus'; accepted here: tasks, model, moe"),
