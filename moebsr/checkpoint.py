@@ -72,7 +72,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
     final = root / f"step_{step:08d}"
     temporary = root / f".tmp-step_{step:08d}"
     if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
+        for stale in root.glob(".tmp-step_*"):  # a save cut short (a SIGKILL after the grace period, a crash)
+            shutil.rmtree(stale, ignore_errors=True)
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary), safe_serialization=True)

@@ -54,3 +54,14 @@ def test_every_file_is_flushed_before_the_rename_and_the_rename_before_old_check
     assert events.index(("fsync", final.parent), renamed) < removed  # ...before the older checkpoint goes
     assert list_checkpoints(tmp_path) == [final]
     assert load_checkpoint(accelerator, final) == {"step": 2}
+
+
+def test_a_save_cut_short_leaves_the_newest_checkpoint_and_its_leftovers_go_with_the_next_save(tmp_path):
+    accelerator, model, optimizer = _prepared()
+    first = save_checkpoint(accelerator, tmp_path, 4, {"step": 4}, keep=2)
+    cut_short = first.parent / ".tmp-step_00000006"  # what a SIGKILL mid-save leaves
+    cut_short.mkdir()
+    (cut_short / "model.safetensors").write_bytes(b"partial")
+    assert list_checkpoints(tmp_path) == [first]  # not complete: never a resume candidate
+    second = save_checkpoint(accelerator, tmp_path, 8, {"step": 8}, keep=2)
+    assert list_checkpoints(tmp_path) == [first, second] and not cut_short.exists()
