@@ -16,7 +16,7 @@ from fake_cuda import FakeCudaTensor, fake_cuda
 from fake_nccl import nccl_world
 from moebsr.expert_parallel import ShardedOptimizerState, clip_grad_norm_
 from moebsr.model.tutel_backend import SHARD_ATTR, ExpertShard, ShardedExperts
-from moebsr.train import _agree
+from moebsr.train import _agree, _agreed_signal
 from tiny_models import distinct_experts, images, tiny_moevit
 
 CPU_REFUSED = r"^No backend type associated with device type cpu \(fake NCCL"
@@ -86,6 +86,15 @@ def test_the_loops_agreement_is_one_all_reduce_on_the_device_and_one_host_read(m
             k: v for k, v in kwargs.items() if k != "device"}))
         with pytest.raises(RuntimeError, match="same device"):
             _agree(two_processes, losses, signal_number=None)
+
+
+def test_the_evaluations_stop_agreement_is_one_all_reduce_on_the_device_and_one_host_read():
+    two_processes = SimpleNamespace(num_processes=2, device=torch.device("cuda"))
+    with fake_cuda() as cuda, nccl_world(2) as world:
+        assert _agreed_signal(two_processes, 15) == 15 and _agreed_signal(two_processes, None) == 0
+        assert world.calls == ["all_reduce", "all_reduce"] and cuda.host_reads == collections.Counter(item=2)
+    with fake_cuda(), nccl_world(2), pytest.raises(RuntimeError, match=CPU_REFUSED):
+        _agreed_signal(SimpleNamespace(num_processes=2, device=torch.device("cpu")), 15)
 
 
 def _sharded(parameter: torch.nn.Parameter) -> torch.nn.Parameter:
