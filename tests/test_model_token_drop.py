@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from moebsr.model import attention_with_cls_scores, create_moevit, select_tokens
@@ -61,6 +62,43 @@ def test_block_drops_by_its_own_cls_attention():
     expected = scores.topk(16, dim=1).indices.sort(dim=1).values
     assert torch.equal(block.last_kept_index, expected)
     assert out.shape == (2, 1 + 16 + 1, 64)
+
+
+def _reference_weights(attn, x):
+    """The full softmax attention matrix [B, heads, N, N] (the unfused, materialised way)."""
+    batch, tokens, _ = x.shape
+    q, k, _ = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_a_model_without_class_token_drops_by_the_attention_tokens_receive_not_by_its_first_token(registers):
+    model = tiny_moevit(class_token=False, reg_tokens=registers, global_pool="avg",
+                        moe=dict(blocks=[3], num_experts=2, top_k=1), token_drop=dict(blocks=[1], keep_rate=0.25))
+    block = model.blocks[1]
+    assert model.backbone.num_prefix_tokens == registers and not block.class_token
+    x = torch.randn(2, 64 + registers, 64, generator=torch.Generator().manual_seed(0))
+    weights = _reference_weights(block.attn, block.norm1(x))
+    received = weights[..., registers:].mean(dim=(1, 2))  # over heads and every query
+    if not registers:  # a distribution over the tokens, as CLS attention is (registers take the rest)
+        assert_close_at_scale(received.sum(1), torch.ones(2))
+    expected = received.topk(16, dim=1).indices.sort(dim=1).values
+    by_first_token = weights[:, :, 0, registers:].mean(1).topk(16, dim=1).indices.sort(dim=1).values
+    assert not torch.equal(expected, by_first_token)  # what was ranked before: a patch's or a register's attention
+    for fused in (True, False):
+        block.attn.fused_attn = fused
+        out, _ = block.forward_attention(x, TokenSelection.start(2, 64, x.device))
+        assert torch.equal(block.last_kept_index, expected), fused
+        assert out.shape == (2, registers + 16 + 1, 64)
+    with torch.no_grad():
+        assert model(images(2), ["a", "b"])["b"].shape == (2, 3)
+
+
+def test_a_model_without_class_token_or_moe_blocks_has_a_zero_balancing_loss():
+    model = tiny_moevit(class_token=False, global_pool="avg", moe=dict(blocks=[], num_experts=2, top_k=1))
+    model(images(2), "a")
+    loss = model.aux_loss()
+    assert loss.item() == 0.0 and loss.device == model.backbone.patch_embed.proj.weight.device
 
 
 def test_deit_small_token_counts_follow_the_paper():

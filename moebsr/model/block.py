@@ -36,6 +36,7 @@ class MoEViTBlock(nn.Module):
             keep_rate: Optional[float] = None,
             fuse: bool = True,
             num_prefix_tokens: int = 1,
+            class_token: bool = True,
     ) -> None:
         super().__init__()
         if type(block) is not Block:
@@ -45,6 +46,7 @@ class MoEViTBlock(nn.Module):
         self.norm2, self.ls2, self.drop_path2 = block.norm2, block.ls2, block.drop_path2
         self.mlp = mlp if mlp is not None else block.mlp
         self.num_prefix_tokens = num_prefix_tokens
+        self.class_token = class_token  # without one, tokens rank by the attention they receive (token_drop.py)
         self.keep_rate: Optional[float] = None
         self.fuse = fuse
         self.set_keep_rate(keep_rate)
@@ -95,7 +97,8 @@ class MoEViTBlock(nn.Module):
                    ) -> tuple[torch.Tensor, TokenSelection]:
         if not (self.drops_tokens or make_ranking):
             return x + self.drop_path1(self.ls1(self.attn(self.norm1(x)))), selection
-        attn_out, cls_scores = attention_with_cls_scores(self.attn, self.norm1(x), self.num_prefix_tokens)
+        attn_out, cls_scores = attention_with_cls_scores(self.attn, self.norm1(x), self.num_prefix_tokens,
+                                                       self.class_token)
         x = x + self.drop_path1(self.ls1(attn_out))
         if make_ranking:
             selection = selection.with_ranking(cls_scores)

@@ -154,7 +154,8 @@ def create_moevit(
             mlp.recompute_experts = moe_spec.recompute_experts
         keep_rate = drop_spec.keep_rate if index in drop_blocks else None
         fuse = drop_spec.fuse if drop_spec is not None else True
-        blocks.append(MoEViTBlock(block, mlp, keep_rate, fuse, backbone.num_prefix_tokens))
+        blocks.append(MoEViTBlock(block, mlp, keep_rate, fuse, backbone.num_prefix_tokens,
+                                  class_token=getattr(backbone, "cls_token", None) is not None))
     backbone.blocks = nn.Sequential(*blocks)
 
     heads = {name: _build_head(name, head, backbone.num_features) for name, head in tasks.items()}

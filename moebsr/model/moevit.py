@@ -264,7 +264,9 @@ class MoEViT(nn.Module):
     def aux_loss(self) -> torch.Tensor:
         """Sum of :meth:`aux_losses`; zero when there are no MoE layers."""
         losses = list(self.aux_losses().values())
-        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.backbone.cls_token.device)
+        if losses:
+            return torch.stack(losses).sum()
+        return torch.zeros((), device=next(self.backbone.parameters()).device)  # a model may have no class token
 
     # ---- forward -------------------------------------------------------------------------------------------
     def check_tasks(self, tasks: Union[str, Sequence[str]]) -> list[str]:

@@ -4,6 +4,12 @@ The CLS attention row is computed on its own (``q_cls @ k^T``, O(N) per head) ne
 attention, so timm's fused ``scaled_dot_product_attention`` path stays in use and the full N x N attention
 matrix is never materialised just to read one row of it.
 
+A backbone without a class token (``class_token=False``, the ``*_gap_*`` models) has no CLS row to read: its tokens
+are ranked by the attention each one *receives*, averaged over every query and head (the rule of CLS-free token
+pruning, e.g. Zero-TPrune and ATS's mean-attention variant); the scores again sum to 1 over the tokens, so fusing
+weighs the dropped tokens the same way. It needs the full attention matrix (O(N^2) per head, computed beside the fused
+kernel), which such a model pays in that block only.
+
 Which tokens a block keeps is decided by a *ranking*: the block's own CLS attention (``decision: per_task``, and
 every block of the shared trunk), or one ranking made on the shared stream and carried along in a
 :class:`TokenSelection` (``decision: shared``), so that every task keeps the same tokens of an image.
@@ -31,30 +37,33 @@ def check_attention_supported(attn: torch.nn.Module) -> None:
             "accepted: timm.layers.Attention (ViT/DeiT)")
 
 
-def attention_with_cls_scores(attn: Attention, x: torch.Tensor, num_prefix_tokens: int = 1
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Attention.forward`` that also returns the head-averaged CLS attention over the other tokens.
+def attention_with_cls_scores(attn: Attention, x: torch.Tensor, num_prefix_tokens: int = 1,
+                              class_token: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention.forward`` that also returns the head-averaged CLS attention over the other tokens; without
+    a ``class_token`` (token 0 is then a register or a patch), the attention each token receives, averaged over
+    every query.
 
     Returns:
         ``(output [B, N, C], cls_scores [B, N - num_prefix_tokens])``; the scores of each row sum to at most 1
-        (the rest of the CLS token's attention goes to the prefix tokens).
+        (the rest of the attention goes to the prefix tokens).
     """
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     q, k, v = rearrange(attn.qkv(x), "b n (three h d) -> three b h n d", three=3, h=attn.num_heads)
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
+    queries = q[:, :, :1] if class_token else q  # the CLS row, or every row (averaged below)
     if attn.fused_attn:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        cls_attention = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        ranking_attention = ((queries * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
     else:
         weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        cls_attention = weights[:, :, :1]
+        ranking_attention = weights[:, :, :1] if class_token else weights
         out = attn.attn_drop(weights) @ v
     out = attn.norm(rearrange(out, "b h n d -> b n (h d)"))
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    cls_scores = cls_attention[:, :, 0, num_prefix_tokens:].mean(dim=1)
+    cls_scores = ranking_attention[..., num_prefix_tokens:].mean(dim=(1, 2))  # over heads and queries
     return out, cls_scores
 
 
