@@ -350,6 +350,47 @@ def test_imagefolder_task(tmp_path):
     assert batch["images"].shape == (8, 3, 32, 32)
 
 
+def _picture_tree(root: Path, classes_by_split: dict) -> None:
+    for split, classes in classes_by_split.items():
+        for label, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for index, picture in enumerate(_pictures(3 + label, label, size=12)):
+                picture.save(root / split / name / f"{index}.png")
+
+
+@pytest.mark.parametrize("evaluation", ["validation", "val", "test"])
+def test_an_imagefolder_of_split_folders_reads_them_as_splits_not_as_classes(tmp_path, evaluation):
+    """The Hugging Face imagefolder layout: train/ and validation/ (or val/, test/) of class folders. Before, this
+    trained a 2-class task 'train' vs 'validation' and reported 100 % top-1."""
+    _picture_tree(tmp_path / "pics", {"train": ["cat", "dog", "owl"], evaluation: ["cat", "owl"]})
+    task = create_task("imagefolder", data_dir=str(tmp_path / "pics"))
+    assert task.num_outputs == 3 and list(task.class_names) == ["cat", "dog", "owl"]
+    assert (task.num_examples("train"), task.num_examples("test")) == (3 + 4 + 5, 3 + 4)
+    # one label set for every split: owl stays 2 in the split that has no dog
+    assert np.bincount(task.build_dataset("test").labels.numpy()).tolist() == [3, 0, 4]
+    assert np.bincount(task.build_dataset("train").labels.numpy()).tolist() == [3, 4, 5]
+
+
+def test_a_train_folder_alone_holds_out_a_test_fraction_of_it(tmp_path):
+    _picture_tree(tmp_path / "pics", {"train": ["cat", "dog"]})
+    task = create_task("imagefolder", data_dir=str(tmp_path / "pics"), test_fraction=0.5)
+    assert list(task.class_names) == ["cat", "dog"]
+    assert task.num_examples("train") + task.num_examples("test") == 7
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"train": ["cat"], "validation": ["cat"], "dog": ["x"]},
+     r"mixes split folders \['train', 'validation'\] with class folders \['dog'\]; accepted: class folders only"),
+    ({"validation": ["cat"], "test": ["cat"]}, r"mixes split folders \['test', 'validation'\] with no train/ folder"),
+    ({"train": ["cat"], "test": ["cat", "emu"]}, r"test' has classes \['emu'\] that .*train' lacks"),
+])
+def test_an_imagefolder_that_mixes_layouts_is_refused_in_one_line(tmp_path, tree, message):
+    _picture_tree(tmp_path / "pics", tree)
+    with pytest.raises(TaskError, match=message) as refused:
+        create_task("imagefolder", data_dir=str(tmp_path / "pics"))
+    assert "\n" not in str(refused.value)
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 def make_task(name: str, dataset_fn, num_outputs: int = 3, **fields):

@@ -79,31 +79,71 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+SPLIT_FOLDERS = ("train", "test", "validation", "val")  # the Hugging Face imagefolder layout's split folders
+EVALUATION_FOLDERS = ("test", "validation", "val")  # the test split, first found; validation/val stand in for test/
+
+
+def _split_folders(name: str, folder: Path) -> dict[str, Path]:
+    """``{split: folder}`` of a tree of split folders of class folders (empty for a tree of class folders); a tree
+    that mixes the two, or whose test split holds classes the train split lacks, is refused."""
+    subfolders = _class_folders(folder)
+    splits = [s for s in subfolders if s in SPLIT_FOLDERS]
+    if not splits:
+        return {}
+    accepted = ("accepted: class folders only (DIR/<class>/*), or split folders train/ and test/, validation/ or val/, "
+                "each of class folders")
+    if set(subfolders) - set(splits) or "train" not in splits:
+        classes = sorted(set(subfolders) - set(splits))
+        raise TaskError(f"task {name!r}: data_dir {str(folder)!r} mixes split folders {splits} with "
+                        f"{'class folders ' + str(classes) if classes else 'no train/ folder'}; {accepted}")
+    layout = {"train": folder / "train"}
+    evaluation = [s for s in EVALUATION_FOLDERS if s in splits]
+    if evaluation:
+        layout["test"] = folder / evaluation[0]
+        validation = [s for s in ("validation", "val") if s in splits]
+        if validation:
+            layout["validation"] = folder / validation[0]
+    train_classes = set(_class_folders(layout["train"]))
+    for split, path in layout.items():
+        unknown = sorted(set(_class_folders(path)) - train_classes)
+        if unknown:
+            raise TaskError(f"task {name!r}: {str(path)!r} has classes {unknown} that {str(layout['train'])!r} lacks; "
+                            "every evaluated class must be trained")
+    return layout
+
+
 def folder_task(name: str, data_dir: Optional[PathLike], *, num_outputs: Optional[int] = None,
                 test_fraction: float = 0.2, seed: int = 0, **fields: Any) -> Task:
-    """A task on a folder of class sub-folders (``DIR/<class>/*.png``), or of ``train/`` and ``test/`` folders of
-    class sub-folders. Without a ``test/`` folder, a stratified ``test_fraction`` of the images is held out."""
+    """A task on a folder of class sub-folders (``DIR/<class>/*.png``), or of split folders of class sub-folders
+    (``train/`` with ``test/``, ``validation/`` or ``val/``, the Hugging Face imagefolder layout; validation serves as
+    the test split when there is no ``test/``). Without an evaluation folder, a stratified ``test_fraction`` of the
+    images is held out."""
     if data_dir is None:
         raise DatasetUnavailableError(f"task {name!r}: option data_dir is required: a folder of class sub-folders "
                                       f"(config: data.task_options.{name}.data_dir=DIR)")
     folder = Path(data_dir).expanduser()
     if not folder.is_dir():
         raise DatasetUnavailableError(f"task {name!r}: data_dir {str(folder)!r} does not exist or is not a folder")
-    has_splits = (folder / "train").is_dir() and (folder / "test").is_dir()
-    classes = _class_folders(folder / "train" if has_splits else folder)
+    layout = _split_folders(name, folder)
+    root = layout.get("train", folder)
+    classes = _class_folders(root)
     if not classes:
-        raise TaskError(f"task {name!r}: data_dir {str(folder)!r} has no class sub-folders")
+        raise TaskError(f"task {name!r}: data_dir {str(root)!r} has no class sub-folders")
     if num_outputs is not None and num_outputs != len(classes):
-        raise TaskError(f"task {name!r}: num_outputs={num_outputs} but {str(folder)!r} has {len(classes)} classes")
+        raise TaskError(f"task {name!r}: num_outputs={num_outputs} but {str(root)!r} has {len(classes)} classes")
+    held_out = "test" not in layout
 
     def dataset_fn(split: str) -> Any:
         import datasets
 
         from ..data.packaged import seeded_split
-        loaded = datasets.load_dataset("imagefolder", data_dir=str(folder.resolve()))
-        if has_splits:
-            return loaded[split]
-        everything = loaded["train"]
+        if not held_out:
+            if split not in layout:
+                raise TaskError(f"task {name!r}: no {split} split in {str(folder)!r}; it has {sorted(layout)}")
+            # one load for every split, so that a class missing from a split does not shift the others' label ids
+            files = {part: str(path.resolve() / "**") for part, path in layout.items()}
+            return datasets.load_dataset("imagefolder", data_files=files)[split]
+        everything = datasets.load_dataset("imagefolder", data_dir=str(root.resolve()))["train"]
         labels = everything.select_columns(["label"]).with_format("numpy")["label"]
         train, test = seeded_split(labels, test_fraction, seed)
         return everything.select((train if split == "train" else test).tolist())
