@@ -381,7 +381,7 @@ def test_a_train_folder_alone_holds_out_a_test_fraction_of_it(tmp_path):
 @pytest.mark.parametrize("tree, message", [
     ({"train": ["cat"], "validation": ["cat"], "dog": ["x"]},
      r"mixes split folders \['train', 'validation'\] with class folders \['dog'\]; accepted: class folders only"),
-    ({"validation": ["cat"], "test": ["cat"]}, r"mixes split folders \['test', 'validation'\] with no train/ folder"),
+    ({"validation": ["cat"], "test": ["cat"]}, r"has split folders \['test', 'validation'\] but no train/; accepted"),
     ({"train": ["cat"], "test": ["cat", "emu"]}, r"test' has classes \['emu'\] that .*train' lacks"),
 ])
 def test_an_imagefolder_that_mixes_layouts_is_refused_in_one_line(tmp_path, tree, message):
@@ -396,6 +396,32 @@ def test_an_imagefolder_that_mixes_layouts_is_refused_in_one_line(tmp_path, tree
 def make_task(name: str, dataset_fn, num_outputs: int = 3, **fields):
     from moebsr.tasks import Task
     return Task(name=name, num_outputs=num_outputs, dataset_fn=dataset_fn, **fields)
+
+
+def _two_label_columns():
+    import datasets
+    features = datasets.Features({"img": datasets.Image(), "coarse_label": datasets.ClassLabel(num_classes=20),
+                                  "fine_label": datasets.ClassLabel(num_classes=100)})
+    return datasets.Dataset.from_dict({"img": list(_pictures(4, 0, size=8)), "coarse_label": [0, 1, 19, 3],
+                                       "fine_label": [0, 50, 99, 7]}, features=features)
+
+
+def test_a_schema_with_several_class_label_columns_is_refused_until_one_is_named():
+    """A CIFAR-100-like schema lists coarse_label (20) before fine_label (100): the first ClassLabel was taken, and a
+    100-way task trained on 20 coarse labels without a word."""
+    stand_in = _two_label_columns()
+    with pytest.raises(TaskError, match=r"several ClassLabel columns \['coarse_label', 'fine_label'\]; pass "
+                                        r"label_column= one of them"):
+        make_task("cifar_like", lambda split: stand_in, num_outputs=100).build_dataset("train")
+    with pytest.raises(TaskError, match=r"label column 'coarse_label' has 20 classes but the task has 100 outputs; "
+                                        r"pass label_column= the right column, or num_outputs=20$"):
+        make_task("cifar_like", lambda split: stand_in, num_outputs=100,
+                  label_column="coarse_label").build_dataset("train")
+    fine = make_task("cifar_like", lambda split: stand_in, num_outputs=100, label_column="fine_label")
+    assert fine.build_dataset("train").labels.tolist() == [0, 50, 99, 7]
+    derived = make_task("coarse_parity", lambda split: stand_in, num_outputs=2, label_column="coarse_label",
+                        label_fn=lambda labels: labels % 2)  # a derived task: the column's count is not its own
+    assert derived.build_dataset("train").labels.tolist() == [0, 1, 1, 1]
 
 
 def test_label_outside_the_classes_is_named():

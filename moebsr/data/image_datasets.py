@@ -93,8 +93,10 @@ def _hf_columns(dataset: Any, image_column: Optional[str], label_column: Optiona
         image_column = next((c for c, f in features.items() if isinstance(f, ImageFeature)), None)
         image_column = image_column or next((c for c in ("image", "img") if c in features), None)
     if label_column is None:
-        label_column = next((c for c, f in features.items() if isinstance(f, ClassLabel)), None)
-        label_column = label_column or ("label" if "label" in features else None)
+        class_labels = [c for c, f in features.items() if isinstance(f, ClassLabel)]
+        if len(class_labels) > 1:  # e.g. CIFAR-100's coarse_label and fine_label: the first is a guess
+            raise TaskError(f"{name}: several ClassLabel columns {class_labels}; pass label_column= one of them")
+        label_column = class_labels[0] if class_labels else ("label" if "label" in features else None)
     for role, column in (("image", image_column), ("label", label_column)):
         if column is None or column not in features:
             raise TaskError(f"{name}: no {role} column {column or ''} among the dataset's columns "
@@ -102,10 +104,13 @@ def _hf_columns(dataset: Any, image_column: Optional[str], label_column: Optiona
     return image_column, label_column
 
 
-def as_image_dataset(raw: Any, name: str, image_column: Optional[str] = None,
-                     label_column: Optional[str] = None) -> TensorImageDataset | ItemImageDataset:
+def as_image_dataset(raw: Any, name: str, image_column: Optional[str] = None, label_column: Optional[str] = None,
+                     num_outputs: Optional[int] = None) -> TensorImageDataset | ItemImageDataset:
     """Wrap what a task's dataset factory returned: one of ours, a ``datasets.Dataset``, a dict of ``images``/
-    ``labels`` arrays, or any indexable of ``(image, label)`` pairs (its labels are read once, by indexing)."""
+    ``labels`` arrays, or any indexable of ``(image, label)`` pairs (its labels are read once, by indexing).
+
+    ``num_outputs`` (a task whose labels are the column's own) must equal the class count of a ``ClassLabel`` label
+    column: a column of 20 classes under a 100-way task is the wrong column, not a task with unused outputs."""
     if isinstance(raw, (TensorImageDataset, ItemImageDataset)):
         return raw
     if isinstance(raw, dict) and "images" in raw and "labels" in raw:
@@ -116,6 +121,11 @@ def as_image_dataset(raw: Any, name: str, image_column: Optional[str] = None,
         datasets = None
     if datasets is not None and isinstance(raw, datasets.Dataset):
         image_column, label_column = _hf_columns(raw, image_column, label_column, name)
+        feature = raw.features[label_column]
+        if num_outputs is not None and isinstance(feature, datasets.ClassLabel) and feature.num_classes != num_outputs:
+            raise TaskError(f"{name}: label column {label_column!r} has {feature.num_classes} classes but the task has "
+                            f"{num_outputs} outputs; pass label_column= the right column, or num_outputs="
+                            f"{feature.num_classes}")
         labels = np.asarray(raw.select_columns([label_column]).with_format("numpy")[label_column])
         if labels.dtype.kind not in "iu":
             raise TaskError(f"{name}: label column {label_column!r} holds {labels.dtype} values; expected integer "

@@ -92,17 +92,16 @@ def _split_folders(name: str, folder: Path) -> dict[str, Path]:
         return {}
     accepted = ("accepted: class folders only (DIR/<class>/*), or split folders train/ and test/, validation/ or val/, "
                 "each of class folders")
-    if set(subfolders) - set(splits) or "train" not in splits:
-        classes = sorted(set(subfolders) - set(splits))
-        raise TaskError(f"task {name!r}: data_dir {str(folder)!r} mixes split folders {splits} with "
-                        f"{'class folders ' + str(classes) if classes else 'no train/ folder'}; {accepted}")
+    classes = sorted(set(subfolders) - set(splits))
+    if classes:
+        raise TaskError(f"task {name!r}: data_dir {str(folder)!r} mixes split folders {splits} with class folders "
+                        f"{classes}; {accepted}")
+    if "train" not in splits:
+        raise TaskError(f"task {name!r}: data_dir {str(folder)!r} has split folders {splits} but no train/; {accepted}")
     layout = {"train": folder / "train"}
     evaluation = [s for s in EVALUATION_FOLDERS if s in splits]
     if evaluation:
         layout["test"] = folder / evaluation[0]
-        validation = [s for s in ("validation", "val") if s in splits]
-        if validation:
-            layout["validation"] = folder / validation[0]
     train_classes = set(_class_folders(layout["train"]))
     for split, path in layout.items():
         unknown = sorted(set(_class_folders(path)) - train_classes)
@@ -137,10 +136,7 @@ def folder_task(name: str, data_dir: Optional[PathLike], *, num_outputs: Optiona
         import datasets
 
         from ..data.packaged import seeded_split
-        if not held_out:
-            if split not in layout:
-                raise TaskError(f"task {name!r}: no {split} split in {str(folder)!r}; it has {sorted(layout)}")
-            # one load for every split, so that a class missing from a split does not shift the others' label ids
+        if not held_out:  # one load for every split, so that a class missing from a split does not shift the others' label ids
             files = {part: str(path.resolve() / "**") for part, path in layout.items()}
             return datasets.load_dataset("imagefolder", data_files=files)[split]
         everything = datasets.load_dataset("imagefolder", data_dir=str(root.resolve()))["train"]

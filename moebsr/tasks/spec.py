@@ -104,7 +104,8 @@ class Task:
             from ..data.image_datasets import as_image_dataset
 
             where = f"task {self.name!r}, split {split!r}"
-            dataset = as_image_dataset(self.dataset_fn(split), where, self.image_column, self.label_column)
+            dataset = as_image_dataset(self.dataset_fn(split), where, self.image_column, self.label_column,
+                                       num_outputs=None if self.label_fn is not None else self.num_outputs)
             if self.label_fn is not None:
                 dataset = dataset.with_labels(torch.as_tensor(self.label_fn(dataset.labels)).long(), where)
             self._check_labels(dataset.labels, where)
