@@ -55,6 +55,28 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Optional[Path]
     return path
 
 
+# what the learning-rate schedule is laid over; the scheduler and optimizer state restored from a checkpoint carry it,
+# so a resumed run with other values would jump to another point of the schedule or silently keep the old ones
+SCHEDULE_KEYS = ("steps", "warmup_steps", "lr", "min_lr", "layer_decay")
+
+
+def schedule_of(train: Any) -> dict[str, Any]:
+    return {key: getattr(train, key) for key in SCHEDULE_KEYS}
+
+
+def check_same_schedule(state: dict[str, Any], train: Any) -> None:
+    """Refuse to resume a checkpoint with another schedule (one line naming each change and the checkpoint's value)."""
+    saved = state.get("schedule")
+    if saved is None:  # written before schedules were recorded: nothing to compare
+        return
+    changed = [f"train.{key}={getattr(train, key)!r} (the checkpoint's run: {saved[key]!r})"
+               for key in SCHEDULE_KEYS if key in saved and saved[key] != getattr(train, key)]
+    if changed:
+        raise CheckpointError(f"train.resume: {', '.join(changed)}; the learning-rate schedule is laid over these "
+                              "and restored with the checkpoint; accepted: the checkpoint's values to continue it, or "
+                              "a new train.output_dir for a new run")
+
+
 def read_training_state(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / STATE_FILE).read_text())

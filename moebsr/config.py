@@ -317,6 +317,13 @@ def validate_config(config: RunConfig) -> None:
         _positive(f"train.{key}", getattr(train, key))
     for key in ("warmup_steps", "checkpoint_every", "weight_decay", "min_lr", "label_smoothing"):
         _positive(f"train.{key}", getattr(train, key), allow_zero=True)
+    if train.warmup_steps and train.warmup_steps >= train.steps:  # the LR would never leave warm-up, nor decay
+        raise ConfigError(f"train.warmup_steps: {train.warmup_steps} is not below train.steps={train.steps}, so the "
+                          f"learning rate would never leave warm-up; accepted: 0 <= train.warmup_steps < "
+                          f"{train.steps} (e.g. train.warmup_steps={train.steps // 20})")
+    if train.min_lr > train.lr:
+        raise ConfigError(f"train.min_lr: {train.min_lr!r} is above train.lr={train.lr!r}, so the cosine would rise; "
+                          f"accepted: 0 <= train.min_lr <= train.lr")
     if train.grad_clip is not None:
         _positive("train.grad_clip", train.grad_clip)
     if train.overwrite and train.resume:

@@ -20,7 +20,8 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from .build import check_config_against_model, image_spec_of, model_from_config
-from .checkpoint import checkpoint_dir, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (check_same_schedule, checkpoint_dir, load_checkpoint, read_training_state, resolve_resume,
+                         save_checkpoint, schedule_of)
 from .config import RunConfig, config_to_dict, save_config
 from .run_data import RunData
 from .evaluate import EvaluationStopped, evaluate
@@ -137,6 +138,9 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
 
     output_dir = Path(config.train.output_dir)
     check_output_dir(output_dir, config.train.resume, config.train.overwrite)  # another run's folder: refused
+    resume_path = resolve_resume(config.train.resume, output_dir) if config.train.resume else None
+    if resume_path is not None:  # before the first write: a refused resume leaves the run folder as it was
+        check_same_schedule(read_training_state(resume_path), config.train)
     if accelerator.is_main_process:  # the first write to the folder
         if config.train.overwrite and (removed := clear_run_outputs(output_dir)):
             accelerator.print(f"train.overwrite: removed {', '.join(removed)} from {output_dir}")
@@ -156,7 +160,6 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
 
     start_step = 0
     if config.train.resume:
-        resume_path = resolve_resume(config.train.resume, output_dir)
         if resume_path is not None:
             state = load_checkpoint(accelerator, resume_path)
             start_step = int(state["step"])
@@ -261,7 +264,7 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
                 model.train()
             if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 \
                     and step < config.train.steps:
-                save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
+                save_checkpoint(accelerator, output_dir, step, _training_state(step, data, config),
                                 config.train.keep_checkpoints)
         progress.close()
         if trunk_caches:
@@ -272,7 +275,7 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
             _save_and_stop(accelerator, config, output_dir, step, data, stop_signal, stop.seconds_since_request)
     # from here on (evaluation, export) a signal interrupts as usual: the final checkpoint is saved first
 
-    save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
+    save_checkpoint(accelerator, output_dir, step, _training_state(step, data, config),
                     config.train.keep_checkpoints)
     data.close()
     metrics = _evaluate_and_log(accelerator, model, data, config, step)
@@ -303,6 +306,11 @@ def _agree(accelerator: Accelerator, losses: list[torch.Tensor], signal_number: 
     return not_finite == 0.0, int(agreed_signal), read
 
 
+def _training_state(step: int, data: RunData, config: RunConfig) -> dict[str, Any]:
+    """What a checkpoint records beside accelerate's state: the step, the loaders' places, the schedule it follows."""
+    return {"step": step, "data": data.state_dict(), "schedule": schedule_of(config.train)}
+
+
 def _agreed_signal(accelerator: Accelerator, signal_number: Optional[int]) -> int:
     """The stop signal any process was asked to stop on (0: none), agreed by all of them."""
     flag = torch.tensor([float(signal_number or 0)], device=accelerator.device)
@@ -317,7 +325,7 @@ def _save_and_stop(accelerator: Accelerator, config: RunConfig, output_dir: Path
     long the stop took (to compare with the launcher's grace period before SIGKILL)."""
     import signal
 
-    path = save_checkpoint(accelerator, output_dir, step, {"step": step, "data": data.state_dict()},
+    path = save_checkpoint(accelerator, output_dir, step, _training_state(step, data, config),
                            config.train.keep_checkpoints)
     saved_after = seconds_since_signal()
     data.close()  # loader workers stop now, not at garbage collection (seconds the launcher may not wait)

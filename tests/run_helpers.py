@@ -15,7 +15,7 @@ VENV_BIN = Path(sys.executable).parent
 
 SHORT_RUN = [
     "model.checkpoint=null", "model.depth=4", "model.embed_dim=64", "model.num_heads=2",
-    "moe.num_experts=4", "train.batch_size=16", "train.warmup_steps=2", "eval.max_examples=160",
+    "moe.num_experts=4", "train.batch_size=16", "eval.max_examples=160",
     "eval.batch_size=80", "logging.progress=false",
 ]
 
@@ -28,7 +28,9 @@ def launch_command(processes: int) -> list[str]:
 
 
 def short_run_overrides(output_dir: Path, steps: int, extra: Sequence[str] = ()) -> list[str]:
-    return SHORT_RUN + [f"train.output_dir={output_dir}", f"train.steps={steps}", *extra]
+    """``SHORT_RUN`` for ``steps`` steps; its warm-up of 2 steps shrinks to fit a shorter run (it must end first)."""
+    return SHORT_RUN + [f"train.output_dir={output_dir}", f"train.steps={steps}",
+                        f"train.warmup_steps={min(2, steps - 1)}", *extra]
 
 
 def launch_run(output_dir: Path, processes: int, steps: int, extra: Sequence[str] = ()) -> str:

@@ -58,10 +58,23 @@ def test_paper_configs_follow_the_authors_moe_script():
 
 
 def test_overrides_are_typed_and_nested():
-    config = load_config(CONFIGS / "quickstart.yaml", ["train.steps=7", "moe.blocks=[1,2]", "token_drop.fuse=false",
+    config = load_config(CONFIGS / "quickstart.yaml", ["train.steps=7", "train.warmup_steps=1", "moe.blocks=[1,2]", "token_drop.fuse=false",
                                                        "data.task_options.digits.seed=3"])
     assert config.train.steps == 7 and config.moe.blocks == [1, 2] and config.token_drop.fuse is False
     assert config.data.task_options == {"digits": {"seed": 3}}
+
+
+def test_a_learning_rate_schedule_that_cannot_act_is_refused_in_one_line():
+    """The quickstart's 60 warm-up steps in a 50-step run (the README's own example, before) never left warm-up: the
+    last learning rate was a fraction of train.lr and there was no decay, without a word."""
+    with pytest.raises(ConfigError, match=r"^train.warmup_steps: 60 is not below train.steps=50, so the learning rate "
+                                          r"would never leave warm-up; accepted: 0 <= train.warmup_steps < 50 "
+                                          r"\(e.g. train.warmup_steps=2\)$"):
+        load_config(CONFIGS / "quickstart.yaml", ["train.steps=50"])
+    assert load_config(CONFIGS / "quickstart.yaml", ["train.steps=50", "train.warmup_steps=2"]).train.warmup_steps == 2
+    assert load_config(CONFIGS / "quickstart.yaml", ["train.steps=1", "train.warmup_steps=0"]).train.steps == 1
+    with pytest.raises(ConfigError, match=r"^train.min_lr: 0.01 is above train.lr=0.001, so the cosine would rise"):
+        load_config(CONFIGS / "quickstart.yaml", ["train.min_lr=0.01"])
 
 
 def test_mixed_precision_no_means_no_although_yaml_reads_it_as_false(tmp_path):
@@ -118,7 +131,7 @@ def test_missing_and_broken_files(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    config = load_config(CONFIGS / "quickstart.yaml", ["train.steps=9"])
+    config = load_config(CONFIGS / "quickstart.yaml", ["train.steps=9", "train.warmup_steps=3"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
 

@@ -32,6 +32,25 @@ def test_losses_after_resume_equal_an_uninterrupted_run(uninterrupted, tmp_path)
     assert resumed.metrics == uninterrupted.metrics
 
 
+def test_resuming_with_another_schedule_is_refused_before_anything_is_written(uninterrupted, tmp_path):
+    """A run of 8 steps resumed with train.steps=30 was accepted without a word: the cosine is laid over 8 steps and
+    the scheduler restored with the checkpoint, so the new length jumped to another point of it (train.lr was
+    silently ignored, the scheduler keeping the saved one)."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted.output_dir, run)
+    before = {path: path.stat().st_mtime_ns for path in run.rglob("*")}
+    for overrides, message in (
+            (["train.steps=30"], r"train.steps=30 \(the checkpoint's run: 8\)"),
+            (["train.steps=30", "train.lr=0.01"], r"train.steps=30 \(the checkpoint's run: 8\), train.lr=0.01 "
+                                                  r"\(the checkpoint's run: 0.001\)")):
+        config = load_config(QUICKSTART, short_run_overrides(run, 8, TRAIN + ["train.resume=latest", *overrides]))
+        with pytest.raises(CheckpointError, match=rf"^train.resume: {message}; the learning-rate schedule is laid "
+                                                  r"over these and restored with the checkpoint; accepted: the "
+                                                  r"checkpoint's values to continue it, or a new train.output_dir"):
+            train(config)
+    assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == before  # nothing written, nothing lost
+
+
 def test_resume_latest_skips_a_half_written_checkpoint(uninterrupted, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted.output_dir / "checkpoints", run / "checkpoints")
