@@ -140,8 +140,35 @@ def command_predict(args: argparse.Namespace) -> int:
     return 2 if report.errors else 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the flag, the bad value and what is accepted (exit 2), like every
+    other bad input; ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def bounded(kind: Callable[[str], Any], accepted: str, check: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse ``type`` that refuses a value of the wrong kind or outside ``check`` in the flag's own words."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: {accepted}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{value!r} is invalid; accepted: {accepted}")
+        return value
+    parse.__name__ = accepted  # what argparse names when it reports the value
+    return parse
+
+
+POSITIVE_INT = bounded(int, "an integer >= 1", lambda value: value >= 1)
+COUNT = bounded(int, "an integer >= 0", lambda value: value >= 0)
+KEEP_RATE = bounded(float, "a number in (0, 1]", lambda value: 0 < value <= 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moebsr", description="Multitask MoE-ViT fine-tuning with BSR.")
+    parser = OneLineParser(prog="moebsr", description="Multitask MoE-ViT fine-tuning with BSR.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     tasks = commands.add_parser("tasks", help="list registered tasks, their sizes and outputs")
     tasks.add_argument("pattern", nargs="?", default="*", help="shell-style name filter, e.g. 'mnist*'")
@@ -154,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--run", required=True, help="run folder (train.output_dir of a finished or saved run)")
     evaluation.add_argument("--task", action="append", default=[], metavar="NAME", help="only this task (repeatable)")
     evaluation.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    evaluation.add_argument("--keep-rate", type=float, default=None, help="evaluate with another token keep rate")
-    evaluation.add_argument("--max-examples", type=int, default=None, help="only the first N examples per task")
-    evaluation.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    evaluation.add_argument("--keep-rate", type=KEEP_RATE, default=None, help="evaluate with another token keep rate")
+    evaluation.add_argument("--max-examples", type=POSITIVE_INT, default=None, help="only the first N examples per task")
+    evaluation.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="evaluation batch size")
     evaluation.add_argument("--weights", default=None, help="a model.safetensors other than the run's own")
     evaluation.add_argument("--json", action="store_true", help="print one JSON object")
     evaluation.set_defaults(handler=command_eval)
@@ -164,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = commands.add_parser("tokens", help="picture of the patches each token-dropping block keeps")
     tokens.add_argument("--run", required=True, help="run folder (train.output_dir)")
     tokens.add_argument("--task", default=None, help="task whose test images to show (default: the run's first)")
-    tokens.add_argument("--images", type=int, default=6, help="how many images (default: 6)")
+    tokens.add_argument("--images", type=POSITIVE_INT, default=6, help="how many images (default: 6)")
     tokens.add_argument("--split", default="test", help="split to draw the images from (default: test)")
     tokens.add_argument("--out", required=True, help="PNG file to write")
     tokens.set_defaults(handler=command_tokens)
@@ -204,9 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     prediction.add_argument("--run", required=True, help="training run folder or exported task model folder")
     prediction.add_argument("--task", default=None, help="the task (default: the folder's only task)")
     prediction.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
-    prediction.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
-    prediction.add_argument("--keep-rate", type=float, default=None, help="predict with another token keep rate")
-    prediction.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
+    prediction.add_argument("--top-k", type=POSITIVE_INT, default=5, help="classes shown per image (default: 5)")
+    prediction.add_argument("--keep-rate", type=KEEP_RATE, default=None, help="predict with another token keep rate")
+    prediction.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per forward (default: 64)")
     prediction.add_argument("--json", action="store_true", help="print one JSON object")
     prediction.set_defaults(handler=command_predict)
 
@@ -218,10 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile = commands.add_parser("profile", help="measure one training step of a config (no data needed)")
     profile.add_argument("--config", required=True, help="YAML file in configs/")
     profile.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    profile.add_argument("--steps", type=int, default=5, help="timed steps after warm-up (median reported)")
-    profile.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
+    profile.add_argument("--steps", type=POSITIVE_INT, default=5, help="timed steps after warm-up (median reported)")
+    profile.add_argument("--warmup", type=COUNT, default=2, help="untimed warm-up steps")
     profile.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    profile.add_argument("--tasks-per-step", type=int, default=None,
+    profile.add_argument("--tasks-per-step", type=POSITIVE_INT, default=None,
                          help="put the first N configured tasks on one shared image batch")
     profile.add_argument("--peak-only", action="store_true",
                          help="only the peak-memory reading (what the CPU child process runs)")

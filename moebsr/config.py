@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -203,6 +204,10 @@ def _omegaconf_message(error: OmegaConfBaseException, source: str) -> str:
         section = _schema_section(key.rsplit(".", 1)[0] if "." in key else "")
         accepted = ", ".join(f.name for f in dataclasses.fields(section)) if section is not None else "see config.py"
         return f"{source}: unknown key {key!r}; accepted here: {accepted}"
+    converted = re.search(r"could not be converted to (Integer|Float)|is not a valid (bool)", message)
+    if converted:  # a value of the wrong type: say what the key takes
+        accepted = {"Integer": "an integer", "Float": "a number", "bool": "true or false"}[converted[1] or converted[2]]
+        return f"{source}: {key}: {message}; accepted: {accepted}"
     return f"{source}: {key}: {message}"
 
 
@@ -296,7 +301,11 @@ def _choice(key: str, value: Any, accepted: Sequence[Any]) -> None:
 
 def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
     if value is None or (value < 0 if allow_zero else value <= 0):
-        raise ConfigError(f"{key}: {value!r} is invalid; accepted: a number {'>= 0' if allow_zero else '> 0'}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            accepted = "an integer >= 0" if allow_zero else "an integer >= 1"
+        else:
+            accepted = f"a number {'>= 0' if allow_zero else '> 0'}"
+        raise ConfigError(f"{key}: {value!r} is invalid; accepted: {accepted}")
 
 
 def validate_config(config: RunConfig) -> None:

@@ -87,8 +87,13 @@ def test_mixed_precision_no_means_no_although_yaml_reads_it_as_false(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.stepz=3", r"^override: unknown key 'train.stepz'; accepted here: output_dir, batch_size"),
     ("bogus=1", r"unknown key 'bogus'; accepted here: tasks, model, moe"),
-    ("train.steps=many", r"train.steps: Value 'many' of type 'str' could not be converted to Integer"),
-    ("train.batch_size=-4", r"train.batch_size: -4 is invalid; accepted: a number > 0"),
+    ("train.steps=many", r"train.steps: Value 'many' of type 'str' could not be converted to Integer; accepted: an "
+                         r"integer$"),
+    ("train.lr=fast", r"train.lr: Value 'fast' of type 'str' could not be converted to Float; accepted: a number$"),
+    ("token_drop.fuse=maybe", r"token_drop.fuse: Value 'maybe' is not a valid bool \(type str\); accepted: true or "
+                              r"false$"),
+    ("train.warmup_steps=-1", r"train.warmup_steps: -1 is invalid; accepted: an integer >= 0$"),
+    ("train.batch_size=-4", r"train.batch_size: -4 is invalid; accepted: an integer >= 1$"),
     ("train.sampler=random", r"train.sampler: 'random' is invalid; accepted: round_robin, proportional"),
     ("token_drop.keep_rate=0", r"token_drop.keep_rate: 0.0 is invalid; accepted: a number in \(0, 1\]"),
     ("token_drop.keep_rate=1.5", r"token_drop.keep_rate: 1.5 is invalid"),

@@ -126,3 +126,29 @@ def test_onnx_without_the_deploy_extra_is_refused_in_one_line(run_dir, tmp_path,
     assert (code, printed, error) == (2, "", "error: --format onnx: needs onnxruntime, not installed; accepted: pip "
                                              "install 'moebsr[deploy]' (or -e '.[deploy]'), or --format safetensors\n")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--run", "R", "--keep-rate", "0"], "moebsr eval: argument --keep-rate: 0.0 is invalid; accepted: a "
+                                                 "number in (0, 1]"),
+    (["eval", "--run", "R", "--batch-size", "0"], "moebsr eval: argument --batch-size: 0 is invalid; accepted: an "
+                                                  "integer >= 1"),
+    (["predict", "--run", "R", "x.png", "--keep-rate", "1.5"], "moebsr predict: argument --keep-rate: 1.5 is invalid; "
+                                                               "accepted: a number in (0, 1]"),
+    (["predict", "--run", "R", "x.png", "--top-k", "0"], "moebsr predict: argument --top-k: 0 is invalid; accepted: "
+                                                         "an integer >= 1"),
+    (["tokens", "--run", "R", "--out", "o.png", "--images", "-2"], "moebsr tokens: argument --images: -2 is invalid; "
+                                                                    "accepted: an integer >= 1"),
+    (["profile", "--config", "c.yaml", "--steps", "0"], "moebsr profile: argument --steps: 0 is invalid; accepted: an "
+                                                         "integer >= 1"),
+    (["profile", "--config", "c.yaml", "--steps", "ten"], "moebsr profile: argument --steps: 'ten' is invalid; "
+                                                           "accepted: an integer >= 1"),
+    (["profile", "--config", "c.yaml", "--warmup", "-1"], "moebsr profile: argument --warmup: -1 is invalid; "
+                                                           "accepted: an integer >= 0"),
+])
+def test_a_bad_flag_value_is_one_line_naming_it_before_anything_runs(capsys, argv, message):
+    """`moebsr eval --keep-rate 0` ended in a 19-line traceback and `moebsr profile --steps 0` in a StatisticsError."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    captured = capsys.readouterr()
+    assert exited.value.code == 2 and (captured.out, captured.err) == ("", f"error: {message}\n")

@@ -315,7 +315,7 @@ def bad_task_dir(tmp_path_factory):
                                                  r"process\(es\) give no batch of 8"),
     (["token_drop.keep_rate=0"], r"^error: token_drop.keep_rate: 0.0 is invalid; accepted: a number in \(0, 1\]$"),
     (["token_drop.keep_rate=1.5"], r"^error: token_drop.keep_rate: 1.5 is invalid; accepted: a number in \(0, 1\]$"),
-    (["train.batch_size=-4"], r"^error: train.batch_size: -4 is invalid; accepted: a number > 0$"),
+    (["train.batch_size=-4"], r"^error: train.batch_size: -4 is invalid; accepted: an integer >= 1$"),
     (["moe.top_k=9"], r"^error: moe.top_k: 9 is invalid; accepted: 1..moe.num_experts \(4\)$"),
     (["moe.blocks=[1,8]"], r"^error: moe.blocks: block index 8 out of range; accepted: 0..3 \(depth 4\)$"),
     (["bsr.preset=mostly"], r"^error: bsr.preset: unknown preset 'mostly'"),

@@ -151,7 +151,7 @@ def test_the_streams_split_where_the_first_task_specific_parameters_are():
 def test_bad_adapter_settings_are_refused_in_one_line(tmp_path):
     for extra, message in [
         (["adapters.modules=[mlp]"], "adapters.modules: 'mlp' is invalid; accepted: qkv, proj, fc1, fc2"),
-        (["adapters.rank=0"], "adapters.rank: 0 is invalid; accepted: a number > 0"),
+        (["adapters.rank=0"], "adapters.rank: 0 is invalid; accepted: an integer >= 1"),
         (["lora.enabled=true"], "adapters.enabled: true with lora.enabled: true; accepted: one of them"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
