@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     prediction.add_argument("--run", required=True, help="training run folder or exported task model folder")
     prediction.add_argument("--task", default=None, help="the task (default: the folder's only task)")
     prediction.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
-    prediction.add_argument("--top-k", type=POSITIVE_INT, default=5, help="classes shown per image (default: 5)")
+    prediction.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
     prediction.add_argument("--keep-rate", type=KEEP_RATE, default=None, help="predict with another token keep rate")
     prediction.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per forward (default: 64)")
     prediction.add_argument("--json", action="store_true", help="print one JSON object")

@@ -14,6 +14,7 @@ _USER_ERROR_CLASSES = {
     "moebsr.train": ("TrainingAborted",),
     "moebsr.model.tutel_backend": ("TutelBackendError",),
     "moebsr.deploy.bundle": ("ExportError",),
+    "moebsr.model.errors": ("UnsupportedModelError",),
 }
 
 

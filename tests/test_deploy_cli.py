@@ -135,8 +135,6 @@ def test_onnx_without_the_deploy_extra_is_refused_in_one_line(run_dir, tmp_path,
                                                   "integer >= 1"),
     (["predict", "--run", "R", "x.png", "--keep-rate", "1.5"], "moebsr predict: argument --keep-rate: 1.5 is invalid; "
                                                                "accepted: a number in (0, 1]"),
-    (["predict", "--run", "R", "x.png", "--top-k", "0"], "moebsr predict: argument --top-k: 0 is invalid; accepted: "
-                                                         "an integer >= 1"),
     (["tokens", "--run", "R", "--out", "o.png", "--images", "-2"], "moebsr tokens: argument --images: -2 is invalid; "
                                                                     "accepted: an integer >= 1"),
     (["profile", "--config", "c.yaml", "--steps", "0"], "moebsr profile: argument --steps: 0 is invalid; accepted: an "

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from moebsr.model import create_moevit
 from tiny_models import TINY_VIT, images, tiny_moevit
@@ -51,3 +52,42 @@ def test_local_checkpoint_loads_offline(tmp_path):
     assert model.backbone.pos_embed.data_ptr() != dense.pos_embed.data_ptr()
     assert (model.backbone.pos_embed - dense.pos_embed).abs().max() == 0
     assert (model.blocks[1].attn.qkv.weight - dense.blocks[1].attn.qkv.weight).abs().max() == 0
+
+
+def test_an_unsupported_attention_block_or_mlp_is_bad_input_in_one_line_not_a_traceback():
+    """A ViT whose blocks carry another attention (timm's DiffAttention, say) reached the CLI as a ValueError
+    traceback (exit 1): the refusal is bad input, one line and exit 2, like every other."""
+    import copy
+
+    from timm.layers import Attention, Mlp
+
+    from moebsr.model import UnsupportedModelError
+    from moebsr.user_errors import is_user_error
+    from tiny_models import tiny_vit
+
+    class OtherAttention(Attention):
+        pass
+
+    class OtherMlp(Mlp):
+        def __init__(self, mlp: Mlp) -> None:
+            super().__init__(8, 16)
+            self.norm = torch.nn.LayerNorm(16)  # an inner norm: not an MLP the experts can copy
+
+    vit = tiny_vit()
+    other_attention = copy.deepcopy(vit)
+    block = other_attention.blocks[1]
+    swapped = OtherAttention(64, num_heads=2, qkv_bias=True)
+    swapped.load_state_dict(block.attn.state_dict())
+    block.attn = swapped
+    other_mlp = copy.deepcopy(vit)
+    other_mlp.blocks[2].mlp = OtherMlp(other_mlp.blocks[2].mlp)
+    cases = [(other_attention, dict(token_drop=dict(blocks=[1], keep_rate=0.5)),
+              r"^token_drop: blocks with OtherAttention attention are not supported; accepted: timm.layers.Attention"),
+             (other_mlp, dict(moe=dict(blocks=[2], num_experts=2, top_k=1)),
+              r"^moe: cannot upcycle a OtherMlp; accepted: timm.layers.Mlp"),
+             (torch.nn.Linear(2, 2), {}, r"^model: Linear is not supported; accepted: timm VisionTransformer models "
+                                         r"\(vit_\*, deit_\*, deit3_\*")]
+    for model, kwargs, message in cases:
+        with pytest.raises(UnsupportedModelError, match=message) as refused:
+            create_moevit(model, {"a": 2}, **kwargs)
+        assert is_user_error(refused.value) and "\n" not in str(refused.value)

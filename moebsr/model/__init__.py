@@ -4,6 +4,7 @@ from .adapters import TaskLoRALinear, apply_task_adapters
 from .block import MoEViTBlock
 from .bsr import BSR_PRESETS, SUBLAYERS, BSRPlan, ResolvedBSRPlan
 from .dispatch import dispatch_dense_reference, dispatch_grouped
+from .errors import UnsupportedModelError
 from .experts import Experts
 from .factory import build_backbone, create_moevit
 from .moe import MoEMlp, TaskRows
@@ -16,7 +17,7 @@ from .token_drop import (FUSED_TOKEN, TOKEN_DROP_DECISIONS, TokenSelection, atte
 __all__ = [
     "BSR_PRESETS", "FUSED_TOKEN", "SUBLAYERS", "TOKEN_DROP_DECISIONS", "BSRPlan", "ResolvedBSRPlan", "Experts",
     "MoEMlp", "MoESpec", "MoEViT", "MoEViTBlock", "Routing", "TaskRouter", "TaskRows", "TokenDropSpec",
-    "TaskLoRALinear", "TokenSelection", "apply_capacity", "apply_task_adapters",
+    "TaskLoRALinear", "TokenSelection", "UnsupportedModelError", "apply_capacity", "apply_task_adapters",
     "attention_with_cls_scores", "build_backbone", "create_moevit", "dispatch_dense_reference",
     "dispatch_grouped", "load_balancing_loss", "scale_block_indices", "select_tokens",
 ]

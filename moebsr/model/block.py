@@ -15,6 +15,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 
 from .adapters import bind_task_rows, has_task_parameters
+from .errors import UnsupportedModelError
 from .moe import MoEMlp, TaskRows
 from .spec import check_keep_rate
 from .token_drop import TokenSelection, attention_with_cls_scores, check_attention_supported, select_tokens
@@ -40,7 +41,7 @@ class MoEViTBlock(nn.Module):
     ) -> None:
         super().__init__()
         if type(block) is not Block:
-            raise ValueError(f"model: blocks of type {type(block).__name__} are not supported; "
+            raise UnsupportedModelError(f"model: blocks of type {type(block).__name__} are not supported; "
                              "accepted: timm.models.vision_transformer.Block (ViT/DeiT)")
         self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
         self.norm2, self.ls2, self.drop_path2 = block.norm2, block.ls2, block.drop_path2

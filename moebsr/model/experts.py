@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Mlp
 
+from .errors import UnsupportedModelError
 from .precision import frozen_linear
 
 ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -78,7 +79,7 @@ class Experts(nn.Module):
         then freshly initialised (truncated normal, std 0.02) and only the activation is taken over.
         """
         if not isinstance(mlp, Mlp) or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"moe: cannot upcycle a {type(mlp).__name__}; accepted: timm.layers.Mlp with linear fc1/fc2 "
                 "and no inner norm (ViT/DeiT MLPs)")
         dense_hidden, dim = mlp.fc1.weight.shape

@@ -11,6 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .block import MoEViTBlock
 from .bsr import BSRPlan, as_bsr_plan
+from .errors import UnsupportedModelError
 from .experts import Experts
 from .moe import MoEMlp
 from .moevit import HeadFactory, MoEViT
@@ -39,9 +40,9 @@ def check_model_name(name: str) -> str:
     accepted = ("accepted: a timm ViT/DeiT (models of timm's vision_transformer and deit modules, e.g. "
                 "vit_tiny_patch16_224, deit_small_patch16_224; see timm.list_models(module='vision_transformer'))")
     if name not in timm.list_models():
-        raise ValueError(f"model.name: unknown timm model {name!r}; {accepted}")
+        raise UnsupportedModelError(f"model.name: unknown timm model {name!r}; {accepted}")
     if not timm.models.is_model_in_modules(name, VIT_MODULES):
-        raise ValueError(f"model.name: {name!r} is not a ViT (it is a timm "
+        raise UnsupportedModelError(f"model.name: {name!r} is not a ViT (it is a timm "
                          f"{_model_module(name)!r} model); {accepted}")
     return name
 
@@ -78,8 +79,8 @@ def build_backbone(
             raise ValueError(f"model.checkpoint: cannot load {checkpoint_path!r} into {model}: {first_line}") \
                 from error
     if not isinstance(backbone, VisionTransformer):
-        raise ValueError(f"model: {type(backbone).__name__} is not supported; accepted: timm VisionTransformer "
-                         "models (vit_*, deit_* without distillation token)")
+        raise UnsupportedModelError(f"model: {type(backbone).__name__} is not supported; accepted: timm "
+                                    "VisionTransformer models (vit_*, deit_*, deit3_*, DINOv2, CLIP, SigLIP, ...)")
     backbone.reset_classifier(0)
     return backbone
 

@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from timm.layers import Attention
 
+from .errors import UnsupportedModelError
+
 TOKEN_DROP_DECISIONS = ("shared", "per_task")
 FUSED_TOKEN = -1  # origin of the fused token in TokenSelection.origin (it is no patch of the image)
 
 
 def check_attention_supported(attn: torch.nn.Module) -> None:
     if type(attn) is not Attention:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"token_drop: blocks with {type(attn).__name__} attention are not supported; "
             "accepted: timm.layers.Attention (ViT/DeiT)")
 
