@@ -296,7 +296,9 @@ def check_overrides_take_effect(config: RunConfig, overrides: Sequence[str]) -> 
 
 def _choice(key: str, value: Any, accepted: Sequence[Any]) -> None:
     if value not in accepted:
-        raise ConfigError(f"{key}: {value!r} is invalid; accepted: {', '.join(map(str, accepted))}")
+        # YAML 1.1 reads yes/no/on/off/true/false as booleans, which reach a string setting as 'True'/'False'
+        hint = " (YAML read a yes/no/on/off/true/false as a boolean)" if value in ("True", "False") else ""
+        raise ConfigError(f"{key}: {value!r} is invalid{hint}; accepted: {', '.join(map(str, accepted))}")
 
 
 def _positive(key: str, value: Any, allow_zero: bool = False) -> None:

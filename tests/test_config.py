@@ -82,6 +82,10 @@ def test_mixed_precision_no_means_no_although_yaml_reads_it_as_false(tmp_path):
     assert load_config(CONFIGS / "paper_bsr.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
     (tmp_path / "fp32.yaml").write_text("tasks: [digits]\ntrain:\n  mixed_precision: no\n")
     assert load_config(tmp_path / "fp32.yaml").train.mixed_precision == "no"
+    # any other string setting that YAML turned into a boolean is named as such
+    with pytest.raises(ConfigError, match=r"^train.sampler: 'True' is invalid \(YAML read a yes/no/on/off/true/false "
+                                          r"as a boolean\); accepted: round_robin"):
+        load_config(CONFIGS / "quickstart.yaml", ["train.sampler=on"])
 
 
 @pytest.mark.parametrize("override, message", [
