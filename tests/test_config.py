@@ -121,7 +121,7 @@ def test_bad_values_are_rejected_naming_key_and_value(override, message):
     ("bsr.trainable_blocks=[7]", r"bsr.trainable_blocks: block index 7 out of range"),
     ("model.name=resnet_nope", r"model.name: unknown timm model 'resnet_nope'"),
     ("model.name=resnet50", r"^model.name: 'resnet50' is not a ViT \(it is a timm 'resnet' model\); accepted: a timm "
-                            r"ViT/DeiT \(models of timm's vision_transformer and deit modules"),
+                            r"ViT/DeiT \(models that build a timm VisionTransformer"),
     ("model.img_size=-3", r"^model: vit_tiny_patch16_224 cannot be built with"),
 ])
 def test_model_dependent_values_are_rejected_before_building(override, message):

@@ -91,3 +91,16 @@ def test_an_unsupported_attention_block_or_mlp_is_bad_input_in_one_line_not_a_tr
         with pytest.raises(UnsupportedModelError, match=message) as refused:
             create_moevit(model, {"a": 2}, **kwargs)
         assert is_user_error(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_vision_transformer_from_another_timm_module_is_accepted_by_what_it_is():
+    """vit_tiny_r_s16_p8_224 (timm's hybrid module: a ResNet stem, then ViT blocks) was refused by its module's name,
+    although the same model worked when passed as an instance."""
+    from moebsr.model.factory import check_model_name
+    assert check_model_name("vit_tiny_r_s16_p8_224") == "vit_tiny_r_s16_p8_224"
+    model = create_moevit("vit_tiny_r_s16_p8_224", {"a": 3}, img_size=64, moe=dict(blocks=[11], num_experts=2,
+                          top_k=1), token_drop=dict(blocks=[6], keep_rate=0.5), bsr="paper").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64), "a")["a"].shape == (1, 3)
+    with pytest.raises(ValueError, match=r"^model.name: 'resnet18' is not a ViT \(it is a timm 'resnet' model\)"):
+        check_model_name("resnet18")

@@ -62,5 +62,5 @@ def test_python_dash_m_moebsr_is_the_moebsr_command():
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: model.name: 'resnet50' is not a ViT (it is a timm 'resnet' model); accepted: a timm ViT/DeiT (models "
-        "of timm's vision_transformer and deit modules, e.g. vit_tiny_patch16_224, deit_small_patch16_224; see "
+        "that build a timm VisionTransformer, e.g. vit_tiny_patch16_224, deit_small_patch16_224; see "
         "timm.list_models(module='vision_transformer'))"]

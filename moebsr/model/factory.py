@@ -37,14 +37,25 @@ VIT_MODULES = ("vision_transformer", "deit")  # timm modules whose models build 
 def check_model_name(name: str) -> str:
     """A timm ViT/DeiT name, or a one-line error naming the accepted families (before any kwargs reach timm,
     where a CNN would fail on ``img_size`` with a TypeError)."""
-    accepted = ("accepted: a timm ViT/DeiT (models of timm's vision_transformer and deit modules, e.g. "
+    accepted = ("accepted: a timm ViT/DeiT (models that build a timm VisionTransformer, e.g. "
                 "vit_tiny_patch16_224, deit_small_patch16_224; see timm.list_models(module='vision_transformer'))")
     if name not in timm.list_models():
         raise UnsupportedModelError(f"model.name: unknown timm model {name!r}; {accepted}")
-    if not timm.models.is_model_in_modules(name, VIT_MODULES):
+    if not timm.models.is_model_in_modules(name, VIT_MODULES) and not _builds_a_vision_transformer(name):
         raise UnsupportedModelError(f"model.name: {name!r} is not a ViT (it is a timm "
-                         f"{_model_module(name)!r} model); {accepted}")
+                                    f"{_model_module(name)!r} model); {accepted}")
     return name
+
+
+def _builds_a_vision_transformer(name: str) -> bool:
+    """Whether the model is a timm VisionTransformer whatever module defines it (the hybrid ViTs such as
+    vit_base_r50_s16_224 are): built on the meta device, with no memory, weights or network."""
+    import torch
+    try:
+        with torch.device("meta"):
+            return isinstance(timm.create_model(name, pretrained=False, num_classes=0), VisionTransformer)
+    except Exception:  # a model that cannot even be built this way is not one we can convert
+        return False
 
 
 def _model_module(name: str) -> str:
