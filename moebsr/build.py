@@ -20,7 +20,8 @@ def backbone_depth(config: RunConfig) -> int:
         check_model_name(config.model.name)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    kwargs = config.model.timm_kwargs()
+    check_timm_kwargs(config.model.timm_kwargs)
+    kwargs = config.model.create_kwargs()
     try:
         with torch.device("meta"):
             backbone = timm.create_model(config.model.name, pretrained=False, num_classes=0, **kwargs)
@@ -30,6 +31,21 @@ def backbone_depth(config: RunConfig) -> int:
     if not hasattr(backbone, "blocks"):
         raise ConfigError(f"model.name: {config.model.name!r} is not a ViT; accepted: timm vit_*/deit_* models")
     return len(backbone.blocks)
+
+
+def check_timm_kwargs(timm_kwargs: Mapping[str, object]) -> None:
+    """``model.timm_kwargs`` may only name arguments of timm's ``VisionTransformer`` (the class every accepted model
+    builds): one line for any other, before timm sees it."""
+    import inspect
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    from .config import ModelConfig
+    accepted = [name for name in inspect.signature(VisionTransformer.__init__).parameters
+                if name not in ("self", "num_classes", "kwargs", "device", "dtype", *ModelConfig.ARCHITECTURE_FIELDS)]
+    for key in timm_kwargs:
+        if key not in accepted:
+            raise ConfigError(f"model.timm_kwargs: unknown key {key!r}; accepted: {', '.join(accepted)}")
 
 
 def check_config_against_model(config: RunConfig) -> None:
@@ -47,7 +63,7 @@ def model_from_config(config: RunConfig, heads: Mapping[str, HeadFactory], load_
         bsr=config.bsr.plan(),
         pretrained=model_config.pretrained and load_weights,
         checkpoint_path=model_config.checkpoint if load_weights else None,
-        **model_config.timm_kwargs(),
+        **model_config.create_kwargs(),
     )
     if config.lora.enabled:
         from .model.lora import apply_lora

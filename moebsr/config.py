@@ -43,13 +43,19 @@ class ModelConfig:
     embed_dim: Optional[int] = None
     num_heads: Optional[int] = None
     drop_path_rate: float = 0.0
+    # any other argument of timm's VisionTransformer, e.g. {class_token: false, global_pool: avg, reg_tokens: 4,
+    # qk_norm: true, dynamic_img_size: true}; checked against its signature before anything is built
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
 
-    def timm_kwargs(self) -> dict[str, Any]:
-        names = ("img_size", "patch_size", "in_chans", "depth", "embed_dim", "num_heads")
+    ARCHITECTURE_FIELDS = ("img_size", "patch_size", "in_chans", "depth", "embed_dim", "num_heads", "drop_path_rate")
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """What ``timm.create_model`` gets besides the name: the fields above that are set, then ``timm_kwargs``."""
+        names = self.ARCHITECTURE_FIELDS[:-1]
         kwargs = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         if self.drop_path_rate:
             kwargs["drop_path_rate"] = self.drop_path_rate
-        return kwargs
+        return {**kwargs, **self.timm_kwargs}
 
 
 @dataclass
@@ -344,6 +350,9 @@ def validate_config(config: RunConfig) -> None:
         raise ConfigError(f"train.layer_decay: {train.layer_decay!r} is invalid; accepted: (0, 1] or null")
     if not 0 <= train.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing: {train.label_smoothing!r} is invalid; accepted: [0, 1)")
+    clashes = sorted(set(config.model.timm_kwargs) & set(ModelConfig.ARCHITECTURE_FIELDS))
+    if clashes:
+        raise ConfigError(f"model.timm_kwargs.{clashes[0]}: set model.{clashes[0]} instead (it has its own key)")
     _positive("eval.batch_size", config.eval.batch_size)
     _positive("eval.every", config.eval.every, allow_zero=True)
     _positive("logging.log_every", config.logging.log_every)

@@ -2,6 +2,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from moebsr.build import check_config_against_model
 from moebsr.config import ConfigError, RunConfig, load_config, save_config
@@ -62,6 +63,25 @@ def test_overrides_are_typed_and_nested():
                                                        "data.task_options.digits.seed=3"])
     assert config.train.steps == 7 and config.moe.blocks == [1, 2] and config.token_drop.fuse is False
     assert config.data.task_options == {"digits": {"seed": 3}}
+
+
+def test_model_timm_kwargs_reach_timm_and_unknown_or_doubled_keys_are_one_line():
+    """class_token, global_pool, reg_tokens, qk_norm... were unreachable from a config (`unknown key
+    'model.class_token'`)."""
+    from moebsr.build import backbone_depth, model_from_config
+    from moebsr.run_data import RunData
+    config = load_config(CONFIGS / "quickstart.yaml", ["model.checkpoint=null", "model.timm_kwargs.class_token=false",
+                                                       "model.timm_kwargs.global_pool=avg",
+                                                       "model.timm_kwargs.reg_tokens=2", "model.timm_kwargs.qk_norm=true"])
+    assert config.model.timm_kwargs == {"class_token": False, "global_pool": "avg", "reg_tokens": 2, "qk_norm": True}
+    backbone = model_from_config(config, RunData.from_config(config, check_data=False).heads()).backbone
+    assert backbone.cls_token is None and backbone.global_pool == "avg" and backbone.num_prefix_tokens == 2
+    assert not isinstance(backbone.blocks[0].attn.q_norm, torch.nn.Identity)
+    with pytest.raises(ConfigError, match=r"^model.timm_kwargs: unknown key 'class_tokens'; accepted: global_pool, "
+                                          r"mlp_ratio, .*class_token"):
+        backbone_depth(load_config(CONFIGS / "quickstart.yaml", ["model.timm_kwargs.class_tokens=false"]))
+    with pytest.raises(ConfigError, match=r"^model.timm_kwargs.depth: set model.depth instead"):
+        load_config(CONFIGS / "quickstart.yaml", ["model.timm_kwargs.depth=4"])
 
 
 def test_a_learning_rate_schedule_that_cannot_act_is_refused_in_one_line():

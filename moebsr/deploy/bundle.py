@@ -88,7 +88,7 @@ def timm_state_dict(model: MoEViT) -> dict[str, torch.Tensor]:
 def timm_create_call(config: RunConfig, num_classes: int, file: str = BACKBONE_FILE) -> str:
     """The ``timm.create_model`` call that loads ``backbone.safetensors`` with its head. ``num_classes`` goes into
     the overlay too: timm keeps a file's head only when the pretrained config's class count matches."""
-    arch = {k: v for k, v in config.model.timm_kwargs().items() if k != "drop_path_rate"}
+    arch = {k: v for k, v in config.model.create_kwargs().items() if k != "drop_path_rate"}
     arguments = ", ".join(f"{k}={v!r}" for k, v in arch.items())
     return (f"timm.create_model({config.model.name!r}, pretrained=True, num_classes={num_classes}, {arguments}, "
             f"pretrained_cfg_overlay=dict(file={file!r}, num_classes={num_classes}))")
