@@ -37,6 +37,13 @@ from .sampling import TaskSampler
 from .trunk_cache import build_trunk_caches, check_cacheable, describe_trunk_caches, remove_trunk_caches
 
 
+# DDP models of multi-process runs, never freed: freeing one frees its gloo process group, whose destructor joins a
+# worker thread while holding the GIL; that thread may need the GIL to release the tensors of a finished collective,
+# and the run then hangs as it returns (seen once in CI's 2-process test). Such a run leaves through os._exit
+# (runner.clean_exit), which frees nothing.
+_KEPT_UNTIL_EXIT: list[torch.nn.Module] = []
+
+
 class TrainingAborted(RuntimeError):
     """Training stopped on purpose (e.g. too many non-finite losses in a row); saved work is intact."""
 
@@ -152,6 +159,8 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     sharded = exclude_sharded_from_ddp(model)  # tutel experts split over processes: not DDP's to all-reduce
     check_precision_with_sharding(config.train.mixed_precision, sharded, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.num_processes > 1:
+        _KEPT_UNTIL_EXIT.append(model)
     unwrapped: MoEViT = accelerator.unwrap_model(model)
     if sharded:
         accelerator.register_for_checkpointing(ShardedOptimizerState(unwrapped, optimizer))
