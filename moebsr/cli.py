@@ -125,13 +125,13 @@ def command_export(args: argparse.Namespace) -> int:
 
 
 def command_predict(args: argparse.Namespace) -> int:
-    """A task's top classes for image files; a bad path costs one line, the other images are still predicted."""
+    """Every task's (or the asked tasks') top classes for image files; a bad path costs one line, the others still go."""
     import json
 
     from .deploy.predict import format_predictions, predict
     report = predict(args.run, args.paths, args.task, args.top_k, args.keep_rate, args.batch_size)
     if args.json:
-        print(json.dumps({"run": args.run, "task": report.task, "keep_rate": args.keep_rate,
+        print(json.dumps({"run": args.run, "tasks": report.tasks, "keep_rate": args.keep_rate,
                           "predictions": [p.to_dict() for p in report.predictions], "errors": report.errors}))
     elif report.predictions:
         print(format_predictions(report))
@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     prediction = commands.add_parser("predict", help="a task's top classes for image files or folders")
     prediction.add_argument("--run", required=True, help="training run folder or exported task model folder")
-    prediction.add_argument("--task", default=None, help="the task (default: the folder's only task)")
+    prediction.add_argument("--task", action="append", default=[], metavar="NAME",
+                            help="only this task (repeatable; default: every task of the folder, one trunk pass)")
     prediction.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     prediction.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
     prediction.add_argument("--keep-rate", type=KEEP_RATE, default=None, help="predict with another token keep rate")

@@ -68,11 +68,12 @@ def test_predictions_are_the_models_own_and_an_exported_task_predicts_the_same(f
     code, printed, _ = _predict(capsys, "--run", folders["parity"], "--json", grey, rgba)
     assert code == 0
     from_export = json.loads(printed)
-    assert from_export["task"] == "digits_parity" and from_export["errors"] == []
+    assert from_export["tasks"] == from_run["tasks"] == ["digits_parity"] and from_export["errors"] == []
     for run_item, export_item in zip(from_run["predictions"], from_export["predictions"]):
-        assert [c["name"] for c in run_item["top_k"]] == [c["name"] for c in export_item["top_k"]]
-        assert {c["name"] for c in run_item["top_k"]} == {"even", "odd"}
-        for run_class, export_class in zip(run_item["top_k"], export_item["top_k"]):
+        run_top, export_top = run_item["tasks"]["digits_parity"], export_item["tasks"]["digits_parity"]
+        assert [c["name"] for c in run_top] == [c["name"] for c in export_top]
+        assert {c["name"] for c in run_top} == {"even", "odd"}
+        for run_class, export_class in zip(run_top, export_top):
             assert abs(run_class["probability"] - export_class["probability"]) < 1e-6
     # the same numbers as the model run by hand on the image converted as training converts it
     model, config, _ = load_exported_model(folders["parity"])
@@ -82,15 +83,40 @@ def test_predictions_are_the_models_own_and_an_exported_task_predicts_the_same(f
     with torch.no_grad():
         expected = model.eval()(to_model_batch(pixels, ImageSpec.coerce(image_spec_of(model))),
                                 "digits_parity")["digits_parity"].softmax(-1)[0]
-    first = from_export["predictions"][0]["top_k"]
+    first = from_export["predictions"][0]["tasks"]["digits_parity"]
     assert abs(first[0]["probability"] - expected.max().item()) < 1e-5 and first[0]["class"] == expected.argmax()
 
 
-def test_predict_refuses_an_unknown_task_and_asks_for_one_on_a_multitask_run(folders, capsys):
+def test_predict_refuses_an_unknown_task(folders, capsys):
     grey = folders["images"] / "grey.png"
     assert _predict(capsys, "--run", folders["run"], "--task", "cifar10", grey) == (
         2, "", "error: --task: unknown task 'cifar10'; this run has: digits, digits_parity\n")
-    assert _predict(capsys, "--run", folders["run"], grey) == (
-        2, "", "error: --task: required for a run of several tasks; accepted: digits, digits_parity\n")
+    assert _predict(capsys, "--run", folders["run"], "--task", "digits", "--task", "cifar10", grey) == (
+        2, "", "error: --task: unknown task 'cifar10'; this run has: digits, digits_parity\n")
     assert _predict(capsys, "--run", folders["run"], "--task", "digits", "--top-k", "0", grey) == (
         2, "", "error: --top-k: 0 is invalid; accepted: an integer >= 1\n")
+
+
+def test_a_multitask_run_predicts_every_task_in_one_pass_with_each_tasks_own_numbers(folders, capsys, monkeypatch):
+    """Without --task a multitask run was refused ("required for a run of several tasks"): one pass of the shared
+    trunk answering every task is the point of a multitask model."""
+    from moebsr.model import MoEViT
+    grey, rgba = folders["images"] / "grey.png", folders["images"] / "rgba.png"
+    calls = []
+    forward = MoEViT.forward
+    monkeypatch.setattr(MoEViT, "forward", lambda self, images, tasks, **kwargs: calls.append(tasks) or
+                        forward(self, images, tasks, **kwargs))
+    code, printed, errors = _predict(capsys, "--run", folders["run"], "--json", grey, rgba)
+    assert (code, errors) == (0, "") and calls == [["digits", "digits_parity"]]  # one forward for both tasks
+    together = json.loads(printed)
+    assert together["tasks"] == ["digits", "digits_parity"]
+    for task in together["tasks"]:  # each task's numbers are those it gets alone
+        code, printed, _ = _predict(capsys, "--run", folders["run"], "--task", task, "--json", grey, rgba)
+        alone = json.loads(printed)
+        for both, single in zip(together["predictions"], alone["predictions"]):
+            assert [c["class"] for c in both["tasks"][task]] == [c["class"] for c in single["tasks"][task]]
+            assert all(abs(a["probability"] - b["probability"]) < 1e-5
+                       for a, b in zip(both["tasks"][task], single["tasks"][task]))
+    code, printed, _ = _predict(capsys, "--run", folders["run"], "--top-k", "2", grey)
+    line, = printed.splitlines()  # one row per image, one column per task
+    assert line.startswith(str(grey)) and " digits: " in line and " | digits_parity: " in line

@@ -1,4 +1,5 @@
-"""``moebsr predict``: a task's top classes for image files, from a training run or an exported task model.
+"""``moebsr predict``: the top classes of every task (or those asked for) for image files, from a training run or an
+exported task model; one forward of the shared trunk answers every task of an image.
 
 Images of any size and mode are read with PIL, converted to the model's colour mode as training converts them
 (``to_pil``), resized whole to the model's input and normalised (``to_model_batch``, as the packaged tasks are
@@ -19,21 +20,25 @@ DEFAULT_TOP_K = 5
 DEFAULT_BATCH_SIZE = 64
 
 
+TopClasses = list[tuple[int, Optional[str], float]]  # best first: (class index, class name or None, probability)
+
+
 @dataclass
 class Prediction:
-    """One image's top classes, best first: ``(class index, class name or None, probability)``."""
+    """One image's top classes for each predicted task."""
 
     path: str
-    top: list[tuple[int, Optional[str], float]]
+    top: dict[str, TopClasses]
 
     def to_dict(self) -> dict:
-        return {"file": self.path, "top_k": [{"class": index, "name": name, "probability": probability}
-                                             for index, name, probability in self.top]}
+        return {"file": self.path, "tasks": {task: [{"class": index, "name": name, "probability": probability}
+                                                    for index, name, probability in classes]
+                                             for task, classes in self.top.items()}}
 
 
 @dataclass
 class PredictionReport:
-    task: str
+    tasks: list[str]
     predictions: list[Prediction] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -91,9 +96,10 @@ def read_image(path: Path, in_chans: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(run_dir: str, paths: Sequence[str], task: Optional[str] = None, top_k: int = DEFAULT_TOP_K,
+def predict(run_dir: str, paths: Sequence[str], tasks: Optional[Sequence[str]] = None, top_k: int = DEFAULT_TOP_K,
             keep_rate: Optional[float] = None, batch_size: int = DEFAULT_BATCH_SIZE) -> PredictionReport:
-    """Top-``top_k`` classes of ``task`` for every image ``paths`` name (see the module doc)."""
+    """Top-``top_k`` classes of each of ``tasks`` (default: every task of the folder) for every image ``paths`` name
+    (see the module doc)."""
     from tqdm.auto import tqdm
 
     from ..data.batch_ops import to_model_batch
@@ -109,15 +115,15 @@ def predict(run_dir: str, paths: Sequence[str], task: Optional[str] = None, top_
         raise TaskError("PATH: no image given; accepted: image files or folders of images")
     document = read_run_document(run_dir)
     run_tasks = list(document["task_outputs"])
-    if task is None:
-        if len(run_tasks) != 1:
-            raise TaskError(f"--task: required for a run of several tasks; accepted: {', '.join(run_tasks)}")
-        task = run_tasks[0]
-    accelerator, model, data = open_run(run_dir, [task], keep_rate)
+    tasks = list(dict.fromkeys(tasks)) if tasks else run_tasks
+    for task in tasks:
+        if task not in run_tasks:
+            raise TaskError(f"--task: unknown task {task!r}; this run has: {', '.join(run_tasks)}")
+    accelerator, model, data = open_run(run_dir, tasks, keep_rate)
     network = accelerator.unwrap_model(model).eval()
     spec = data.image_spec
-    names = document.get("class_names", {}).get(task)
-    report = PredictionReport(task)
+    names = {task: document.get("class_names", {}).get(task) for task in tasks}
+    report = PredictionReport(tasks)
     files, report.errors = gather_images(paths)
     progress = tqdm(total=len(files), desc="predict", unit="image", disable=len(files) <= batch_size or None)
     for start in range(0, len(files), batch_size):
@@ -131,18 +137,29 @@ def predict(run_dir: str, paths: Sequence[str], task: Optional[str] = None, top_
         progress.update(len(files[start:start + batch_size]))
         if not images:
             continue
-        probabilities = network(torch.cat(images), task)[task].float().softmax(dim=-1).cpu()
-        best = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
-        for path, values, indices in zip(loaded, best.values.tolist(), best.indices.tolist()):
-            report.predictions.append(Prediction(os.fspath(path), [
-                (index, names[index] if names else None, value) for index, value in zip(indices, values)]))
+        outputs = network(torch.cat(images), tasks)  # one pass of the shared trunk for every task
+        tops: dict[str, list[TopClasses]] = {}
+        for task in tasks:
+            probabilities = outputs[task].float().softmax(dim=-1).cpu()
+            best = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
+            tops[task] = [[(index, names[task][index] if names[task] else None, value)
+                           for index, value in zip(indices, values)]
+                          for values, indices in zip(best.values.tolist(), best.indices.tolist())]
+        for row, path in enumerate(loaded):
+            report.predictions.append(Prediction(os.fspath(path), {task: tops[task][row] for task in tasks}))
     progress.close()
     return report
 
 
 def format_predictions(report: PredictionReport) -> str:
-    """One line per image: ``path: name 0.981 · name 0.012 · ...`` (class indices where the task has no names)."""
+    """One line per image, one column per task: ``path  name 0.981 · name 0.012`` for one task, ``path  task: name
+    0.981 · ... | task2: ...`` for several (class indices where a task has no names)."""
     width = max((len(p.path) for p in report.predictions), default=0)
-    return "\n".join(f"{p.path:<{width}}  " + " · ".join(f"{name if name is not None else index} {probability:.3f}"
-                                                        for index, name, probability in p.top)
+    labelled = len(report.tasks) > 1
+
+    def column(task: str, classes: TopClasses) -> str:
+        ranked = " · ".join(f"{name if name is not None else index} {probability:.3f}"
+                            for index, name, probability in classes)
+        return f"{task}: {ranked}" if labelled else ranked
+    return "\n".join(f"{p.path:<{width}}  " + " | ".join(column(task, p.top[task]) for task in report.tasks)
                      for p in report.predictions)
