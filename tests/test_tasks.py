@@ -371,6 +371,23 @@ def test_an_imagefolder_of_split_folders_reads_them_as_splits_not_as_classes(tmp
     assert np.bincount(task.build_dataset("train").labels.numpy()).tolist() == [3, 4, 5]
 
 
+@pytest.mark.parametrize("name, classes", [("cifar10", 10), ("cifar100", 100)])
+def test_a_paper_task_reads_a_copy_as_class_folders_whatever_the_hub_calls_its_columns(tmp_path, name, classes):
+    """The paper tasks' docstring promises train/ and test/ class folders; CIFAR's hub columns are img and
+    (fine_)label, and the folder's columns (image, label) were not found."""
+    names = [f"c{index:03d}" for index in range(classes)]
+    for split, per_class in (("train", 2), ("test", 1)):
+        for label, class_name in enumerate(names):
+            (tmp_path / "copy" / split / class_name).mkdir(parents=True)
+            for index, picture in enumerate(_pictures(per_class, label % 10, size=8)):
+                picture.save(tmp_path / "copy" / split / class_name / f"{index}.png")
+    task = create_task(name, data_dir=str(tmp_path / "copy"))
+    assert (task.num_examples("train"), task.num_examples("test")) == (2 * classes, classes)
+    assert sorted(task.build_dataset("test").labels.tolist()) == list(range(classes))
+    batch = next(iter(build_task_loader(task, "train", SPEC, batch_size=4, train=True)))
+    assert batch["images"].shape == (4, 3, 32, 32)
+
+
 def test_a_train_folder_alone_holds_out_a_test_fraction_of_it(tmp_path):
     _picture_tree(tmp_path / "pics", {"train": ["cat", "dog"]})
     task = create_task("imagefolder", data_dir=str(tmp_path / "pics"), test_fraction=0.5)

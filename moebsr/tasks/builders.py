@@ -63,16 +63,27 @@ def hub_task(name: str, hub_name: str, num_outputs: int, *, splits: Optional[Map
     """
     from ..data.hub import load_image_dataset
     splits = dict(splits or {split: split for split in SPLITS})
+    hub_columns = (fields.get("image_column"), fields.get("label_column"))
 
     def dataset_fn(split: str) -> Any:
-        return load_image_dataset(name, hub_name, splits[split], data_dir=data_dir, parquet=parquet,
-                                  revision=revision)
+        dataset = load_image_dataset(name, hub_name, splits[split], data_dir=data_dir, parquet=parquet,
+                                     revision=revision)
+        return _with_hub_columns(dataset, *hub_columns) if data_dir is not None else dataset
     local = data_dir is not None or parquet is not None
     fields.setdefault("source", f"local {data_dir}" if data_dir is not None else
                       "local parquet" if parquet is not None else f"hub {hub_name}")
     fields.setdefault("size_hint", None if local else "hub")
     fields.setdefault("shared_dataset", hub_name if data_dir is None else f"{hub_name}@{data_dir}")
     return Task(name=name, num_outputs=num_outputs, dataset_fn=dataset_fn, **fields)
+
+
+def _with_hub_columns(dataset: Any, image_column: Optional[str], label_column: Optional[str]) -> Any:
+    """A local folder of class folders loads with the columns ``image``/``label``, whatever the hub dataset calls
+    them (CIFAR's ``img``, ``fine_label``): renamed to the task's, so its columns are found."""
+    for wanted, folder_column in ((image_column, "image"), (label_column, "label")):
+        if wanted and wanted not in dataset.features and folder_column in dataset.features:
+            dataset = dataset.rename_column(folder_column, wanted)
+    return dataset
 
 
 def _class_folders(folder: Path) -> list[str]:
