@@ -7,7 +7,7 @@ from typing import Mapping
 import timm
 import torch
 
-from .config import ConfigError, RunConfig, validate_against_model
+from .config import ConfigError, ModelConfig, RunConfig, validate_against_model
 from .model import MoEViT, create_moevit
 from .model.factory import check_model_name
 from .model.moevit import HeadFactory
@@ -39,8 +39,6 @@ def check_timm_kwargs(timm_kwargs: Mapping[str, object]) -> None:
     import inspect
 
     from timm.models.vision_transformer import VisionTransformer
-
-    from .config import ModelConfig
     accepted = [name for name in inspect.signature(VisionTransformer.__init__).parameters
                 if name not in ("self", "num_classes", "kwargs", "device", "dtype", *ModelConfig.ARCHITECTURE_FIELDS)]
     for key in timm_kwargs:

@@ -125,7 +125,7 @@ def command_export(args: argparse.Namespace) -> int:
 
 
 def command_predict(args: argparse.Namespace) -> int:
-    """Every task's (or the asked tasks') top classes for image files; a bad path costs one line, the others still go."""
+    """Top classes of every task (or those asked) for image files; a bad path costs one line, the rest go on."""
     import json
 
     from .deploy.predict import format_predictions, predict
@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--task", action="append", default=[], metavar="NAME", help="only this task (repeatable)")
     evaluation.add_argument("--split", default="test", help="split to evaluate (default: test)")
     evaluation.add_argument("--keep-rate", type=KEEP_RATE, default=None, help="evaluate with another token keep rate")
-    evaluation.add_argument("--max-examples", type=POSITIVE_INT, default=None, help="only the first N examples per task")
+    evaluation.add_argument("--max-examples", type=POSITIVE_INT, default=None,
+                            help="only the first N examples per task")
     evaluation.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="evaluation batch size")
     evaluation.add_argument("--weights", default=None, help="a model.safetensors other than the run's own")
     evaluation.add_argument("--json", action="store_true", help="print one JSON object")

@@ -51,8 +51,8 @@ class ModelConfig:
 
     def create_kwargs(self) -> dict[str, Any]:
         """What ``timm.create_model`` gets besides the name: the fields above that are set, then ``timm_kwargs``."""
-        names = self.ARCHITECTURE_FIELDS[:-1]
-        kwargs = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        kwargs = {name: getattr(self, name) for name in self.ARCHITECTURE_FIELDS
+                  if name != "drop_path_rate" and getattr(self, name) is not None}
         if self.drop_path_rate:
             kwargs["drop_path_rate"] = self.drop_path_rate
         return {**kwargs, **self.timm_kwargs}

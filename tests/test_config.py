@@ -59,8 +59,8 @@ def test_paper_configs_follow_the_authors_moe_script():
 
 
 def test_overrides_are_typed_and_nested():
-    config = load_config(CONFIGS / "quickstart.yaml", ["train.steps=7", "train.warmup_steps=1", "moe.blocks=[1,2]", "token_drop.fuse=false",
-                                                       "data.task_options.digits.seed=3"])
+    config = load_config(CONFIGS / "quickstart.yaml", ["train.steps=7", "train.warmup_steps=1", "moe.blocks=[1,2]",
+                                                       "token_drop.fuse=false", "data.task_options.digits.seed=3"])
     assert config.train.steps == 7 and config.moe.blocks == [1, 2] and config.token_drop.fuse is False
     assert config.data.task_options == {"digits": {"seed": 3}}
 
@@ -70,9 +70,9 @@ def test_model_timm_kwargs_reach_timm_and_unknown_or_doubled_keys_are_one_line()
     'model.class_token'`)."""
     from moebsr.build import backbone_depth, model_from_config
     from moebsr.run_data import RunData
-    config = load_config(CONFIGS / "quickstart.yaml", ["model.checkpoint=null", "model.timm_kwargs.class_token=false",
-                                                       "model.timm_kwargs.global_pool=avg",
-                                                       "model.timm_kwargs.reg_tokens=2", "model.timm_kwargs.qk_norm=true"])
+    config = load_config(CONFIGS / "quickstart.yaml", [
+        "model.checkpoint=null", "model.timm_kwargs.class_token=false", "model.timm_kwargs.global_pool=avg",
+        "model.timm_kwargs.reg_tokens=2", "model.timm_kwargs.qk_norm=true"])
     assert config.model.timm_kwargs == {"class_token": False, "global_pool": "avg", "reg_tokens": 2, "qk_norm": True}
     backbone = model_from_config(config, RunData.from_config(config, check_data=False).heads()).backbone
     assert backbone.cls_token is None and backbone.global_pool == "avg" and backbone.num_prefix_tokens == 2

@@ -58,9 +58,7 @@ def test_kill_9_at_random_steps_then_resume_latest_finishes_identically(uninterr
         output = tmp_path / f"trial{trial}"
         kill_after = chooser.randint(2, 10)  # steps logged before the kill lands (mid-step or mid-save)
         process = _launch(output)
-        deadline = time.time() + 240
-        while _logged_steps(output) < kill_after and process.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
+        _wait_for_steps(output, kill_after, process)
         time.sleep(chooser.random() * 0.3)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)

@@ -1,11 +1,19 @@
 """Two CPU processes (gloo DDP through ``accelerate launch``) train to the result of one with the same global batch."""
 
 import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from run_helpers import launch_run
+from moebsr.checkpoint import list_checkpoints, read_training_state
+from run_helpers import launch_command, launch_run, short_run_overrides, subprocess_env
 
 # Token dropping off: this randomly initialised backbone's CLS attention is near-uniform (kept and dropped tokens
 # differ by ~1e-6), so the ~1e-7 rounding differences between one batch of 16 and two of 8 flip which tokens survive
@@ -37,62 +45,46 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert torch.isfinite(torch.stack([v.float().abs().max() for v in weights_two.values()])).all()
 
 
-def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_complete_checkpoint(tmp_path):
-    import re
-    import subprocess
-    import time
-    from pathlib import Path
-
-    from moebsr.checkpoint import list_checkpoints, read_training_state
-    from run_helpers import launch_command, short_run_overrides, subprocess_env
-    output = tmp_path / "preempted"
+def _launch_two_and_wait(output: Path, **popen: Any) -> subprocess.Popen:
+    """A 400-step 2-process run of ``SAME_RUN``, returned once it has logged 4 steps."""
     command = [*launch_command(2), *short_run_overrides(output, 400, SAME_RUN + ["train.batch_size=8"])]
     launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, **popen)
     log, deadline = output / "train_log.jsonl", time.time() + 240
     while (not log.is_file() or len(log.read_text().splitlines()) < 4) and time.time() < deadline:
         time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
-    rank_one = next(pid for pid in workers if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
-    subprocess.run(["kill", "-TERM", rank_one], check=True)  # only rank 1 is told; rank 0 learns it at the agreement
-    _, stderr = launcher.communicate(timeout=180)
+    return launcher
+
+
+def _assert_one_stop_with_one_collective_checkpoint(stderr: str, output: Path) -> None:
     stops = re.findall(r"^stopped: SIGTERM at step (\d+) of 400: saved (\S+) ", stderr, re.MULTILINE)
-    assert len(stops) == 1, stderr[-3000:]  # rank 0 says it, although only rank 1 got the signal
-    assert stderr.count("SIGTERM: finishing this step") == 1  # rank 1's handler
+    assert len(stops) == 1, stderr[-3000:]  # rank 0 says it, whichever process got the signal
     step, saved = int(stops[0][0]), Path(stops[0][1])
     # the checkpoint is collective: it completes only if both processes stopped at the same step
     assert list_checkpoints(output)[-1] == saved and read_training_state(saved)["step"] == step
     assert {p.name for p in saved.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-    assert len(log.read_text().splitlines()) == step
+    assert len((output / "train_log.jsonl").read_text().splitlines()) == step
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_complete_checkpoint(tmp_path):
+    output = tmp_path / "preempted"
+    launcher = _launch_two_and_wait(output)
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    rank_one = next(pid for pid in workers if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    subprocess.run(["kill", "-TERM", rank_one], check=True)  # only rank 1 is told; rank 0 learns it at the agreement
+    _, stderr = launcher.communicate(timeout=180)
+    _assert_one_stop_with_one_collective_checkpoint(stderr, output)
+    assert stderr.count("SIGTERM: finishing this step") == 1  # rank 1's handler
 
 
 def test_a_preemption_of_the_whole_job_stops_both_processes_at_one_step_with_one_checkpoint(tmp_path):
     """SIGTERM to the job's process group: each worker gets it from the group and again from torchrun's agent (which
     forwards what it got, then waits 30 s before SIGKILL); both are one request, so the checkpoint is still saved."""
-    import os
-    import re
-    import signal
-    import subprocess
-    import time
-    from pathlib import Path
-
-    from moebsr.checkpoint import list_checkpoints, read_training_state
-    from run_helpers import launch_command, short_run_overrides, subprocess_env
     output = tmp_path / "preempted"
-    command = [*launch_command(2), *short_run_overrides(output, 400, SAME_RUN + ["train.batch_size=8"])]
-    launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
-    log, deadline = output / "train_log.jsonl", time.time() + 240
-    while (not log.is_file() or len(log.read_text().splitlines()) < 4) and time.time() < deadline:
-        time.sleep(0.05)
+    launcher = _launch_two_and_wait(output, start_new_session=True)
     os.killpg(launcher.pid, signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=180)
     assert launcher.returncode == 143 or "SignalException" in stderr, stderr[-3000:]  # accelerate 1.16 / 1.15
-    stops = re.findall(r"^stopped: SIGTERM at step (\d+) of 400: saved (\S+) ", stderr, re.MULTILINE)
-    assert len(stops) == 1, stderr[-3000:]
+    _assert_one_stop_with_one_collective_checkpoint(stderr, output)
     assert stderr.count("SIGTERM: finishing this step") == 2  # each worker's first signal
     assert "exiting now without saving" not in stderr
-    step, saved = int(stops[0][0]), Path(stops[0][1])
-    assert list_checkpoints(output)[-1] == saved and read_training_state(saved)["step"] == step
-    assert {p.name for p in saved.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-    assert len(log.read_text().splitlines()) == step

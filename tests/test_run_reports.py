@@ -39,8 +39,8 @@ def test_moebsr_train_from_another_folder_finds_the_configs_own_files(tmp_path):
 
     from run_helpers import subprocess_env
     command = [sys.executable, "-m", "moebsr", "train", "--config", str(REPO / "configs" / "quickstart.yaml"),
-               "train.steps=2", "train.warmup_steps=1", "train.batch_size=8", "eval.max_examples=32", "logging.trackers=[none]",
-               "logging.progress=false", "train.output_dir=elsewhere_run"]
+               "train.steps=2", "train.warmup_steps=1", "train.batch_size=8", "eval.max_examples=32",
+               "logging.trackers=[none]", "logging.progress=false", "train.output_dir=elsewhere_run"]
     result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"weights {REPO / 'backbones' / 'formula_vit_6x128_28px.safetensors'}" in result.stdout

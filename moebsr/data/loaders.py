@@ -119,7 +119,7 @@ class BatchLoader:
         self._cycle: Optional[Iterator[Batch]] = None
         self._requests = _BatchRequests()
         self._item_loader: Optional[DataLoader] = None
-        self._stop_workers: Optional[weakref.finalize] = None
+        self._workers_finalizer: Optional[weakref.finalize] = None
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -195,15 +195,15 @@ class BatchLoader:
                 prefetch_factor=2 if workers > 0 else None, worker_init_fn=ignore_stop_signals if workers else None,
                 generator=torch.Generator().manual_seed(self.sampler.seed))  # not the global RNG
             if workers:  # stopped when this loader is closed, collected, or left open at exit
-                self._stop_workers = weakref.finalize(self, _stop_workers, self._item_loader)
+                self._workers_finalizer = weakref.finalize(self, _stop_workers, self._item_loader)
         return self._item_loader
 
     def close(self) -> None:
         """Stop the per-image workers now: left to the garbage collector, a loader with batches in flight stalls its
         collection for ~10 s (two 5 s joins), while a shutdown takes milliseconds."""
-        if self._stop_workers is not None:
-            self._stop_workers()
-        self._item_loader, self._cycle, self._stop_workers = None, None, None
+        if self._workers_finalizer is not None:
+            self._workers_finalizer()
+        self._item_loader, self._cycle, self._workers_finalizer = None, None, None
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "num_examples": len(self.dataset),
@@ -270,7 +270,6 @@ def build_joint_loader(tasks: Sequence[Task], split: str, image_spec: Union[Imag
                        batch_size, train, seed, num_workers, drop_last, augment, transform, process_index,
                        num_processes, joint=True, name=f"joint loader {list(keys)}, split {split!r}", device=device,
                        augment_views=augment_views)
-
 
 
 def _stop_workers(loader: DataLoader) -> None:

@@ -42,7 +42,7 @@ class MoEViTBlock(nn.Module):
         super().__init__()
         if type(block) is not Block:
             raise UnsupportedModelError(f"model: blocks of type {type(block).__name__} are not supported; "
-                             "accepted: timm.models.vision_transformer.Block (ViT/DeiT)")
+                                        "accepted: timm.models.vision_transformer.Block (ViT/DeiT)")
         self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
         self.norm2, self.ls2, self.drop_path2 = block.norm2, block.ls2, block.drop_path2
         self.mlp = mlp if mlp is not None else block.mlp

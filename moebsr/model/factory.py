@@ -6,6 +6,7 @@ import os
 from typing import Any, Mapping, Optional, Union
 
 import timm
+import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
@@ -50,7 +51,6 @@ def check_model_name(name: str) -> str:
 def _builds_a_vision_transformer(name: str) -> bool:
     """Whether the model is a timm VisionTransformer whatever module defines it (the hybrid ViTs such as
     vit_base_r50_s16_224 are): built on the meta device, with no memory, weights or network."""
-    import torch
     try:
         with torch.device("meta"):
             return isinstance(timm.create_model(name, pretrained=False, num_classes=0), VisionTransformer)

@@ -147,7 +147,7 @@ def folder_task(name: str, data_dir: Optional[PathLike], *, num_outputs: Optiona
         import datasets
 
         from ..data.packaged import seeded_split
-        if not held_out:  # one load for every split, so that a class missing from a split does not shift the others' label ids
+        if not held_out:  # one load for every split: a class missing from a split keeps the others' label ids
             files = {part: str(path.resolve() / "**") for part, path in layout.items()}
             return datasets.load_dataset("imagefolder", data_files=files)[split]
         everything = datasets.load_dataset("imagefolder", data_dir=str(root.resolve()))["train"]
