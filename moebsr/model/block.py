@@ -21,6 +21,13 @@ from .spec import check_keep_rate
 from .token_drop import TokenSelection, attention_with_cls_scores, check_attention_supported, select_tokens
 
 
+def check_block_supported(block: nn.Module) -> None:
+    """Refuse a block we cannot split into halves before anything (an expert upcycle) reads its parts."""
+    if type(block) is not Block:
+        raise UnsupportedModelError(f"model: blocks of type {type(block).__name__} are not supported; "
+                                    "accepted: timm.models.vision_transformer.Block (ViT/DeiT)")
+
+
 class MoEViTBlock(nn.Module):
     """Pre-norm transformer block; ``mlp`` is a dense timm ``Mlp`` or a routed :class:`MoEMlp`.
 
@@ -40,9 +47,7 @@ class MoEViTBlock(nn.Module):
             class_token: bool = True,
     ) -> None:
         super().__init__()
-        if type(block) is not Block:
-            raise UnsupportedModelError(f"model: blocks of type {type(block).__name__} are not supported; "
-                                        "accepted: timm.models.vision_transformer.Block (ViT/DeiT)")
+        check_block_supported(block)
         self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
         self.norm2, self.ls2, self.drop_path2 = block.norm2, block.ls2, block.drop_path2
         self.mlp = mlp if mlp is not None else block.mlp

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from .block import MoEViTBlock
+from .block import MoEViTBlock, check_block_supported
 from .bsr import BSRPlan, as_bsr_plan
 from .errors import UnsupportedModelError
 from .experts import Experts
@@ -154,6 +154,8 @@ def create_moevit(
     moe_blocks = set(moe_spec.resolve_blocks(depth))
     drop_blocks = set(drop_spec.resolve_blocks(depth)) if drop_spec is not None else set()
     task_names = list(tasks)
+    for block in backbone.blocks:
+        check_block_supported(block)
     blocks = []
     for index, block in enumerate(backbone.blocks):
         mlp = None
