@@ -38,13 +38,23 @@ def _how_to_provide(task: str, hub_name: str) -> str:
             f"(config: data.task_options.{task}.data_dir=DIR)")
 
 
+def is_lone_dataset(folder: Path) -> bool:
+    """Whether ``folder`` is the ``save_to_disk`` of one ``Dataset`` (no splits), not of a ``DatasetDict``."""
+    return (not (folder / "dataset_dict.json").is_file() and (folder / "dataset_info.json").is_file()
+            and (folder / "state.json").is_file())
+
+
+@functools.lru_cache(maxsize=16)
+def load_lone_dataset(data_dir: str) -> Any:
+    import datasets
+    return datasets.load_from_disk(data_dir)
+
+
 @functools.lru_cache(maxsize=16)
 def _load_local(data_dir: str) -> Any:
     import datasets
     if (Path(data_dir) / "dataset_dict.json").is_file():
         return datasets.load_from_disk(data_dir)
-    if (Path(data_dir) / "dataset_info.json").is_file() and (Path(data_dir) / "state.json").is_file():
-        return datasets.DatasetDict({"train": datasets.load_from_disk(data_dir)})
     return datasets.load_dataset(data_dir)  # parquet / csv / image folders: the builder is inferred from the files
 
 
@@ -70,6 +80,22 @@ def select_split(splits: Mapping[str, Any], expression: str, task: str, origin: 
                                           f"{', '.join(splits) or 'none'}")
         parts.append(splits[name])
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def held_out_split(task: str, dataset: Any, split: str, image_column: Optional[str], label_column: Optional[str],
+                   test_fraction: float, seed: int) -> Any:
+    """``split`` (``train`` or ``test``) of a dataset saved without splits: a stratified, seeded ``test_fraction``
+    is held out as the test split, the rule folder tasks follow (``moebsr.data.packaged.seeded_split``)."""
+    import numpy as np
+
+    from .image_datasets import _hf_columns
+    from .packaged import seeded_split
+    _, label_column = _hf_columns(dataset, image_column, label_column, f"task {task!r}")
+    labels = np.asarray(dataset.select_columns([label_column]).with_format("numpy")[label_column])
+    if labels.dtype.kind not in "iu":  # refused by as_image_dataset, which names the column; no strata meanwhile
+        labels = np.zeros(len(labels), dtype=np.int64)
+    train, test = seeded_split(labels, test_fraction, seed)
+    return dataset.select((train if split == "train" else test).tolist())
 
 
 def load_image_dataset(task: str, hub_name: str, split: str, *, data_dir: Optional[PathLike] = None,
