@@ -13,24 +13,38 @@ import torch
 from PIL import Image
 
 from ..tasks.errors import TaskError
+from .image_columns import column_image_getter
 
 # PIL modes with an unambiguous 8-bit reading; float ('F') and 32-bit ('I') images need a task-specific scaling.
 CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I;16", "LAB", "HSV")
 
 
 class TensorImageDataset:
-    """uint8 images ``[N, C, H, W]`` (C 1 or 3) and int64 labels, indexed a whole batch at a time."""
+    """uint8 images ``[N, C, H, W]`` (C 1 or 3) and int64 labels, indexed a whole batch at a time.
+
+    Also accepted, and converted: ``[N, H, W]`` grey, channels last ``[N, H, W, C]``, any integer type of 0-255."""
 
     def __init__(self, images: Any, labels: Any, name: str = "dataset") -> None:
         images = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
         labels = torch.as_tensor(np.asarray(labels)) if not isinstance(labels, torch.Tensor) else labels
         if images.dtype != torch.uint8:
-            raise TaskError(f"{name}: images have dtype {images.dtype}; expected uint8 pixels 0-255")
+            if images.dtype.is_floating_point or images.dtype.is_complex or images.dtype == torch.bool:
+                raise TaskError(f"{name}: images have dtype {images.dtype}; expected uint8 or integer pixels 0-255 "
+                                "(float pixels are refused: their scale, 0-1, 0-255 or normalised, is not recorded)")
+            if images.numel() and (images.min() < 0 or images.max() > 255):
+                raise TaskError(f"{name}: images of dtype {images.dtype} hold values {int(images.min())}.."
+                                f"{int(images.max())}; integer pixels must be 0-255")
+            images = images.to(torch.uint8)
+        if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+            images = images.permute(0, 3, 1, 2)  # channels last [N, H, W, C] -> [N, C, H, W]
+        elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] in (1, 3):
+            raise TaskError(f"{name}: images have shape {tuple(images.shape)}, channels first or last cannot be told "
+                            "apart; expected [N, C, H, W] or [N, H, W, C] with C 1 or 3 at one end only")
         if images.ndim == 3:  # [N, H, W] grey
             images = images.unsqueeze(1)
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise TaskError(f"{name}: images have shape {tuple(images.shape)}; expected [N, H, W] or [N, C, H, W] "
-                            "with C 1 or 3")
+            raise TaskError(f"{name}: images have shape {tuple(images.shape)}; expected [N, H, W], [N, C, H, W] "
+                            "or [N, H, W, C] with C 1 or 3")
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
             raise TaskError(f"{name}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
         self.images = images.contiguous()
@@ -64,17 +78,6 @@ class ItemImageDataset:
 
     def with_labels(self, labels: torch.Tensor, name: Optional[str] = None) -> "ItemImageDataset":
         return ItemImageDataset(self.get_image, labels, name or self.name)
-
-
-class _ColumnImage:
-    """Picklable image getter for one column of a Hugging Face dataset (DataLoader workers need to pickle it)."""
-
-    def __init__(self, dataset: Any, column: str) -> None:
-        self.dataset = dataset.select_columns([column])
-        self.column = column
-
-    def __call__(self, index: int) -> Any:
-        return self.dataset[int(index)][self.column]
 
 
 class _PairImage:
@@ -130,7 +133,7 @@ def as_image_dataset(raw: Any, name: str, image_column: Optional[str] = None, la
         if labels.dtype.kind not in "iu":
             raise TaskError(f"{name}: label column {label_column!r} holds {labels.dtype} values; expected integer "
                             "class ids (cast it with dataset.class_encode_column)")
-        return ItemImageDataset(_ColumnImage(raw, image_column), torch.as_tensor(labels), name)
+        return ItemImageDataset(column_image_getter(raw, image_column, name), torch.as_tensor(labels), name)
     if hasattr(raw, "__len__") and hasattr(raw, "__getitem__"):
         labels = getattr(raw, "labels", None)
         if labels is None:

@@ -55,25 +55,36 @@ def generated_task(name: str, generate: Callable[..., tuple[Any, Any]], *, num_c
 
 def hub_task(name: str, hub_name: str, num_outputs: int, *, splits: Optional[Mapping[str, str]] = None,
              data_dir: Optional[PathLike] = None, parquet: Optional[Mapping[str, Any]] = None,
-             revision: Optional[str] = None, **fields: Any) -> Task:
+             revision: Optional[str] = None, test_fraction: float = 0.2, seed: int = 0, **fields: Any) -> Task:
     """A task on a Hugging Face hub dataset, or on the same data stored locally (``data_dir`` or ``parquet``).
+
+    A ``data_dir`` holding the ``save_to_disk`` of one ``Dataset`` (no splits) has a stratified, seeded
+    ``test_fraction`` of it held out as the test split, as a folder of class folders has.
 
     Args:
         splits: Our split (``train``/``test``) -> the dataset's split expression (``train+validation``...).
     """
-    from ..data.hub import load_image_dataset
+    from ..data.hub import held_out_split, is_lone_dataset, load_image_dataset, load_lone_dataset
+    if not 0.0 < test_fraction < 1.0:
+        raise TaskError(f"task {name!r}: test_fraction={test_fraction}; accepted: 0 < value < 1")
     splits = dict(splits or {split: split for split in SPLITS})
-    hub_columns = (fields.get("image_column"), fields.get("label_column"))
+    lone = data_dir is not None and is_lone_dataset(Path(data_dir).expanduser())
 
-    def dataset_fn(split: str) -> Any:
+    def dataset_fn(split: str, image_column: Optional[str] = fields.get("image_column"),
+                   label_column: Optional[str] = fields.get("label_column")) -> Any:
+        if lone:
+            whole = _with_hub_columns(load_lone_dataset(str(Path(data_dir).expanduser().resolve())), image_column,
+                                      label_column)
+            return held_out_split(name, whole, split, image_column, label_column, test_fraction, seed)
         dataset = load_image_dataset(name, hub_name, splits[split], data_dir=data_dir, parquet=parquet,
                                      revision=revision)
-        return _with_hub_columns(dataset, *hub_columns) if data_dir is not None else dataset
+        return _with_hub_columns(dataset, image_column, label_column) if data_dir is not None else dataset
     local = data_dir is not None or parquet is not None
     fields.setdefault("source", f"local {data_dir}" if data_dir is not None else
                       "local parquet" if parquet is not None else f"hub {hub_name}")
     fields.setdefault("size_hint", None if local else "hub")
-    fields.setdefault("shared_dataset", hub_name if data_dir is None else f"{hub_name}@{data_dir}")
+    fields.setdefault("shared_dataset", hub_name if data_dir is None else
+                      f"{hub_name}@{data_dir}" + (f":test{test_fraction:g}:seed{seed}" if lone else ""))
     return Task(name=name, num_outputs=num_outputs, dataset_fn=dataset_fn, **fields)
 
 

@@ -6,6 +6,7 @@ calls ``build_dataset``, ``build_head``, ``loss`` and ``metrics``, so a task can
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -44,7 +45,8 @@ class Task:
         num_outputs: Classes; labels must lie in ``[0, num_outputs)``.
         dataset_fn: ``split -> data`` for ``"train"``/``"test"``: a ``datasets.Dataset`` with an image and a label
             column, a ``TensorImageDataset``, a dict of uint8 ``images`` and ``labels`` arrays, or any indexable of
-            ``(image, label)`` pairs.
+            ``(image, label)`` pairs. One that takes ``image_column`` and ``label_column`` keywords is given the
+            task's (which a config's options may have changed after the factory ran).
         head: ``num_features -> nn.Module``; None gives ``nn.Linear(num_features, num_outputs)``.
         loss_fn: ``(logits, labels) -> loss``; None gives cross-entropy with ``label_smoothing``.
         metrics: Names (``top1``, ``top5``, ``macro_f1``) or metric objects; the first is the headline metric.
@@ -104,13 +106,22 @@ class Task:
             from ..data.image_datasets import as_image_dataset
 
             where = f"task {self.name!r}, split {split!r}"
-            dataset = as_image_dataset(self.dataset_fn(split), where, self.image_column, self.label_column,
+            dataset = as_image_dataset(self._raw_dataset(split), where, self.image_column, self.label_column,
                                        num_outputs=None if self.label_fn is not None else self.num_outputs)
             if self.label_fn is not None:
                 dataset = dataset.with_labels(torch.as_tensor(self.label_fn(dataset.labels)).long(), where)
             self._check_labels(dataset.labels, where)
             self._datasets[split] = dataset
         return self._datasets[split]
+
+    def _raw_dataset(self, split: str) -> Any:
+        try:
+            parameters = inspect.signature(self.dataset_fn).parameters
+        except (TypeError, ValueError):  # a callable without a signature: split only
+            parameters = {}
+        if "image_column" in parameters and "label_column" in parameters:
+            return self.dataset_fn(split, image_column=self.image_column, label_column=self.label_column)
+        return self.dataset_fn(split)
 
     def _check_labels(self, labels: torch.Tensor, where: str) -> None:
         if labels.numel() == 0:
