@@ -236,6 +236,21 @@ def test_pruned_gated_experts_stay_exact_down_to_a_dense_swiglu():
         assert_close_at_scale(two(tokens, [("a", 0, 2)]), expected)
 
 
+def test_an_eva02_pruned_to_one_expert_per_layer_loads_into_the_timm_model_of_its_name():
+    """eva02_tiny's MLP is a packed GluMlp: a layer pruned to one expert must become one again (not a SwiGLU), or
+    the exported backbone's state dict would not load into timm's eva02_tiny."""
+    from moebsr.deploy.prune import prune_experts
+
+    dense = tiny_eva()
+    model = moe_from(dense, tasks={"a": 3})
+    prune_experts(model, {1: [2], 3: [0]})
+    assert not model.moe_blocks
+    fresh = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, **TINY_EVA).eval()
+    fresh.load_state_dict(model.backbone.state_dict())
+    with torch.no_grad():
+        assert_close_at_scale(fresh.forward_features(images(2)), dense.forward_features(images(2)))
+
+
 @pytest.mark.parametrize("name, message", [
     ("beit_base_patch16_224", r"^model.name: 'beit_base_patch16_224' is not a ViT \(it is a timm 'beit' model\)"),
     ("samvit_base_patch16", r"^model.name: 'samvit_base_patch16' is not a ViT"),

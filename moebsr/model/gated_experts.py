@@ -34,8 +34,10 @@ class GatedExperts(Experts):
             act_layer: nn.Module,
             drop: float = 0.0,
             norm_eps: Optional[float] = None,
+            packed: Optional[str] = None,
     ) -> None:
         super().__init__(num_experts, dim, hidden_features, act_layer, drop)
+        self.packed = packed  # upcycled from a GluMlp: "gate_first"/"gate_last"; None: a SwiGLU (see dense_mlp)
         self.fc1_gate_weight = nn.Parameter(torch.empty(num_experts, hidden_features, dim))
         self.fc1_gate_bias = nn.Parameter(torch.zeros(num_experts, hidden_features))
         nn.init.trunc_normal_(self.fc1_gate_weight, std=0.02)
@@ -78,23 +80,33 @@ class GatedExperts(Experts):
     def select_experts(self, index: torch.Tensor) -> "GatedExperts":
         """A bank of only the experts in ``index`` (expert pruning); each parameter keeps its dtype."""
         kept = GatedExperts(len(index), self.dim, self.hidden_features, copy.deepcopy(self.act), self.drop.p,
-                            self.norm_eps)
+                            self.norm_eps, self.packed)
         for name, parameter in self.named_parameters(recurse=False):
             getattr(kept, name).data = parameter.detach().index_select(0, index)
         return kept
 
-    def dense_mlp(self, expert: int) -> SwiGLU:
-        """Expert ``expert`` as a timm ``SwiGLU`` (a layer pruned to one expert becomes dense)."""
+    def dense_mlp(self, expert: int) -> nn.Module:
+        """Expert ``expert`` as the timm module it was upcycled from, ``SwiGLU`` or packed ``GluMlp`` (a layer pruned
+        to one expert becomes dense), so the pruned model's state dict loads into the timm model of its name."""
         norm = functools.partial(nn.LayerNorm, eps=self.norm_eps) if self.norm_eps is not None else None
-        dense = SwiGLU(self.dim, self.hidden_features, norm_layer=norm, drop=self.drop.p)
+        if self.packed is None:
+            dense = SwiGLU(self.dim, self.hidden_features, norm_layer=norm, drop=self.drop.p)
+            pairs = [(dense.fc1_x, "fc1"), (dense.fc1_g, "fc1_gate")]
+        else:
+            dense = GluMlp(self.dim, 2 * self.hidden_features, act_layer=nn.SiLU, norm_layer=norm, drop=self.drop.p,
+                           gate_last=self.packed == "gate_last")
+            pairs = []
         dense = dense.to(self.fc1_weight.device, self.fc1_weight.dtype)
         dense.act = copy.deepcopy(self.act)
-        pairs = [(dense.fc1_x, "fc1"), (dense.fc1_g, "fc1_gate"), (dense.fc2, "fc2"), (dense.norm, "norm")]
+        pairs += [(dense.fc2, "fc2")] + ([(dense.norm, "norm")] if self.norm_eps is not None else [])
         with torch.no_grad():
+            if self.packed is not None:
+                halves = ["fc1", "fc1_gate"] if self.packed == "gate_last" else ["fc1_gate", "fc1"]
+                dense.fc1.weight.copy_(torch.cat([getattr(self, f"{h}_weight")[expert] for h in halves]))
+                dense.fc1.bias.copy_(torch.cat([getattr(self, f"{h}_bias")[expert] for h in halves]))
             for layer, name in pairs:
-                if name != "norm" or self.norm_eps is not None:
-                    layer.weight.copy_(getattr(self, f"{name}_weight")[expert])
-                    layer.bias.copy_(getattr(self, f"{name}_bias")[expert])
+                layer.weight.copy_(getattr(self, f"{name}_weight")[expert])
+                layer.bias.copy_(getattr(self, f"{name}_bias")[expert])
         return dense
 
 
@@ -131,7 +143,8 @@ def upcycle_experts(mlp: nn.Module, num_experts: int, hidden_features: Optional[
     gate_weight, gate_bias, value_weight, value_bias = _gated_parts(mlp)
     dense_hidden, dim = value_weight.shape
     hidden = hidden_features or dense_hidden
-    experts = GatedExperts(num_experts, dim, hidden, copy.deepcopy(mlp.act), mlp.drop1.p, norm_eps)
+    packed = None if isinstance(mlp, SwiGLU) else ("gate_last" if mlp.gate_last else "gate_first")
+    experts = GatedExperts(num_experts, dim, hidden, copy.deepcopy(mlp.act), mlp.drop1.p, norm_eps, packed)
     experts = experts.to(device=value_weight.device, dtype=value_weight.dtype)
     if hidden != dense_hidden:
         return experts
