@@ -23,6 +23,7 @@ VARIANTS = {
     "eva02_base_scale_mlp": ("eva02_base_patch14_224", {}),
     "rope_reg1_no_class_token": ("vit_medium_patch16_rope_reg1_gap_256", {}),
     "eva02_tiny_layer_scale": ("eva02_tiny_patch14_224", dict(init_values=0.5)),
+    "dinov3_four_registers": ("vit_small_patch16_dinov3", {}),  # class token + 4 registers, DINOv3's rotary table
 }
 MOE = dict(num_experts=4, top_k=2, renormalize=True)
 
@@ -134,7 +135,8 @@ def _reference_with_dropping(dense: torch.nn.Module, x: torch.Tensor, drops: dic
     return dense.norm(tokens)
 
 
-@pytest.mark.parametrize("variant", ["eva02_tiny", "rope_reg1_no_class_token", "eva02_tiny_layer_scale"])
+@pytest.mark.parametrize("variant", ["eva02_tiny", "rope_reg1_no_class_token", "eva02_tiny_layer_scale",
+                                     "dinov3_four_registers"])
 @pytest.mark.parametrize("fuse", [False, True])
 def test_dropping_carries_each_kept_tokens_rotary_position(variant, fuse):
     dense = tiny_eva(variant)
@@ -251,6 +253,15 @@ def test_an_eva02_pruned_to_one_expert_per_layer_loads_into_the_timm_model_of_it
         assert_close_at_scale(fresh.forward_features(images(2)), dense.forward_features(images(2)))
 
 
+def test_an_eva_task_with_dropping_and_gated_experts_exports_to_onnx(tmp_path):
+    from moebsr.deploy.onnx_export import check_onnx, export_onnx
+
+    model = moe_from(tiny_eva(), tasks={"a": 3}, token_drop=dict(blocks=[1, 2], keep_rate=0.5))
+    export_onnx(model, "a", tmp_path / "eva.onnx", images(2))
+    check = check_onnx(tmp_path / "eva.onnx", model, "a", images(3))
+    assert check.max_abs_diff <= check.tolerance, check
+
+
 @pytest.mark.parametrize("name, message", [
     ("beit_base_patch16_224", r"^model.name: 'beit_base_patch16_224' is not a ViT \(it is a timm 'beit' model\)"),
     ("samvit_base_patch16", r"^model.name: 'samvit_base_patch16' is not a ViT"),
@@ -275,6 +286,19 @@ def test_accepted_families_name_eva_and_eva_models_pass_the_name_check():
         check_model_name("resnet18")
     with pytest.raises(UnsupportedModelError, match=r"Eva models \(EVA/EVA-02"):
         create_moevit(torch.nn.Linear(2, 2), {"a": 2})
+
+
+def test_an_eva_with_another_attention_runs_dense_but_refuses_dropping_in_one_line():
+    dense = tiny_eva("rope_reg1_no_class_token")
+    torch.manual_seed(0)
+    other = timm.create_model("vit_small_patch16_rope_224", pretrained=False, num_classes=0, **TINY_EVA).eval()
+    model = moe_from(other)
+    with torch.no_grad():
+        assert_close_at_scale(model.forward_features(images(2), "a")[0], other.forward_features(images(2)))
+    with pytest.raises(UnsupportedModelError, match=r"^token_drop: Eva blocks with AttentionRope attention are not "
+                                                    r"supported; accepted: timm.models.eva.EvaAttention"):
+        moe_from(other, token_drop=dict(blocks=[1], keep_rate=0.5))
+    assert moe_from(dense, token_drop=dict(blocks=[1], keep_rate=0.5)).token_drop_blocks == (1,)
 
 
 def test_gated_experts_refuse_tutel_and_qkv_adapters_in_one_line():
