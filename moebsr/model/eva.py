@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
+from .block import MoEViTBlock
 from .errors import UnsupportedModelError
 from .moe import TaskRows
-from .block import MoEViTBlock
 from .token_drop import TokenSelection
 
 ACCEPTED = ("accepted: timm Eva models (EVA/EVA-02: eva02_*, eva_giant_*) with pre-norm EvaBlocks and one rotary "
@@ -33,8 +33,7 @@ def is_eva(backbone: nn.Module) -> bool:
 
 def check_eva(backbone: Eva) -> None:
     """Refuse, in one line, the Eva variants whose rotary positions this module cannot carry."""
-    name = backbone.pretrained_cfg.get("architecture", type(backbone).__name__) \
-        if getattr(backbone, "pretrained_cfg", None) else type(backbone).__name__
+    name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture") or type(backbone).__name__
     if getattr(backbone, "rope_mixed", False):
         raise UnsupportedModelError(f"model: {name} uses a rotary table per block (rope_type='mixed'); {ACCEPTED}")
     if backbone.rope is not None and not hasattr(backbone.rope, "feat_shape"):
