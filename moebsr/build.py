@@ -20,7 +20,7 @@ def backbone_depth(config: RunConfig) -> int:
         check_model_name(config.model.name)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    check_timm_kwargs(config.model.timm_kwargs)
+    check_timm_kwargs(config.model.timm_kwargs, config.model.name)
     kwargs = config.model.create_kwargs()
     try:
         with torch.device("meta"):
@@ -29,17 +29,20 @@ def backbone_depth(config: RunConfig) -> int:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ConfigError(f"model: {config.model.name} cannot be built with {kwargs}: {first_line}") from None
     if not hasattr(backbone, "blocks"):
-        raise ConfigError(f"model.name: {config.model.name!r} is not a ViT; accepted: timm vit_*/deit_* models")
+        raise ConfigError(f"model.name: {config.model.name!r} is not a ViT; accepted: timm vit_*/deit_*/eva02_* models")
     return len(backbone.blocks)
 
 
-def check_timm_kwargs(timm_kwargs: Mapping[str, object]) -> None:
-    """``model.timm_kwargs`` may only name arguments of timm's ``VisionTransformer`` (the class every accepted model
-    builds): one line for any other, before timm sees it."""
+def check_timm_kwargs(timm_kwargs: Mapping[str, object], model_name: str = "") -> None:
+    """``model.timm_kwargs`` may only name arguments of the timm class the model builds (``Eva`` for an EVA model,
+    else ``VisionTransformer``): one line for any other, before timm sees it."""
     import inspect
 
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
-    accepted = [name for name in inspect.signature(VisionTransformer.__init__).parameters
+    is_eva = bool(model_name) and timm.models.is_model_in_modules(model_name, ["eva"])
+    model_class = Eva if is_eva else VisionTransformer
+    accepted = [name for name in inspect.signature(model_class.__init__).parameters
                 if name not in ("self", "num_classes", "kwargs", "device", "dtype", *ModelConfig.ARCHITECTURE_FIELDS)]
     for key in timm_kwargs:
         if key not in accepted:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.models.eva import EvaAttention
 from torch.utils.flop_counter import FlopCounterMode
 
 from .model import MoEViT
@@ -44,7 +45,7 @@ def attribute_set(objects: Sequence[Any], name: str, value: Any) -> Iterator[Non
 
 
 def unfused_attention(model: nn.Module) -> contextlib.AbstractContextManager:
-    return attribute_set([m for m in model.modules() if isinstance(m, Attention)], "fused_attn", False)
+    return attribute_set([m for m in model.modules() if isinstance(m, (Attention, EvaAttention))], "fused_attn", False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -145,6 +145,8 @@ class TrunkCache:
                   "origin": per_image(state.selection.origin, state.shared)}
         if state.selection.ranking is not None:
             fields["ranking"] = per_image(state.selection.ranking, state.shared)
+        if state.selection.rope is not None:  # EVA-02: each present token's rotary row travels with it
+            fields["rope"] = per_image(state.selection.rope, state.shared)
         for index, (origin, was_shared) in state.kept.items():
             fields[f"kept{index}"] = per_image(origin, was_shared)
         if self.layout is None:
@@ -161,7 +163,8 @@ class TrunkCache:
         def rows(tensor: torch.Tensor) -> torch.Tensor:
             return rearrange(tensor, "b r ... -> (r b) ...")
 
-        selection = TokenSelection(rows(fields["origin"]), rows(fields["ranking"]) if layout.has_ranking else None)
+        selection = TokenSelection(rows(fields["origin"]), rows(fields["ranking"]) if layout.has_ranking else None,
+                                   rows(fields["rope"]) if "rope" in layout.shapes else None)
         kept = {index: (rows(fields[f"kept{index}"]), was_shared) for index, was_shared in layout.kept_shared.items()}
         task_rows = None if layout.shared else [(task, t * batch, (t + 1) * batch) for t, task in enumerate(self.tasks)]
         return TrunkState(rows(fields["tokens"]).to(dtype), selection, self.tasks, batch, task_rows, layout.shared,

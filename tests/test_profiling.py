@@ -63,4 +63,5 @@ def test_python_dash_m_moebsr_is_the_moebsr_command():
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: model.name: 'resnet50' is not a ViT (it is a timm 'resnet' model); accepted: a timm ViT/DeiT (models "
         "that build a timm VisionTransformer, e.g. vit_tiny_patch16_224, deit_small_patch16_224; see "
-        "timm.list_models(module='vision_transformer'))"]
+        "timm.list_models(module='vision_transformer')) or EVA/EVA-02 (models that build a timm Eva, e.g. "
+        "eva02_tiny_patch14_224; module='eva'); not BEiT, SAM, parallel-block ViTs, Swin or CNNs"]

@@ -16,13 +16,11 @@ expert's weights; with raw probabilities it keeps its gate (its output is scaled
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import Mlp
 
 from ..model import Experts, MoEMlp, MoEViT, Routing, TaskRouter
 from ..model.routing import gate_logits
@@ -187,19 +185,10 @@ def pruned_layer(layer: MoEMlp, experts: Sequence[int]) -> nn.Module:
     bank = layer.experts
     index = torch.tensor(list(experts), device=bank.fc1_weight.device)
     if len(experts) == 1 and router.renormalize:
-        dense = Mlp(bank.dim, bank.hidden_features, drop=bank.drop.p).to(bank.fc1_weight.device,
-                                                                         bank.fc1_weight.dtype)
-        dense.act = copy.deepcopy(bank.act)
-        dense.fc1.weight.copy_(bank.fc1_weight[experts[0]])
-        dense.fc1.bias.copy_(bank.fc1_bias[experts[0]])
-        dense.fc2.weight.copy_(bank.fc2_weight[experts[0]])
-        dense.fc2.bias.copy_(bank.fc2_bias[experts[0]])
+        dense = bank.dense_mlp(experts[0])  # a timm Mlp, or a SwiGLU for experts upcycled from one (EVA-02)
         dense.kept_experts = list(experts)  # which original expert it is (the card, the export section)
         return dense
-    kept_bank = Experts(len(experts), bank.dim, bank.hidden_features, copy.deepcopy(bank.act), drop=bank.drop.p)
-    for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
-        # each parameter keeps its own dtype: a bf16-stored frozen weight (bsr.frozen_dtype) beside an fp32 bias
-        getattr(kept_bank, name).data = getattr(bank, name).index_select(0, index)
+    kept_bank = bank.select_experts(index)
     removed = [e for e in range(bank.num_experts) if e not in set(experts)]
     gate_names = list(router.gates)
     kept_router = PrunedRouter(bank.dim, len(experts), min(router.top_k, len(experts)), gate_names, router.mode,

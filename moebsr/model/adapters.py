@@ -117,6 +117,9 @@ def apply_task_adapters(model: nn.Module, tasks: Sequence[str], blocks: Sequence
             layer = getattr(parent, child, None)
             if type(layer) is not nn.Linear:  # fc1/fc2 of an MoE block are stacked experts: no adapter (see above)
                 continue
+            if name == "qkv":
+                from .eva import check_qkv_adaptable  # eva.py imports block.py, which imports this module
+                check_qkv_adaptable(parent, "adapters.modules")
             setattr(parent, child, TaskLoRALinear(layer, tasks, rank, alpha))
             adapted.append(f"backbone.blocks.{index}.{ADAPTER_MODULES[name]}")
     if not adapted:

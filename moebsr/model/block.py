@@ -21,13 +21,6 @@ from .spec import check_keep_rate
 from .token_drop import TokenSelection, attention_with_cls_scores, check_attention_supported, select_tokens
 
 
-def check_block_supported(block: nn.Module) -> None:
-    """Refuse a block we cannot split into halves before anything (an expert upcycle) reads its parts."""
-    if type(block) is not Block:
-        raise UnsupportedModelError(f"model: blocks of type {type(block).__name__} are not supported; "
-                                    "accepted: timm.models.vision_transformer.Block (ViT/DeiT)")
-
-
 class MoEViTBlock(nn.Module):
     """Pre-norm transformer block; ``mlp`` is a dense timm ``Mlp`` or a routed :class:`MoEMlp`.
 
@@ -47,9 +40,7 @@ class MoEViTBlock(nn.Module):
             class_token: bool = True,
     ) -> None:
         super().__init__()
-        check_block_supported(block)
-        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
-        self.norm2, self.ls2, self.drop_path2 = block.norm2, block.ls2, block.drop_path2
+        self.adopt(block)
         self.mlp = mlp if mlp is not None else block.mlp
         self.num_prefix_tokens = num_prefix_tokens
         self.class_token = class_token  # without one, tokens rank by the attention they receive (token_drop.py)
@@ -57,6 +48,33 @@ class MoEViTBlock(nn.Module):
         self.fuse = fuse
         self.set_keep_rate(keep_rate)
         self.last_kept_index: Optional[torch.Tensor] = None
+
+    def adopt(self, block: nn.Module) -> None:
+        """Take over ``block``'s modules under their timm names (all but its MLP)."""
+        if type(block) is not Block:
+            raise UnsupportedModelError(f"model: blocks of type {type(block).__name__} are not supported; "
+                                        "accepted: timm.models.vision_transformer.Block (ViT/DeiT), "
+                                        "timm.models.eva.EvaBlock (EVA/EVA-02)")
+        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
+        self.norm2, self.ls2, self.drop_path2 = block.norm2, block.ls2, block.drop_path2
+
+    def check_drop_supported(self) -> None:
+        """Refuse, in one line, an attention whose CLS scores this block cannot compute."""
+        check_attention_supported(self.attn)
+
+    def attention(self, x: torch.Tensor, selection: TokenSelection) -> torch.Tensor:
+        """The attention sub-layer on normed tokens (``selection``: the tokens present, for backbones that need it)."""
+        return self.attn(x)
+
+    def attention_and_scores(self, x: torch.Tensor, selection: TokenSelection) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`attention` and the scores that rank the patch tokens (see :func:`attention_with_cls_scores`)."""
+        return attention_with_cls_scores(self.attn, x, self.num_prefix_tokens, self.class_token)
+
+    def scale_attention(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(x)
+
+    def scale_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(x)
 
     @property
     def is_moe(self) -> bool:
@@ -82,7 +100,7 @@ class MoEViTBlock(nn.Module):
 
     def set_keep_rate(self, keep_rate: Optional[float]) -> None:
         if keep_rate is not None:
-            check_attention_supported(self.attn)
+            self.check_drop_supported()
             keep_rate = check_keep_rate(keep_rate)
         self.keep_rate = keep_rate
 
@@ -102,10 +120,9 @@ class MoEViTBlock(nn.Module):
     def _attention(self, x: torch.Tensor, selection: TokenSelection, make_ranking: bool
                    ) -> tuple[torch.Tensor, TokenSelection]:
         if not (self.drops_tokens or make_ranking):
-            return x + self.drop_path1(self.ls1(self.attn(self.norm1(x)))), selection
-        attn_out, cls_scores = attention_with_cls_scores(self.attn, self.norm1(x), self.num_prefix_tokens,
-                                                       self.class_token)
-        x = x + self.drop_path1(self.ls1(attn_out))
+            return x + self.drop_path1(self.scale_attention(self.attention(self.norm1(x), selection))), selection
+        attn_out, cls_scores = self.attention_and_scores(self.norm1(x), selection)
+        x = x + self.drop_path1(self.scale_attention(attn_out))
         if make_ranking:
             selection = selection.with_ranking(cls_scores)
         if not self.drops_tokens:
@@ -119,7 +136,7 @@ class MoEViTBlock(nn.Module):
         with bind_task_rows(task_rows):  # for task adapters in a dense MLP
             hidden = self.norm2(x)
             hidden = self.mlp(hidden, task_rows) if self.is_moe else self.mlp(hidden)
-            return x + self.drop_path2(self.ls2(hidden))
+            return x + self.drop_path2(self.scale_mlp(hidden))
 
     def forward(self, x: torch.Tensor, task_rows: TaskRows) -> torch.Tensor:
         """The whole block on its own, dropping by its own CLS attention (the model drives the halves itself)."""

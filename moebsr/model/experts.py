@@ -71,6 +71,25 @@ class Experts(nn.Module):
         hidden = self.drop(self.act(hidden))
         return self.drop(torch.baddbmm(self.fc2_bias.unsqueeze(1), hidden, fc2_weight.transpose(1, 2)))
 
+    def select_experts(self, index: torch.Tensor) -> "Experts":
+        """A bank of only the experts in ``index`` (expert pruning); each parameter keeps its own dtype (a bf16-stored
+        frozen weight, ``bsr.frozen_dtype``, beside an fp32 bias)."""
+        kept = Experts(len(index), self.dim, self.hidden_features, copy.deepcopy(self.act), drop=self.drop.p)
+        for name, parameter in self.named_parameters(recurse=False):
+            getattr(kept, name).data = parameter.detach().index_select(0, index)
+        return kept
+
+    def dense_mlp(self, expert: int) -> Mlp:
+        """Expert ``expert`` as a timm ``Mlp`` (a layer pruned to one expert becomes dense)."""
+        dense = Mlp(self.dim, self.hidden_features, drop=self.drop.p).to(self.fc1_weight.device, self.fc1_weight.dtype)
+        dense.act = copy.deepcopy(self.act)
+        with torch.no_grad():
+            dense.fc1.weight.copy_(self.fc1_weight[expert])
+            dense.fc1.bias.copy_(self.fc1_bias[expert])
+            dense.fc2.weight.copy_(self.fc2_weight[expert])
+            dense.fc2.bias.copy_(self.fc2_bias[expert])
+        return dense
+
     @classmethod
     def upcycle(cls, mlp: nn.Module, num_experts: int, hidden_features: Optional[int] = None) -> "Experts":
         """Experts that each start as an exact copy of ``mlp`` (a timm ``Mlp``).
@@ -81,7 +100,7 @@ class Experts(nn.Module):
         if not isinstance(mlp, Mlp) or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
             raise UnsupportedModelError(
                 f"moe: cannot upcycle a {type(mlp).__name__}; accepted: timm.layers.Mlp with linear fc1/fc2 "
-                "and no inner norm (ViT/DeiT MLPs)")
+                "and no inner norm (ViT/DeiT/EVA MLPs), SwiGLU or GluMlp (EVA-02; see gated_experts.py)")
         dense_hidden, dim = mlp.fc1.weight.shape
         hidden = hidden_features or dense_hidden
         experts = cls(num_experts, dim, hidden, copy.deepcopy(mlp.act), drop=mlp.drop1.p)

@@ -1,4 +1,4 @@
-"""``create_moevit``: turn a timm ViT/DeiT (by name or instance) into a multitask MoE-ViT."""
+"""``create_moevit``: turn a timm ViT/DeiT or EVA/EVA-02 (by name or instance) into a multitask MoE-ViT."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from typing import Any, Mapping, Optional, Union
 import timm
 import torch
 import torch.nn as nn
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
-from .block import MoEViTBlock, check_block_supported
+from .block import MoEViTBlock
 from .bsr import BSRPlan, as_bsr_plan
 from .errors import UnsupportedModelError
-from .experts import Experts
+from .eva import EvaMoEViTBlock, check_eva, is_eva
+from .gated_experts import is_gated_mlp, upcycle_experts
 from .moe import MoEMlp
 from .moevit import HeadFactory, MoEViT
 from .routing import TaskRouter
@@ -32,28 +34,33 @@ def _as_spec(value: Any, spec_type: type, key: str) -> Any:
     raise ValueError(f"{key}: expected a {spec_type.__name__} or a mapping, got {type(value).__name__}")
 
 
-VIT_MODULES = ("vision_transformer", "deit")  # timm modules whose models build a VisionTransformer
+VIT_MODULES = ("vision_transformer", "deit", "eva")  # timm modules whose models build a VisionTransformer or an Eva
+BACKBONE_TYPES = (VisionTransformer, Eva)
+ACCEPTED_NAMES = ("accepted: a timm ViT/DeiT (models that build a timm VisionTransformer, e.g. vit_tiny_patch16_224, "
+                  "deit_small_patch16_224; see timm.list_models(module='vision_transformer')) or EVA/EVA-02 (models "
+                  "that build a timm Eva, e.g. eva02_tiny_patch14_224; module='eva'); not BEiT, SAM, parallel-block "
+                  "ViTs, Swin or CNNs")
+ACCEPTED_FAMILIES = ("accepted: timm VisionTransformer models (vit_*, deit_*, deit3_*, DINOv2, CLIP, SigLIP, ...) or "
+                     "Eva models (EVA/EVA-02: eva02_*, eva_giant_*); not BEiT, SAM, parallel-block ViTs, Swin or CNNs")
 
 
 def check_model_name(name: str) -> str:
-    """A timm ViT/DeiT name, or a one-line error naming the accepted families (before any kwargs reach timm,
+    """A timm ViT/DeiT or EVA name, or a one-line error naming the accepted families (before any kwargs reach timm,
     where a CNN would fail on ``img_size`` with a TypeError)."""
-    accepted = ("accepted: a timm ViT/DeiT (models that build a timm VisionTransformer, e.g. "
-                "vit_tiny_patch16_224, deit_small_patch16_224; see timm.list_models(module='vision_transformer'))")
     if name not in timm.list_models():
-        raise UnsupportedModelError(f"model.name: unknown timm model {name!r}; {accepted}")
+        raise UnsupportedModelError(f"model.name: unknown timm model {name!r}; {ACCEPTED_NAMES}")
     if not timm.models.is_model_in_modules(name, VIT_MODULES) and not _builds_a_vision_transformer(name):
         raise UnsupportedModelError(f"model.name: {name!r} is not a ViT (it is a timm "
-                                    f"{_model_module(name)!r} model); {accepted}")
+                                    f"{_model_module(name)!r} model); {ACCEPTED_NAMES}")
     return name
 
 
 def _builds_a_vision_transformer(name: str) -> bool:
-    """Whether the model is a timm VisionTransformer whatever module defines it (the hybrid ViTs such as
+    """Whether the model is a timm VisionTransformer or Eva whatever module defines it (the hybrid ViTs such as
     vit_base_r50_s16_224 are): built on the meta device, with no memory, weights or network."""
     try:
         with torch.device("meta"):
-            return isinstance(timm.create_model(name, pretrained=False, num_classes=0), VisionTransformer)
+            return isinstance(timm.create_model(name, pretrained=False, num_classes=0), BACKBONE_TYPES)
     except Exception:  # a model that cannot even be built this way is not one we can convert
         return False
 
@@ -68,8 +75,8 @@ def build_backbone(
         pretrained: bool = False,
         checkpoint_path: Optional[str] = None,
         **timm_kwargs: Any,
-) -> VisionTransformer:
-    """A headless timm ViT. ``checkpoint_path`` loads local weights through timm's pretrained machinery
+) -> Union[VisionTransformer, Eva]:
+    """A headless timm ViT or Eva. ``checkpoint_path`` loads local weights through timm's pretrained machinery
     (head dropped, position embeddings resampled to ``img_size``), which also works offline."""
     if isinstance(model, nn.Module):
         backbone = model
@@ -89,9 +96,10 @@ def build_backbone(
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"model.checkpoint: cannot load {checkpoint_path!r} into {model}: {first_line}") \
                 from error
-    if not isinstance(backbone, VisionTransformer):
-        raise UnsupportedModelError(f"model: {type(backbone).__name__} is not supported; accepted: timm "
-                                    "VisionTransformer models (vit_*, deit_*, deit3_*, DINOv2, CLIP, SigLIP, ...)")
+    if not isinstance(backbone, BACKBONE_TYPES):
+        raise UnsupportedModelError(f"model: {type(backbone).__name__} is not supported; {ACCEPTED_FAMILIES}")
+    if is_eva(backbone):
+        check_eva(backbone)
     backbone.reset_classifier(0)
     return backbone
 
@@ -121,7 +129,7 @@ def create_moevit(
     """Build a multitask MoE-ViT.
 
     Args:
-        model: A timm model name (``vit_*``/``deit_*``) or a ``VisionTransformer`` instance.
+        model: A timm model name (``vit_*``/``deit_*``/``eva02_*``) or a ``VisionTransformer``/``Eva`` instance.
         tasks: Task name -> output count (a linear head), a head module, or a factory ``num_features -> head``.
         moe: Where and how MLPs become MoE; ``None`` = :class:`MoESpec` defaults (the paper's 3/7/11 scaled to
             depth, 16 experts, top-4). ``MoESpec(blocks=())`` keeps the model dense.
@@ -142,6 +150,10 @@ def create_moevit(
 
     backbone = build_backbone(model, pretrained=pretrained, checkpoint_path=checkpoint_path, **timm_kwargs)
     depth = len(backbone.blocks)
+    if moe_spec.backend == "tutel" and (moe_spec.blocks is None or len(moe_spec.blocks)) and any(
+            is_gated_mlp(getattr(block, "mlp", None)) for block in backbone.blocks):
+        raise UnsupportedModelError("moe.backend: tutel cannot run GatedExperts (experts upcycled from a gated MLP, "
+                                    "EVA-02's SwiGLU); accepted: moe.backend=torch for them")
     moe_spec.validate(depth)
     if drop_spec is not None:
         drop_spec.validate(depth)
@@ -154,22 +166,23 @@ def create_moevit(
     moe_blocks = set(moe_spec.resolve_blocks(depth))
     drop_blocks = set(drop_spec.resolve_blocks(depth)) if drop_spec is not None else set()
     task_names = list(tasks)
-    for block in backbone.blocks:
-        check_block_supported(block)
+    block_type = EvaMoEViTBlock if is_eva(backbone) else MoEViTBlock
     blocks = []
     for index, block in enumerate(backbone.blocks):
-        mlp = None
+        keep_rate = drop_spec.keep_rate if index in drop_blocks else None
+        fuse = drop_spec.fuse if drop_spec is not None else True
+        # built before the MLP is read, so an unsupported block (a parallel-block ViT's) is refused in one line
+        moe_block = block_type(block, None, keep_rate, fuse, backbone.num_prefix_tokens,
+                               class_token=getattr(backbone, "cls_token", None) is not None)
         if index in moe_blocks:
-            experts = Experts.upcycle(block.mlp, moe_spec.num_experts, moe_spec.hidden_features)
+            experts = upcycle_experts(moe_block.mlp, moe_spec.num_experts, moe_spec.hidden_features)
             router = TaskRouter(backbone.embed_dim, moe_spec.num_experts, moe_spec.top_k, task_names,
                                 mode=moe_spec.router_mode(index), renormalize=moe_spec.renormalize)
             dispatch = dict(dispatch=moe_spec.dispatch) if moe_spec.backend == "torch" else {}
             mlp = moe_layer_type(router.to(experts.fc1_weight.device), experts, moe_spec.capacity_factor, **dispatch)
             mlp.recompute_experts = moe_spec.recompute_experts
-        keep_rate = drop_spec.keep_rate if index in drop_blocks else None
-        fuse = drop_spec.fuse if drop_spec is not None else True
-        blocks.append(MoEViTBlock(block, mlp, keep_rate, fuse, backbone.num_prefix_tokens,
-                                  class_token=getattr(backbone, "cls_token", None) is not None))
+            moe_block.mlp = mlp
+        blocks.append(moe_block)
     backbone.blocks = nn.Sequential(*blocks)
 
     heads = {name: _build_head(name, head, backbone.num_features) for name, head in tasks.items()}

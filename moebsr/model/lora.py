@@ -10,6 +10,7 @@ from typing import Sequence
 
 from peft import LoraConfig, inject_adapter_in_model
 
+from .eva import check_qkv_adaptable
 from .moevit import MoEViT
 
 LORA_MODULES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
@@ -30,6 +31,9 @@ def apply_lora(model: MoEViT, blocks: Sequence[int], modules: Sequence[str] = ("
     targets = [f"backbone.blocks.{index}.{LORA_MODULES[name]}" for index in blocks for name in modules]
     present = {name for name, _ in model.named_modules()}
     targets = [name for name in targets if name in present]  # fc1/fc2 do not exist in MoE blocks
+    for name in targets:
+        if name.endswith(".attn.qkv"):
+            check_qkv_adaptable(model.get_submodule(name.rpartition(".")[0]), "lora.modules")
     if not targets:
         raise ValueError(f"lora: no linear layer to adapt in blocks {list(blocks)} for modules {list(modules)}")
     trainable_before = {name for name, p in model.named_parameters() if p.requires_grad}

@@ -1,4 +1,4 @@
-"""MoE-ViT: a timm ViT/DeiT with per-task routed MoE blocks, token dropping, BSR and one head per task.
+"""MoE-ViT: a timm ViT/DeiT or EVA/EVA-02 with per-task routed MoE blocks, token dropping, BSR and one head per task.
 
 Data flow of ``forward(images, tasks)``: the stem and the blocks before the first trainable one run under
 ``torch.no_grad()`` (they keep no activations); up to the first task-specific layer (a per-task-routed MoE MLP,
@@ -30,11 +30,13 @@ import torch
 import torch.nn as nn
 from einops import repeat
 from timm.layers import RmsNorm
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from .block import MoEViTBlock
 from .bsr import ResolvedBSRPlan, SUBLAYERS, set_requires_grad
+from .eva import embed_eva, is_eva
 from .moe import MoEMlp, TaskRows
 from .spec import check_decision
 from .token_drop import TokenSelection, num_kept_tokens
@@ -73,13 +75,13 @@ class TrunkState:
 
 
 class MoEViT(nn.Module):
-    """Multitask MoE-ViT around a timm ``VisionTransformer`` (``backbone``) whose blocks were replaced.
+    """Multitask MoE-ViT around a timm ``VisionTransformer`` or ``Eva`` (``backbone``) whose blocks were replaced.
 
     Build it with :func:`moebsr.model.create_moevit`. ``backbone`` keeps timm's module names, so
     ``backbone.state_dict()`` outside the MoE MLPs is a timm state dict.
     """
 
-    def __init__(self, backbone: VisionTransformer, heads: Mapping[str, nn.Module],
+    def __init__(self, backbone: Union[VisionTransformer, Eva], heads: Mapping[str, nn.Module],
                  token_drop_decision: str = "shared") -> None:
         super().__init__()
         self.backbone = backbone
@@ -125,8 +127,9 @@ class MoEViT(nn.Module):
     def stem_parameters(self) -> list[nn.Parameter]:
         backbone = self.backbone
         tokens = [getattr(backbone, name, None) for name in ("cls_token", "reg_token", "pos_embed")]
-        modules = [backbone.patch_embed, backbone.norm_pre]
-        return [p for p in tokens if isinstance(p, nn.Parameter)] + [p for m in modules for p in m.parameters()]
+        modules = [backbone.patch_embed, backbone.norm_pre, getattr(backbone, "rope", None)]  # rope: EVA's table
+        return [p for p in tokens if isinstance(p, nn.Parameter)] + \
+            [p for m in modules if m is not None for p in m.parameters()]
 
     def first_grad_block(self) -> int:
         """Index of the first block that needs autograd; -1 if the stem does, ``depth`` if no block does.
@@ -218,7 +221,8 @@ class MoEViT(nn.Module):
     def frozen_modules(self) -> list[nn.Module]:
         """The stem (when it does not train) and every block none of whose parameters train."""
         backbone = self.backbone
-        stem = [backbone.patch_embed, backbone.pos_drop, backbone.patch_drop, backbone.norm_pre]
+        stem = [m for m in (backbone.patch_embed, backbone.pos_drop, backbone.patch_drop, backbone.norm_pre,
+                            getattr(backbone, "rope", None)) if m is not None]  # an Eva: rope; no patch_drop at 0
         frozen = stem if not any(p.requires_grad for p in self.stem_parameters()) else []
         return frozen + [block for block in self.blocks if not any(p.requires_grad for p in block.parameters())]
 
@@ -243,12 +247,13 @@ class MoEViT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameters exempt from weight decay by their role: tokens and position embeddings (timm's list), every
-        bias (the experts' stacked ``[E, ...]`` biases too, which timm's ``ndim <= 1`` rule misses), every norm."""
+        bias (the experts' stacked ``[E, ...]`` biases too, which timm's ``ndim <= 1`` rule misses), every norm
+        (EVA-02 experts' stacked inner norms too)."""
         names = {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
         for module_name, module in self.named_modules():
             is_norm = isinstance(module, NORM_TYPES)
             for name, _ in module.named_parameters(recurse=False):
-                if is_norm or name == "bias" or name.endswith("_bias"):
+                if is_norm or name == "bias" or name.endswith(("_bias", "norm_weight")):  # experts' inner norms
                     names.add(f"{module_name}.{name}" if module_name else name)
         return names
 
@@ -292,10 +297,14 @@ class MoEViT(nn.Module):
     def start_trunk(self, images: torch.Tensor, tasks: Sequence[str]) -> TrunkState:
         """The stream entering block 0: patch and position embeddings, one row per image (no task split yet)."""
         backbone = self.backbone
+        rope = None  # each token's rotary row, for an EVA-02 (eva.py)
         with _no_grad_if(self.first_grad_block() >= 0):
-            x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images))))
+            if is_eva(backbone):
+                x, rope = embed_eva(backbone, images)
+            else:
+                x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images))))
         batch = images.shape[0]
-        selection = TokenSelection.start(batch, x.shape[1] - backbone.num_prefix_tokens, x.device)
+        selection = TokenSelection.start(batch, x.shape[1] - backbone.num_prefix_tokens, x.device, rope)
         return TrunkState(x, selection, list(tasks), batch)
 
     def forward_frozen_trunk(self, images: torch.Tensor, tasks: Union[str, Sequence[str]]) -> TrunkState:

@@ -98,6 +98,8 @@ def store_frozen_weights(model: nn.Module, dtype_name: str) -> list[str]:
         if isinstance(module, Experts):
             _store_low(module.fc1_weight, dtype)  # forward_expert goes through frozen_linear
             _store_low(module.fc2_weight, dtype)
+            if getattr(module, "fc1_gate_weight", None) is not None:  # gated experts (EVA-02's SwiGLU)
+                _store_low(module.fc1_gate_weight, dtype)
         elif type(module) in (nn.Linear, nn.Conv2d):
             _store_low(module.weight, dtype)
             module.__class__ = LowPrecisionLinear if type(module) is nn.Linear else LowPrecisionConv2d

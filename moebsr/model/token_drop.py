@@ -18,7 +18,7 @@ every block of the shared trunk), or one ranking made on the shared stream and c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -114,31 +114,49 @@ class TokenSelection:
             (``FUSED_TOKEN`` for a fused token).
         ranking: ``[R, P]`` the shared ranking of the present tokens (``decision: shared``), or ``None`` while every
             block ranks by its own CLS attention. A fused token ranks by the summed scores of the tokens it holds.
+        rope: ``[R, P, D]`` each present token's rotary embedding (sin and cos concatenated, timm's ``cat`` layout)
+            for a backbone with rotary positions (EVA-02), ``None`` otherwise. Kept tokens carry their own patch's row,
+            so later attentions rotate them exactly as the undropped model would. A fused token gets the identity
+            rotation (sin 0, cos 1): it mixes many positions, no single one is right, and unrotated it attends by
+            content alone, as the prefix tokens do (timm leaves them unrotated).
     """
 
     origin: torch.Tensor
     ranking: Optional[torch.Tensor] = None
+    rope: Optional[torch.Tensor] = None
 
     @classmethod
-    def start(cls, batch: int, num_patches: int, device: torch.device) -> "TokenSelection":
-        return cls(torch.arange(num_patches, device=device).expand(batch, num_patches))
+    def start(cls, batch: int, num_patches: int, device: torch.device,
+              rope: Optional[torch.Tensor] = None) -> "TokenSelection":
+        return cls(torch.arange(num_patches, device=device).expand(batch, num_patches), rope=rope)
 
     def with_ranking(self, scores: torch.Tensor) -> "TokenSelection":
-        return TokenSelection(self.origin, scores.detach().float())  # a decision, not a path for gradients
+        return replace(self, ranking=scores.detach().float())  # a decision, not a path for gradients
 
     def keep(self, kept_index: torch.Tensor, fuse: bool) -> "TokenSelection":
         """The selection after keeping ``kept_index`` (and appending a fused token with ``fuse``)."""
         origin = self.origin.gather(1, kept_index)
         ranking = self.ranking.gather(1, kept_index) if self.ranking is not None else None
+        rope = None
+        if self.rope is not None:
+            rope = self.rope.gather(1, repeat(kept_index, "b k -> b k d", d=self.rope.shape[-1]))
         if fuse:
             origin = torch.cat([origin, origin.new_full((origin.shape[0], 1), FUSED_TOKEN)], dim=1)
             if ranking is not None:
                 dropped = self.ranking.scatter(1, kept_index, 0.0).sum(dim=1, keepdim=True)
                 ranking = torch.cat([ranking, dropped], dim=1)
-        return TokenSelection(origin, ranking)
+            if rope is not None:
+                rope = torch.cat([rope, identity_rotation(rope.shape[0], rope.shape[-1], rope)], dim=1)
+        return TokenSelection(origin, ranking, rope)
 
     def repeat(self, times: int) -> "TokenSelection":
         """One copy per task, stacked as the model stacks the batch (rows ``[t*B, (t+1)*B)`` are copy t)."""
         def stack(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if tensor is None else repeat(tensor, "b p -> (t b) p", t=times)
-        return TokenSelection(stack(self.origin), stack(self.ranking))
+            return None if tensor is None else repeat(tensor, "b ... -> (t b) ...", t=times)
+        return TokenSelection(stack(self.origin), stack(self.ranking), stack(self.rope))
+
+
+def identity_rotation(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """``[rows, 1, width]`` rotary rows that rotate by zero: sin 0 then cos 1 (timm's ``cat`` layout)."""
+    half = like.new_zeros(rows, 1, width // 2)
+    return torch.cat([half, half + 1], dim=-1)

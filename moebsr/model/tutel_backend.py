@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .errors import UnsupportedModelError
 from .experts import Experts
 from .moe import MoEMlp, TaskRows
 from .routing import Fp32Gate, TaskRouter
@@ -142,6 +143,9 @@ class TutelMoEMlp(MoEMlp):
             capacity_factor: Optional[float] = None,
             group: Optional[dist.ProcessGroup] = None,
     ) -> None:
+        if type(experts) is not Experts:  # ShardedExperts copies fc1/fc2 only: a gate path would be lost
+            raise UnsupportedModelError(f"moe.backend: tutel cannot run {type(experts).__name__} (experts upcycled "
+                                        "from a gated MLP, EVA-02's SwiGLU); accepted: moe.backend=torch for them")
         tutel_moe = require_tutel()
         _, world = process_group_size(group)
         if experts.num_experts % world:
