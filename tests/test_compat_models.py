@@ -22,7 +22,7 @@ from moebsr.user_errors import is_user_error
 from numerics import assert_close_at_scale
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2)  # random weights, 2 blocks: seconds per family
-ACCEPTED = r"accepted: .*(ViT|Block)"  # every refusal names what is accepted
+ACCEPTED = r"accepted: .*ViT.*EVA"  # every refusal names the accepted families, EVA included
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,13 @@ MODEL_FAMILIES = [
     ModelFamily("FlexiViT", "flexivit_small", _tiny(), 1),
     ModelFamily("ViT without class token (global average pool)", "vit_base_patch16_gap_224", _tiny(), 0, False),
     ModelFamily("Hybrid ViT (ResNet stem)", "vit_tiny_r_s16_p8_224", dict(TINY, img_size=64), 1),
+    ModelFamily("EVA-02 (rotary positions, packed SwiGLU)", "eva02_tiny_patch14_224", _tiny(img_size=28, patch_size=7),
+                1),
+    ModelFamily("EVA-02 base (separate q/k/v, SwiGLU with inner norm)", "eva02_base_patch14_224",
+                _tiny(img_size=28, patch_size=7), 1),
+    ModelFamily("DINOv3 (rotary positions, registers)", "vit_small_patch16_dinov3", _tiny(), 5),
+    ModelFamily("Rotary ViT without class token (register, GAP)", "vit_medium_patch16_rope_reg1_gap_256", _tiny(), 1,
+                False),
     ModelFamily("BEiT (relative position bias)", "beit_base_patch16_224",
                 refusal=r"^model.name: 'beit_base_patch16_224' is not a ViT \(it is a timm 'beit' model\); "),
     ModelFamily("ViT with relative position (relpos)", "vit_relpos_base_patch16_224",
