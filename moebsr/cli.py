@@ -1,5 +1,5 @@
 """The ``moebsr`` command: one sub-command per job (``tasks``, ``train``, ``eval``, ``tokens``, ``profile``,
-``export``, ``predict``).
+``export``, ``predict``, ``plan``).
 
 Bad input (unknown task, broken task file, bad config) exits 2 with one line on stderr, not a stack trace.
 """
@@ -97,6 +97,20 @@ def command_profile(args: argparse.Namespace) -> int:
                             device=args.device, tasks_per_step=args.tasks_per_step, peak_only=args.peak_only,
                             cpu_peak_command=peak_command)
     print(json.dumps(report) if args.json or args.peak_only else format_profile(report))
+    return 0
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    """Which sub-layers to train (and what it will cost) for a budget, from a few batches of every task."""
+    from pathlib import Path
+
+    from .config import load_config
+    from .planning import parse_budget
+    from .planning.plan import format_report, run_plan
+    budget = parse_budget(args.budget)  # before the config and the model: a typo costs nothing
+    out = Path(args.out)
+    report = run_plan(load_config(args.config, args.overrides), budget, args.batches, out)
+    print(format_report(report, out))
     return 0
 
 
@@ -256,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only the peak-memory reading (what the CPU child process runs)")
     profile.add_argument("--json", action="store_true", help="print one JSON object")
     profile.set_defaults(handler=command_profile)
+    planning = commands.add_parser("plan", help="choose what trains for a memory or FLOPs budget, from your data")
+    planning.add_argument("--config", required=True, help="YAML file in configs/")
+    planning.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    planning.add_argument("--budget", required=True,
+                          help="memory=600MiB, memory=0.3x, flops=2GFLOP or flops=0.4x (x: of full fine-tuning)")
+    planning.add_argument("--batches", type=POSITIVE_INT, default=2, help="batches of every task to score units on")
+    planning.add_argument("--out", required=True, help="the config to write (P.plan.json, P.frontier.png beside it)")
+    planning.set_defaults(handler=command_plan)
     return parser
 
 

@@ -77,6 +77,7 @@ class BSRConfig:
     sublayers: List[str] = field(default_factory=lambda: ["attn", "mlp", "router", "norm"])
     train_final_norm: Optional[bool] = None
     train_embeddings: Optional[bool] = None
+    block_sublayers: Optional[Dict[int, List[str]]] = None  # per-block sub-layers (what `moebsr plan` writes)
     frozen_dtype: str = "fp32"  # bf16/fp16: frozen matmul weights stored (and computed) in it; see model/precision.py
 
     def plan(self) -> BSRPlan:

@@ -15,6 +15,7 @@ _USER_ERROR_CLASSES = {
     "moebsr.model.tutel_backend": ("TutelBackendError",),
     "moebsr.deploy.bundle": ("ExportError",),
     "moebsr.model.errors": ("UnsupportedModelError",),
+    "moebsr.planning.budget": ("PlanError",),
 }
 
 

@@ -7,7 +7,7 @@ code freezes by matching '3', '7', '11' in names, which also catches e.g. 'block
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch.nn as nn
 
@@ -30,6 +30,8 @@ class BSRPlan:
             ``router`` (MoE gates), ``norm``.
         train_final_norm: Train the final norm (the paper does; defaults to False for ``none``).
         train_embeddings: Train patch/position embeddings and the CLS token (defaults to True only for ``all``).
+        block_sublayers: Block -> the sub-layers it trains, for a choice made per block (``moebsr plan`` writes
+            one); these blocks train beside the preset's, and only the sub-layers named for them.
     """
 
     preset: str = "paper"
@@ -38,6 +40,7 @@ class BSRPlan:
     sublayers: Sequence[str] = field(default_factory=lambda: list(SUBLAYERS))
     train_final_norm: Optional[bool] = None
     train_embeddings: Optional[bool] = None
+    block_sublayers: Optional[Mapping[int, Sequence[str]]] = None
 
     def validate(self, depth: int) -> None:
         self.resolve(depth)
@@ -64,7 +67,23 @@ class BSRPlan:
             raise ValueError("bsr.trainable_blocks: required with preset 'custom'; accepted: a list of indices")
         final_norm = self.train_final_norm if self.train_final_norm is not None else self.preset != "none"
         embeddings = self.train_embeddings if self.train_embeddings is not None else self.preset == "all"
-        return ResolvedBSRPlan(blocks, frozenset(self.sublayers), final_norm, embeddings)
+        per_block = self._resolve_block_sublayers(depth)
+        blocks = tuple(sorted(set(blocks) | {index for index, _ in per_block}))
+        return ResolvedBSRPlan(blocks, frozenset(self.sublayers), final_norm, embeddings, per_block)
+
+    def _resolve_block_sublayers(self, depth: int) -> tuple[tuple[int, frozenset[str]], ...]:
+        if not self.block_sublayers:
+            return ()
+        indices = check_block_indices("bsr.block_sublayers", list(self.block_sublayers), depth)
+        resolved = []
+        for index in indices:
+            names = list(self.block_sublayers[index])
+            unknown = [name for name in names if name not in SUBLAYERS]
+            if unknown or not names:
+                raise ValueError(f"bsr.block_sublayers.{index}: {names!r} is invalid; accepted: a non-empty list of "
+                                 f"{', '.join(SUBLAYERS)}")
+            resolved.append((index, frozenset(names)))
+        return tuple(sorted(resolved))
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,13 @@ class ResolvedBSRPlan:
     sublayers: frozenset[str]
     train_final_norm: bool
     train_embeddings: bool
+    block_sublayers: tuple[tuple[int, frozenset[str]], ...] = ()
+
+    def sublayers_of(self, block: int) -> frozenset[str]:
+        """What trains in ``block`` (empty for a frozen block)."""
+        if block not in self.trainable_blocks:
+            return frozenset()
+        return dict(self.block_sublayers).get(block, self.sublayers)
 
 
 def as_bsr_plan(plan: "BSRPlan | str | dict | None") -> BSRPlan:

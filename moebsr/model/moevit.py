@@ -207,7 +207,7 @@ class MoEViT(nn.Module):
         self.requires_grad_(False)
         for index in plan.trainable_blocks:
             for sublayer in SUBLAYERS:
-                if sublayer in plan.sublayers:
+                if sublayer in plan.sublayers_of(index):
                     set_requires_grad(self.blocks[index].sublayer_modules(sublayer), True)
         if plan.train_final_norm:
             set_requires_grad([self.backbone.norm, self.backbone.fc_norm], True)

@@ -1,0 +1,200 @@
+"""What a training plan costs, composed from a few measured steps of the real model.
+
+A *unit* is one sub-layer of one block (``attn``, ``mlp``, ``norm``, ``router``). Costs are not additive over units:
+the blocks before the first trainable one run without autograd and store nothing, and neither does the part of that
+first block before its first trainable sub-layer; which of its sub-layers train also decides what its own backward
+keeps (a router training alone needs the experts' outputs, not their insides). From the first trainable block on,
+every block stores what backward needs to pass gradients through it, trained or not, and training a sub-layer there
+adds what its weight gradient needs. So a plan ``U`` whose first trainable block is ``f``, training ``S`` there, costs
+
+    q(U) = first(f, S) + sum over units u of U after block f of extra(u)
+
+both read off measured steps, not guessed:
+
+- ``first(f, S)``: block ``f`` trains ``S`` alone, for every block and non-empty subset of its units (7 per block,
+  15 with a router) - the heads, final norm, forward of everything and backward down into block ``f``;
+- ``extra(u)``: block 0's norms and ``u`` train, less block 0's norms alone (the path is open from the start there,
+  so this is what training ``u`` adds: weight gradients' inputs, their FLOPs, the bytes of weights a frozen-weight
+  dtype would have shrunk).
+
+Each is one step of ``moebsr profile``'s own measurements (``saved_activation_bytes`` and ``training_step_flops`` on
+the same synthetic batch, plus the parameter bytes), so a prediction and a profile of the same plan read the same
+instruments. Gradient and optimizer-state bytes follow from the trainable parameter count.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from ..model import MoEViT
+from ..model.bsr import ResolvedBSRPlan
+
+UNIT_SUBLAYERS = ("attn", "mlp", "norm", "router")
+Unit = tuple[int, str]  # (block, sub-layer)
+QUANTITIES = ("parameter_bytes", "saved_bytes", "flops")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """The plan-dependent quantities of one training step (one value per name in ``QUANTITIES``)."""
+
+    parameter_bytes: float = 0.0
+    saved_bytes: float = 0.0
+    flops: float = 0.0
+
+    def __add__(self, other: "Measure") -> "Measure":
+        return Measure(*(getattr(self, q) + getattr(other, q) for q in QUANTITIES))
+
+    def __sub__(self, other: "Measure") -> "Measure":
+        return Measure(*(getattr(self, q) - getattr(other, q) for q in QUANTITIES))
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """A plan's predicted (or measured) step: ``memory_bytes`` is what ``moebsr profile`` calls training memory."""
+
+    parameter_bytes: float
+    gradient_bytes: float
+    optimizer_state_bytes: float
+    saved_bytes: float
+    flops: float
+    trainable_params: int
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.parameter_bytes + self.gradient_bytes + self.optimizer_state_bytes + self.saved_bytes
+
+    def value(self, kind: str) -> float:
+        return self.memory_bytes if kind == "memory" else self.flops
+
+
+@dataclass
+class CostModel:
+    """Measured pieces of ``q(U)`` (see the module doc) for one model, batch, precision and set of tasks."""
+
+    depth: int
+    units: list[Unit]
+    unit_params: dict[Unit, int]
+    first: dict[tuple[int, frozenset[str]], Measure]  # first(f, S) for every block f and non-empty subset S
+    extra: dict[Unit, Measure]
+    heads_only: Measure              # no block trains
+    base_params: int                 # heads and final norm (they always train)
+    state_bytes_per_param: int       # gradient + optimizer state per trainable parameter
+    gradient_bytes_per_param: int = 4
+    measure_seconds: float = 0.0
+    measured_steps: int = 0
+    full: PlanCost = field(default=None)  # full fine-tuning (embeddings too), the reference of relative budgets
+
+    def predict(self, units: Iterable[Unit]) -> PlanCost:
+        chosen = sorted(set(units))
+        measure = self.heads_only
+        if chosen:
+            block = chosen[0][0]
+            measure = self.first[(block, frozenset(sublayer for index, sublayer in chosen if index == block))]
+        for unit in chosen:
+            if unit[0] != chosen[0][0]:
+                measure = measure + self.extra[unit]
+        params = self.base_params + sum(self.unit_params[unit] for unit in chosen)
+        optimizer = self.state_bytes_per_param - self.gradient_bytes_per_param
+        return PlanCost(measure.parameter_bytes, params * self.gradient_bytes_per_param, params * optimizer,
+                        measure.saved_bytes, measure.flops, params)
+
+
+def plan_units(model: MoEViT) -> list[Unit]:
+    """Every unit the model has: a router only where a block's MLP is a mixture of experts."""
+    return [(index, sublayer) for index, block in enumerate(model.blocks) for sublayer in UNIT_SUBLAYERS
+            if sublayer != "router" or block.is_moe]
+
+
+def units_plan(units: Iterable[Unit]) -> ResolvedBSRPlan:
+    """The BSR plan that trains exactly ``units`` (and the final norm and heads)."""
+    per_block: dict[int, set[str]] = {}
+    for block, sublayer in units:
+        per_block.setdefault(block, set()).add(sublayer)
+    return ResolvedBSRPlan(tuple(sorted(per_block)), frozenset(), True, False,
+                           tuple((block, frozenset(names)) for block, names in sorted(per_block.items())))
+
+
+def unit_parameter_counts(model: MoEViT, units: Sequence[Unit]) -> dict[Unit, int]:
+    counts = {}
+    for block, sublayer in units:
+        parameters = {id(p): p for module in model.blocks[block].sublayer_modules(sublayer)
+                      for p in module.parameters()}
+        counts[(block, sublayer)] = sum(p.numel() for p in parameters.values())
+    return counts
+
+
+def measure_cost_model(build: Callable[[ResolvedBSRPlan], MoEViT], step_measure: Callable[[MoEViT], Measure],
+                       optimizer_state_per_param: int, full_plan: ResolvedBSRPlan) -> CostModel:
+    """Measure ``first(f, S)``, ``extra(u)`` (module doc) and full fine-tuning.
+
+    Args:
+        build: The model training a given plan (the same weights each time; frozen-weight dtypes applied).
+        step_measure: One step's :class:`Measure` of a model.
+        optimizer_state_per_param: Optimizer-state bytes per trainable parameter (AdamW 8, SGD with momentum 4).
+        full_plan: Full fine-tuning, for relative budgets.
+    """
+    start = time.perf_counter()
+    measured = 0
+
+    def measure(units: Sequence[Unit]) -> Measure:
+        nonlocal measured
+        measured += 1
+        return step_measure(build(units_plan(units)))
+
+    reference = build(units_plan([]))
+    units = plan_units(reference)
+    depth = reference.depth
+    unit_params = unit_parameter_counts(reference, units)
+    base_params = sum(p.numel() for p in reference.parameters() if p.requires_grad)
+    heads_only = step_measure(reference)
+    first = {}
+    for block in range(depth):
+        own = [sublayer for index, sublayer in units if index == block]
+        for size in range(1, len(own) + 1):
+            for subset in itertools.combinations(own, size):
+                first[(block, frozenset(subset))] = measure([(block, sublayer) for sublayer in subset])
+    opened = first[(0, frozenset(["norm"]))]
+    extra = {unit: measure([(0, "norm"), unit]) - opened for unit in units if unit[0] > 0}
+    for unit in units:  # block 0's own, for the candidate table (a plan never adds them to a later first block)
+        if unit[0] == 0:
+            with_unit, without = ({"norm", unit[1]}, {"norm"}) if unit[1] != "norm" else ({"norm", "attn"}, {"attn"})
+            extra[unit] = first[(0, frozenset(with_unit))] - first[(0, frozenset(without))]
+    gradient_bytes = 4
+    model = CostModel(depth, units, unit_params, first, extra, heads_only, base_params,
+                      gradient_bytes + optimizer_state_per_param, gradient_bytes)
+    full_model = build(full_plan)
+    full_measure = step_measure(full_model)
+    full_params = sum(p.numel() for p in full_model.parameters() if p.requires_grad)
+    model.full = PlanCost(full_measure.parameter_bytes, full_params * gradient_bytes,
+                          full_params * optimizer_state_per_param, full_measure.saved_bytes, full_measure.flops,
+                          full_params)
+    model.measured_steps = measured + 2
+    model.measure_seconds = time.perf_counter() - start
+    return model
+
+
+def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, precision: str
+                           ) -> Callable[[MoEViT], Measure]:
+    """A step's measure on the synthetic batch ``moebsr profile`` uses (same seed, images and labels)."""
+    from ..profiling import saved_activation_bytes, synthetic_labels, training_step_flops
+
+    def step_measure(model: MoEViT) -> Measure:
+        model.train()
+        image_size = int(model.backbone.patch_embed.img_size[0])
+        in_chans = int(model.backbone.patch_embed.proj.in_channels)
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(batch_size, in_chans, image_size, image_size, generator=generator).to(device)
+        labels = {t: v.to(device) for t, v in synthetic_labels(task_outputs, batch_size).items()}
+        saved = saved_activation_bytes(model, images, labels, precision)
+        flops = training_step_flops(model, images, labels, precision)
+        parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        return Measure(float(parameter_bytes), float(saved), float(flops))
+
+    return step_measure

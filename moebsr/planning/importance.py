@@ -1,0 +1,122 @@
+"""How much training each unit would help, from a few batches of the user's own data.
+
+The criterion is TinyTrain's Fisher potential (Kwon et al., ICML 2024, after Theis et al. 2018), on activations:
+for a unit whose output is ``a`` (tokens x channels) and whose loss gradient there is ``g``, each image contributes
+``sum_c (sum_tokens a_c g_c)^2``: the first-order change of the loss if that output's channels were rescaled, i.e.
+how much the loss is still asking of that sub-layer. It needs gradients *with respect to activations* only, so no
+parameter gradient is ever allocated (``torch.autograd.grad`` on the outputs): the planning pass stores one
+micro-batch's activations and the weights, not full fine-tuning's gradients and optimizer state.
+
+Every task counts equally: a task's unit scores are divided by their sum over units before the tasks are added.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..model import MoEViT
+from ..model.bsr import ResolvedBSRPlan
+from .costs import Unit
+
+
+@dataclass
+class Importance:
+    """Per-unit scores (summing to the number of tasks) and what computing them cost."""
+
+    scores: dict[Unit, float]
+    per_task: dict[str, dict[Unit, float]]
+    raw_per_task: dict[str, dict[Unit, float]]  # before normalising: the Fisher potentials themselves
+    images_per_task: dict[str, int]
+    micro_batch: int
+    seconds: float
+
+
+def _unit_outputs(model: MoEViT, units: Sequence[Unit]) -> dict[Unit, list[nn.Module]]:
+    """The modules whose outputs stand for each unit: the attention's projection (called on both the fused and the
+    token-ranking path), the whole MLP (experts and their combination), both norms, the router's gate."""
+    modules: dict[Unit, list[nn.Module]] = {}
+    for block_index, sublayer in units:
+        block = model.blocks[block_index]
+        if sublayer == "attn":
+            modules[(block_index, sublayer)] = [block.attn.proj]
+        elif sublayer == "mlp":
+            modules[(block_index, sublayer)] = [block.mlp]
+        elif sublayer == "norm":
+            modules[(block_index, sublayer)] = [block.norm1, block.norm2]
+        else:
+            modules[(block_index, sublayer)] = [block.mlp.router]  # its output's expert weights carry the gate's grad
+    return modules
+
+
+def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]], labels: Mapping[str, Iterable],
+                     units: Sequence[Unit], micro_batch: int) -> Importance:
+    """Scores of ``units`` from ``batches[task]`` (image tensors) and ``labels[task]`` (matching label tensors).
+
+    The model runs in eval mode (no dropout: the scores are a property of the data, not of a random mask) with every
+    parameter marked trainable for the duration, so that the frozen prefix is on the autograd path too; the marks
+    are restored afterwards.
+    """
+    start = time.perf_counter()
+    outputs_of = _unit_outputs(model, units)
+    captured: dict[Unit, list[torch.Tensor]] = {unit: [] for unit in units}
+    handles = []
+    for unit, modules in outputs_of.items():
+        for module in modules:
+            handles.append(module.register_forward_hook(
+                lambda _module, _inputs, output, unit=unit: captured[unit].append(
+                    getattr(output, "expert_weight", output))))
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.requires_grad_(True)
+    model.eval()
+    per_task: dict[str, dict[Unit, float]] = {}
+    raw_per_task: dict[str, dict[Unit, float]] = {}
+    images_per_task: dict[str, int] = {}
+    try:
+        for task in batches:
+            totals = {unit: 0.0 for unit in units}
+            count = 0
+            for images, targets in zip(batches[task], labels[task]):
+                for chunk in range(0, images.shape[0], micro_batch):
+                    for unit in units:
+                        captured[unit].clear()
+                    rows = min(micro_batch, images.shape[0] - chunk)
+                    logits = model(images[chunk:chunk + micro_batch], [task])[task]
+                    loss = F.cross_entropy(logits.float(), targets[chunk:chunk + micro_batch], reduction="sum")
+                    flat = [(unit, output) for unit in units for output in captured[unit] if output.requires_grad]
+                    gradients = torch.autograd.grad(loss, [output for _, output in flat], allow_unused=True)
+                    for (unit, output), gradient in zip(flat, gradients):
+                        if gradient is not None:
+                            totals[unit] += _potential(output.detach(), gradient, rows)
+                    count += rows
+            total = sum(totals.values()) or 1.0
+            per_task[task] = {unit: value / total for unit, value in totals.items()}
+            raw_per_task[task] = totals
+            images_per_task[task] = count
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(requires_grad[name])
+        model.train(was_training)
+    scores = {unit: sum(task_scores[unit] for task_scores in per_task.values()) for unit in units}
+    return Importance(scores, per_task, raw_per_task, images_per_task, micro_batch, time.perf_counter() - start)
+
+
+def _potential(activation: torch.Tensor, gradient: torch.Tensor, images: int) -> float:
+    """``sum over images and channels of (sum over tokens of a * g)^2``. A router's expert weights come flat
+    (``[images * tokens, top_k]``): they are regrouped per image first."""
+    product = (activation.float() * gradient.float())
+    product = product.reshape(images, -1, product.shape[-1]).sum(dim=1)
+    return float(product.pow(2).sum())
+
+
+def restore_plan(model: MoEViT, plan: ResolvedBSRPlan) -> None:
+    model.apply_bsr(plan)
+    model.train()

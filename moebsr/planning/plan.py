@@ -1,0 +1,223 @@
+"""``moebsr plan``: from a config, a budget and a few batches of every task, the config that trains the most
+important units that fit (see :mod:`.costs`, :mod:`.importance`, :mod:`.search`).
+
+Everything is decided before anything is written: an unreachable budget is one line naming the cheapest plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..config import RunConfig, save_config
+from ..model import MoEViT
+from ..model.bsr import ResolvedBSRPlan
+from .budget import Budget, PlanError, format_amount
+from .costs import CostModel, PlanCost, Unit, measure_cost_model, plan_units, synthetic_step_measure
+from .importance import Importance, fisher_potential
+from .search import Choice, best_plan, frontier
+
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4}
+PRESETS = ("paper", "last_k", "none")
+
+
+def check_plannable(config: RunConfig) -> None:
+    """The planner chooses BSR units of the MoE-ViT itself; parameter-efficient add-ons are other plans."""
+    for section in ("lora", "adapters"):
+        if getattr(config, section).enabled:
+            raise PlanError(f"{section}.enabled: moebsr plan chooses the backbone's own sub-layers; accepted: a "
+                             f"config with {section}.enabled=false")
+
+
+def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: list[str]) -> CostModel:
+    """Measure the cost model on the configured model with random weights (costs do not depend on their values),
+    built as ``moebsr profile`` builds it, at the configured batch and precision."""
+    from ..build import model_from_config
+    from ..model.precision import store_frozen_weights
+    measured = copy.deepcopy(config)
+    measured.model.pretrained, measured.model.checkpoint = False, None
+    measured.bsr.frozen_dtype = "fp32"
+    torch.manual_seed(config.train.seed)
+    base = model_from_config(measured, {name: task_outputs[name] for name in task_outputs})
+    frozen_dtype = config.bsr.frozen_dtype
+
+    def build(plan: ResolvedBSRPlan) -> MoEViT:
+        model = base if frozen_dtype == "fp32" else copy.deepcopy(base)
+        model.apply_bsr(plan)
+        store_frozen_weights(model, frozen_dtype)
+        return model
+
+    full = ResolvedBSRPlan(tuple(range(base.depth)), frozenset(("attn", "mlp", "router", "norm")), True, True)
+    step_measure = synthetic_step_measure({name: task_outputs[name] for name in step_tasks},
+                                          config.train.batch_size, config.train.mixed_precision)
+    return measure_cost_model(build, step_measure, OPTIMIZER_STATE_BYTES[config.train.optimizer], full)
+
+
+def preset_units(config: RunConfig, model: CostModel, preset: str) -> tuple[Unit, ...]:
+    bsr = dataclasses.replace(config.bsr, preset=preset, trainable_blocks=None, block_sublayers=None)
+    resolved = bsr.plan().resolve(model.depth)
+    return tuple(unit for unit in model.units if unit[1] in resolved.sublayers_of(unit[0]))
+
+
+def planned_config(config: RunConfig, units: tuple[Unit, ...]) -> RunConfig:
+    planned = copy.deepcopy(config)
+    per_block: dict[int, list[str]] = {}
+    for block, sublayer in units:
+        per_block.setdefault(block, []).append(sublayer)
+    planned.bsr = dataclasses.replace(config.bsr, preset="custom" if per_block else "none",
+                                      trainable_blocks=sorted(per_block) if per_block else None,
+                                      block_sublayers=per_block or None, train_final_norm=True,
+                                      train_embeddings=False)
+    return planned
+
+
+def importance_for(config: RunConfig, data: Any, units: list[Unit], batches: int, micro_batch: int) -> Importance:
+    """Fisher potential on the configured model with its real weights and ``batches`` batches of every task."""
+    from accelerate import Accelerator
+
+    from ..build import image_spec_of, model_from_config
+    scored = copy.deepcopy(config)
+    scored.bsr.frozen_dtype = "fp32"  # every weight is on the autograd path while scoring; low-precision ones refuse it
+    torch.manual_seed(config.train.seed)
+    model = model_from_config(scored, data.heads())
+    data.attach_image_spec(image_spec_of(model), Accelerator(cpu=not torch.cuda.is_available()), build_train=False)
+    model.to(data.device)
+    batch_size = config.train.batch_size
+    images, labels = {}, {}
+    for task in data.tasks:
+        loaded = list(data.eval_loader([task], "train", max_examples=batches * batch_size))
+        stacked = torch.cat([batch["images"] for batch in loaded])[:batches * batch_size]
+        targets = torch.cat([batch["labels"][task] for batch in loaded])[:batches * batch_size]
+        images[task], labels[task] = list(stacked.split(batch_size)), list(targets.split(batch_size))
+    return fisher_potential(model, images, labels, units, micro_batch)
+
+
+def planning_micro_batch(model: CostModel, budget: Budget, limit: float, batch_size: int) -> int:
+    """The largest micro-batch whose scoring pass (weights + one micro-batch's activations, everything on the autograd
+    path) fits a memory budget; the whole batch for a FLOPs budget."""
+    if budget.kind != "memory":
+        return batch_size
+    per_image = model.full.saved_bytes / batch_size
+    room = limit - model.heads_only.parameter_bytes
+    return max(1, min(batch_size, int(room // per_image) if per_image > 0 else batch_size))
+
+
+def describe(units: tuple[Unit, ...]) -> str:
+    if not units:
+        return "heads only"
+    per_block: dict[int, list[str]] = {}
+    for block, sublayer in units:
+        per_block.setdefault(block, []).append(sublayer)
+    return "; ".join(f"block {block}: {'+'.join(names)}" for block, names in sorted(per_block.items()))
+
+
+def cost_row(kind: str, cost: PlanCost, full: PlanCost) -> dict[str, Any]:
+    return dict(memory_bytes=cost.memory_bytes, memory_ratio=cost.memory_bytes / full.memory_bytes,
+                flops=cost.flops, flops_ratio=cost.flops / full.flops, saved_bytes=cost.saved_bytes,
+                trainable_params=cost.trainable_params, budget_kind=kind)
+
+
+def check_reachable(model: CostModel, budget: Budget) -> float:
+    """The budget's value; refused in one line when not even heads alone fit it."""
+    limit = budget.resolve(model.full.value(budget.kind))
+    minimum = model.predict(()).value(budget.kind)
+    if minimum > limit:
+        raise PlanError(f"--budget: {budget.text} ({format_amount(budget.kind, limit)}) is below the cheapest plan, "
+                        f"heads only: {format_amount(budget.kind, minimum)} "
+                        f"({minimum / model.full.value(budget.kind):.3f}x of full fine-tuning); accepted: at least that")
+    return limit
+
+
+def write_outputs(out: Path, config: RunConfig, model: CostModel, importance: Importance, budget: Budget,
+                  limit: float, choice: Choice) -> dict[str, Any]:
+    """The config, the plan's report (``.plan.json``) and the frontier plot (``.frontier.png``) beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_config(planned_config(config, choice.units), out)
+    presets = {preset: preset_units(config, model, preset) for preset in PRESETS}
+    points = frontier(model, importance.scores, budget.kind)
+    report = dict(
+        budget=budget.text, budget_kind=budget.kind, budget_value=limit, plan=describe(choice.units),
+        units=[list(unit) for unit in choice.units], score=choice.score,
+        predicted=cost_row(budget.kind, choice.cost, model.full),
+        full_finetuning=cost_row(budget.kind, model.full, model.full),
+        presets={name: dict(plan=describe(units), score=sum(importance.scores[u] for u in units),
+                            **cost_row(budget.kind, model.predict(units), model.full))
+                 for name, units in presets.items()},
+        candidates=[dict(unit=list(unit), score=importance.scores[unit], params=model.unit_params[unit],
+                         extra_memory_bytes=model.extra[unit].parameter_bytes + model.extra[unit].saved_bytes
+                         + model.unit_params[unit] * model.state_bytes_per_param,
+                         extra_flops=model.extra[unit].flops,
+                         per_task={task: scores[unit] for task, scores in importance.per_task.items()})
+                    for unit in model.units],
+        frontier=[dict(plan=describe(p.units), score=p.score, **cost_row(budget.kind, p.cost, model.full))
+                  for p in points],
+        criterion="Fisher potential of each unit's output (TinyTrain), each task normalised to sum 1",
+        importance_images_per_task=importance.images_per_task, importance_micro_batch=importance.micro_batch,
+        importance_seconds=importance.seconds, measure_seconds=model.measure_seconds,
+        measured_steps=model.measured_steps)
+    plan_json = out.with_suffix(".plan.json")
+    plan_json.write_text(json.dumps(report, indent=2))
+    plot_frontier(out.with_suffix(".frontier.png"), report, budget.kind)
+    return report
+
+
+def plot_frontier(path: Path, report: dict[str, Any], kind: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ratio = "memory_ratio" if kind == "memory" else "flops_ratio"
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot([p[ratio] for p in report["frontier"]], [p["score"] for p in report["frontier"]], "o-",
+              label="best plan per budget")
+    for name, preset in report["presets"].items():
+        axes.plot(preset[ratio], preset["score"], "s", label=f"preset {name}")
+    axes.plot(report["predicted"][ratio], report["score"], "*", markersize=14, label="this plan")
+    axes.axvline(report["budget_value"] / (report["full_finetuning"]["memory_bytes" if kind == "memory" else "flops"]),
+                 linestyle=":", color="grey", label="budget")
+    axes.set_xlabel(f"predicted training {kind} / full fine-tuning")
+    axes.set_ylabel("importance kept (Fisher potential, sum over tasks)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path) -> dict[str, Any]:
+    from ..build import check_config_against_model
+    from ..run_data import RunData, group_by_shared_dataset
+    check_plannable(config)
+    check_config_against_model(config)
+    data = RunData.from_config(config)
+    step_tasks = [config.tasks[0]]
+    if config.train.sampler == "joint":
+        step_tasks = group_by_shared_dataset(data.tasks, config.tasks)[0]
+    costs = cost_model_for(config, data.task_outputs(), step_tasks)
+    limit = check_reachable(costs, budget)  # before the data is read
+    micro_batch = planning_micro_batch(costs, budget, limit, config.train.batch_size)
+    importance = importance_for(config, data, costs.units, batches, micro_batch)
+    choice = best_plan(costs, importance.scores, budget.kind, limit)
+    return write_outputs(out, config, costs, importance, budget, limit, choice)
+
+
+def format_report(report: dict[str, Any], out: Optional[Path] = None) -> str:
+    predicted = report["predicted"]
+    lines = [
+        f"plan for {report['budget']}: {report['plan']}",
+        f"predicted: memory {predicted['memory_bytes'] / 2 ** 20:.2f} MiB ({predicted['memory_ratio']:.3f}x of full "
+        f"fine-tuning), {predicted['flops'] / 1e9:.3f} GFLOP per step ({predicted['flops_ratio']:.3f}x), "
+        f"{predicted['trainable_params']:,} trainable parameters; importance kept {report['score']:.3f}",
+        "presets: " + "; ".join(f"{name} {p['memory_ratio']:.3f}x memory, {p['flops_ratio']:.3f}x FLOPs, importance "
+                                f"{p['score']:.3f}" for name, p in report["presets"].items()),
+        f"cost: {report['measured_steps']} measured steps in {report['measure_seconds']:.1f} s; importance from "
+        f"{sum(report['importance_images_per_task'].values())} images in micro-batches of "
+        f"{report['importance_micro_batch']}, {report['importance_seconds']:.1f} s",
+    ]
+    if out is not None:
+        lines.append(f"wrote {out}, {out.with_suffix('.plan.json')}, {out.with_suffix('.frontier.png')}; train it with "
+                     f"accelerate launch launch/multitask.py --config {out}")
+    return "\n".join(lines)

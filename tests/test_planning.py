@@ -1,0 +1,190 @@
+"""moebsr plan: budgets, the measured cost model, the Fisher-potential importance, the exact search, the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moebsr.model.bsr import BSRPlan
+from moebsr.planning import PlanError, best_plan, parse_budget, plan_units, units_plan
+from moebsr.planning.costs import Measure, measure_cost_model, synthetic_step_measure
+from moebsr.planning.importance import fisher_potential
+from moebsr.planning.search import RESOLUTION
+from moebsr.user_errors import is_user_error
+from tiny_models import images, tiny_moevit
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"a": 10, "b": 3}
+ALL = BSRPlan(preset="all").resolve(4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 4-block MoE-ViT (MoE in blocks 1 and 3, dropping at block 2) and its measured cost model at batch 4."""
+    model = tiny_moevit(TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2),
+                        token_drop=dict(blocks=[2], keep_rate=0.5))
+
+    def build(plan):
+        model.apply_bsr(plan)
+        return model
+
+    step_measure = synthetic_step_measure(TASKS, 4, "no")
+    return model, step_measure, measure_cost_model(build, step_measure, 8, ALL)
+
+
+@pytest.mark.parametrize("text, kind, amount, relative", [
+    ("memory=600MiB", "memory", 600 * 2 ** 20, False), ("memory=0.3x", "memory", 0.3, True),
+    ("flops=2.5GFLOP", "flops", 2.5e9, False), ("flops=0.4x", "flops", 0.4, True), ("memory=1e3KB", "memory", 1e6, False),
+])
+def test_budgets_parse(text, kind, amount, relative):
+    budget = parse_budget(text)
+    assert (budget.kind, budget.amount, budget.relative) == (kind, pytest.approx(amount), relative)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("time=3s", r"^--budget: unknown budget kind 'time' in 'time=3s'; accepted: memory=.*flops="),
+    ("600MiB", r"^--budget: unknown budget kind '600MiB'"),
+    ("memory=5parsecs", r"^--budget: unknown memory unit 'parsecs' in 'memory=5parsecs'; accepted: B, KB, .*GiB, or x"),
+    ("memory=600", r"^--budget: unknown memory unit '\(none\)'"),
+    ("flops=2MiB", r"^--budget: unknown flops unit 'MiB'.*accepted: FLOP, KFLOP"),
+    ("memory=-1x", r"^--budget: cannot read the amount '-1x'"),
+    ("memory=0x", r"^--budget: 'memory=0x' is not positive"),
+])
+def test_bad_budgets_are_one_line_naming_what_is_accepted(text, message):
+    with pytest.raises(PlanError, match=message) as refused:
+        parse_budget(text)
+    assert "\n" not in str(refused.value) and is_user_error(refused.value)
+
+
+def test_predicted_costs_match_a_measured_step_of_the_same_plan(tiny):
+    """The composition path(f) + sum of extras, against a real measurement of plans it was not measured on: a
+    plan starting at block 2 stores nothing for blocks 0-1, which a sum of per-unit costs would get wrong."""
+    model, step_measure, costs = tiny
+    plans = [[(2, "attn")], [(1, "mlp"), (3, "router")], [(0, "attn"), (2, "mlp"), (3, "mlp"), (3, "norm")],
+             [(1, "router"), (2, "norm"), (2, "attn")], [(3, "mlp")]]
+    for units in plans:
+        predicted = costs.predict(units)
+        model.apply_bsr(units_plan(units))
+        measured = step_measure(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert predicted.trainable_params == trainable
+        for quantity in ("saved_bytes", "flops", "parameter_bytes"):
+            assert getattr(predicted, quantity) == pytest.approx(getattr(measured, quantity), rel=0.02), (units, quantity)
+    late, early = costs.predict([(3, "attn")]), costs.predict([(0, "attn")])
+    assert late.saved_bytes < early.saved_bytes and late.flops < early.flops
+    assert costs.full.memory_bytes > costs.predict([u for u in costs.units]).memory_bytes * 0.99
+
+
+def test_the_search_is_exact_against_brute_force_and_deterministic(tiny):
+    _, _, costs = tiny
+    generator = torch.Generator().manual_seed(3)
+    scores = {unit: float(value) for unit, value in zip(costs.units, torch.rand(len(costs.units), generator=generator))}
+    every_plan = [units for size in range(len(costs.units) + 1) for units in itertools.combinations(costs.units, size)]
+    low, high = costs.predict(()).memory_bytes, costs.full.memory_bytes
+    for fraction in (0.1, 0.3, 0.6, 0.9):
+        budget = low + fraction * (high - low)
+        choice = best_plan(costs, scores, "memory", budget)
+        assert choice.cost.memory_bytes <= budget
+        assert choice == best_plan(costs, scores, "memory", budget)
+
+        def best_within(limit):
+            return max(sum(scores[u] for u in units) for units in every_plan
+                       if costs.predict(units).memory_bytes <= limit)
+        slack = 2 * len(costs.units) * budget / RESOLUTION  # each unit's cost is rounded up to a step of the budget
+        assert best_within(budget - slack) - 1e-9 <= choice.score <= best_within(budget) + 1e-9
+    assert best_plan(costs, scores, "memory", low * 0.99) is None
+
+
+def test_fisher_potential_is_per_image_normalised_per_task_and_leaves_no_gradient(tiny):
+    model, _, costs = tiny
+    model.apply_bsr(BSRPlan(preset="paper").resolve(4))
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    batch = {"a": [images(4, seed=1)], "b": [images(4, seed=2)]}
+    labels = {"a": [torch.tensor([1, 2, 3, 4])], "b": [torch.tensor([0, 1, 2, 0])]}
+    whole = fisher_potential(model, batch, labels, costs.units, micro_batch=4)
+    single = fisher_potential(model, batch, labels, costs.units, micro_batch=1)
+    for unit in costs.units:
+        assert single.scores[unit] == pytest.approx(whole.scores[unit], rel=1e-4)
+    assert sum(whole.scores.values()) == pytest.approx(2.0)
+    assert all(sum(task.values()) == pytest.approx(1.0) for task in whole.per_task.values())
+    assert all(value > 0 for value in whole.scores.values())
+    assert all(p.grad is None for p in model.parameters())
+    assert before == {name: p.requires_grad for name, p in model.named_parameters()}
+    assert whole.images_per_task == {"a": 4, "b": 4}
+
+
+def test_a_units_score_is_its_outputs_fisher_potential(tiny):
+    """Against the definition, for block 3's attention: sum over images and channels of (sum_tokens a*g)^2."""
+    model, _, costs = tiny
+    batch, target = images(2, seed=5), torch.tensor([3, 7])
+    captured = []
+    handle = model.blocks[3].attn.proj.register_forward_hook(lambda m, i, o: captured.append(o))
+    model.requires_grad_(True).eval()
+    loss = torch.nn.functional.cross_entropy(model(batch, ["a"])["a"], target, reduction="sum")
+    gradient, = torch.autograd.grad(loss, captured[0])
+    handle.remove()
+    expected = float((captured[0].detach() * gradient).sum(dim=1).pow(2).sum())
+    scores = fisher_potential(model, {"a": [batch]}, {"a": [target]}, costs.units, micro_batch=2)
+    assert expected > 0 and scores.raw_per_task["a"][(3, "attn")] == pytest.approx(expected, rel=1e-5)
+    assert plan_units(model) == costs.units and len(costs.units) == 4 * 3 + 2  # routers in the 2 MoE blocks only
+
+
+def _plan_cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "moebsr", "plan", "--config", "configs/quickstart.yaml",
+                           "train.batch_size=8", "--batches", "1", *args, "--out", str(tmp_path / "p.yaml")],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(tmp_path):
+    from moebsr.config import load_config
+    from moebsr.profiling import profile_config
+    done = _plan_cli(tmp_path, "--budget", "memory=0.35x")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "p.plan.json").read_text())
+    assert (tmp_path / "p.frontier.png").stat().st_size > 1000
+    assert report["predicted"]["memory_ratio"] <= 0.35 and report["score"] > 0
+    assert set(report["presets"]) == {"paper", "last_k", "none"} and len(report["frontier"]) >= 3
+    config = load_config(tmp_path / "p.yaml")
+    resolved = config.bsr.plan().resolve(6)
+    planned = {(block, sublayer) for block in range(6) for sublayer in resolved.sublayers_of(block)}
+    assert planned == {tuple(unit) for unit in report["units"]}
+    measured = profile_config(config, steps=1, warmup=1)
+    batch = measured["batch_size"]
+    predicted = report["predicted"]
+    assert predicted["memory_bytes"] == pytest.approx(measured["train_memory_bytes"], rel=0.10)
+    assert predicted["saved_bytes"] == pytest.approx(measured["saved_activation_bytes_per_image"] * batch, rel=0.10)
+    assert predicted["flops"] == pytest.approx(measured["train_flops_per_image"] * batch, rel=0.10)
+    assert predicted["trainable_params"] == measured["trainable_params"]
+
+
+def test_an_unreachable_budget_is_one_line_naming_the_cheapest_plan_and_writes_nothing(tmp_path):
+    done = _plan_cli(tmp_path, "--budget", "memory=1MiB")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: --budget: memory=1MiB (1.00 MiB) is below the cheapest plan, heads only: ")
+    assert done.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_block_sublayers_trains_exactly_the_named_sub_layers_of_each_block():
+    model = tiny_moevit(TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2),
+                        bsr=dict(preset="custom", trainable_blocks=[2], block_sublayers={1: ["router"], 3: ["attn"]}))
+    trainable_blocks = {int(name.split(".")[2]) for name, p in model.named_parameters()
+                        if p.requires_grad and name.startswith("backbone.blocks.")}
+    assert trainable_blocks == {1, 2, 3}
+    router_only = [name for name, p in model.named_parameters() if p.requires_grad and ".blocks.1." in name]
+    assert router_only and all(".router." in name for name in router_only)
+    attention_only = [name for name, p in model.named_parameters() if p.requires_grad and ".blocks.3." in name]
+    assert attention_only and all(".attn." in name for name in attention_only)
+    with pytest.raises(ValueError, match=r"^bsr.block_sublayers.3: \['mlps'\] is invalid; accepted: a non-empty list"):
+        BSRPlan(preset="none", block_sublayers={3: ["mlps"]}).resolve(4)
+    with pytest.raises(ValueError, match=r"^bsr.block_sublayers"):
+        BSRPlan(preset="none", block_sublayers={9: ["mlp"]}).resolve(4)
+
+
+def test_measure_is_a_value():
+    assert Measure(1, 2, 3) + Measure(1, 1, 1) - Measure(2, 3, 4) == Measure(0, 0, 0)
