@@ -117,9 +117,11 @@ def command_plan(args: argparse.Namespace) -> int:
 def command_tokens(args: argparse.Namespace) -> int:
     """A PNG of the patches each token-dropping block keeps on a few test images of a task."""
     from .token_map import plot_kept_tokens
-    fractions = plot_kept_tokens(args.run, args.out, args.task, args.images, args.split)
-    kept = ", ".join(f"block {block} {fraction:.0%}" for block, fraction in fractions.items())
-    print(f"wrote {args.out} (patches kept: {kept})")
+    drawn = plot_kept_tokens(args.run, args.out, args.task, args.images, args.split)
+    kept = ", ".join(f"block {block} {fraction:.0%}" for block, fraction in drawn.kept_fraction.items())
+    rows = ", ".join(f"#{index} {name}" for index, name in zip(drawn.examples, drawn.classes))
+    fewer = f" (the split has only {len(drawn.examples)} distinct images)" if len(drawn.examples) < args.images else ""
+    print(f"wrote {args.out} (patches kept: {kept}); {args.split} examples {rows}{fewer}")
     return 0
 
 

@@ -18,7 +18,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .model.bsr import BSRPlan
-from .model.spec import MoESpec, TokenDropSpec, check_block_indices
+# model.spec and model.bsr import no torch (the model package loads its modules on first use): a config is parsed
+# and refused without the heavy stack, which a bad key would otherwise wait seconds for on a loaded machine
+from .model.spec import (ADAPTED_MODULES, FROZEN_DTYPE_NAMES, MoESpec, TokenDropSpec, check_block_indices,
+                         check_decision, check_dispatch, check_keep_rate)
 
 OPTIMIZERS = ("adamw", "sgd")
 SAMPLERS = ("round_robin", "proportional", "temperature", "joint")
@@ -361,28 +364,24 @@ def validate_config(config: RunConfig) -> None:
         _choice("logging.trackers", tracker, TRACKERS)
     _positive("data.num_workers", config.data.num_workers, allow_zero=True)
     _positive("moe.aux_loss_weight", config.moe.aux_loss_weight, allow_zero=True)
-    from .model.precision import FROZEN_DTYPES
-    _choice("bsr.frozen_dtype", config.bsr.frozen_dtype, list(FROZEN_DTYPES))
+    _choice("bsr.frozen_dtype", config.bsr.frozen_dtype, FROZEN_DTYPE_NAMES)
     cache = config.trunk_cache
     _choice("trunk_cache.dtype", cache.dtype, TRUNK_CACHE_DTYPES)
     _choice("trunk_cache.location", cache.location, TRUNK_CACHE_LOCATIONS)
     _positive("trunk_cache.max_gib", cache.max_gib, allow_zero=True)
     _positive("trunk_cache.views", cache.views, allow_zero=True)
     if config.lora.enabled:
-        from .model.lora import LORA_MODULES
         _positive("lora.rank", config.lora.rank)
         for name in config.lora.modules:
-            _choice("lora.modules", name, list(LORA_MODULES))
+            _choice("lora.modules", name, list(ADAPTED_MODULES))
     if config.adapters.enabled:
-        from .model.adapters import ADAPTER_MODULES
         _positive("adapters.rank", config.adapters.rank)
         _positive("adapters.alpha", config.adapters.alpha)
         for name in config.adapters.modules:
-            _choice("adapters.modules", name, list(ADAPTER_MODULES))
+            _choice("adapters.modules", name, list(ADAPTED_MODULES))
         if config.lora.enabled:
             raise ConfigError("adapters.enabled: true with lora.enabled: true; accepted: one of them (shared LoRA is "
                               "the baseline the task adapters are compared with)")
-    from .model.spec import check_decision, check_dispatch, check_keep_rate
     try:
         check_keep_rate(config.token_drop.keep_rate)
         check_decision(config.token_drop.decision)

@@ -63,8 +63,9 @@ def clean_exit(code: int) -> None:
     """Leave without the interpreter-shutdown abort multi-process gloo runs hit ~5-8% of the time:
     synchronise, tear the process group down, flush, and ``os._exit`` (see ENVIRONMENT.md)."""
     try:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
+        # a run refused before torch was imported has no process group: importing torch here would cost it a second
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
             if code == 0:
                 dist.barrier()
             dist.destroy_process_group()

@@ -56,6 +56,10 @@ class TaskSampler:
         rng = np.random.default_rng([self.seed, step])
         return [self.tasks[int(rng.choice(len(self.tasks), p=self.probabilities))]]
 
+    def step_task_sets(self) -> list[list[str]]:
+        """Every set of tasks a step can train: each group (``joint``), else each task alone."""
+        return [list(group) for group in self.groups] if self.mode == "joint" else [[task] for task in self.tasks]
+
     def expected_frequencies(self) -> dict[str, float]:
         """Long-run share of steps that train each task."""
         if self.mode == "round_robin":

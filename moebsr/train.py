@@ -23,6 +23,7 @@ from .build import check_config_against_model, image_spec_of, model_from_config
 from .checkpoint import (check_same_schedule, checkpoint_dir, load_checkpoint, read_training_state, resolve_resume,
                          save_checkpoint, schedule_of)
 from .config import RunConfig, config_to_dict, save_config
+from .ddp import check_every_parameter_reached, unused_parameters_reason
 from .run_data import RunData
 from .evaluate import EvaluationStopped, evaluate
 from .expert_parallel import (ShardedOptimizerState, check_precision_with_sharding, clip_grad_norm_,
@@ -57,8 +58,8 @@ class TrainResult:
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
-    """CPU-aware Accelerator: ``cpu=True`` without CUDA makes ``--multi_gpu`` launches real gloo DDP; unused
-    parameters (other tasks' heads and gates) are expected, so DDP is told to look for them."""
+    """CPU-aware Accelerator: ``cpu=True`` without CUDA makes ``--multi_gpu`` launches real gloo DDP. Whether DDP
+    looks for unused parameters is decided later, from the model (:func:`use_ddp_unused_search`)."""
     trackers = [t for t in config.logging.trackers if t != "none"]
     return Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -66,7 +67,6 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         gradient_accumulation_steps=config.train.grad_accum_steps,
         log_with=trackers or None,
         project_dir=config.train.output_dir,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         # train.steps counts optimizer steps of the global batch; a scheduler stepped with the optimizer would be
         # stepped num_processes times per step (accelerate assumes per-process epochs), running P times too fast
         step_scheduler_with_optimizer=False,
@@ -158,6 +158,10 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     scheduler = build_scheduler(optimizer, config.train)
     sharded = exclude_sharded_from_ddp(model)  # tutel experts split over processes: not DDP's to all-reduce
     check_precision_with_sharding(config.train.mixed_precision, sharded, accelerator.num_processes)
+    sampler = TaskSampler(config.train.sampler, data.train_sizes(), data.sampling_weights(),
+                          groups=data.joint_groups(), temperature=config.train.temperature, seed=config.train.seed)
+    unused_reason = use_ddp_unused_search(accelerator, model, sampler, sharded)
+    check_reached: set[tuple[str, ...]] = set()  # task sets whose first step has been checked (DDP without search)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if accelerator.num_processes > 1:
         _KEPT_UNTIL_EXIT.append(model)
@@ -178,8 +182,6 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
             accelerator.print(f"train.resume={config.train.resume}: no checkpoint in {checkpoint_dir(output_dir)}; "
                               "starting from step 0")
 
-    sampler = TaskSampler(config.train.sampler, data.train_sizes(), data.sampling_weights(),
-                          groups=data.joint_groups(), temperature=config.train.temperature, seed=config.train.seed)
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers("moebsr", config=_flat_hparams(config))
     log_path = output_dir / LOG_FILE
@@ -238,6 +240,10 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
                     continue
                 bad_in_a_row = 0
                 accelerator.backward(loss)
+                if accelerator.num_processes > 1 and unused_reason is None and accelerator.sync_gradients \
+                        and tuple(tasks) not in check_reached:  # once per task set: a wrong decision stops here
+                    check_every_parameter_reached(unwrapped, tasks, sharded)
+                    check_reached.add(tuple(tasks))
                 if accelerator.sync_gradients and config.train.grad_clip:
                     clip_grad_norm_(accelerator, unwrapped.trainable_parameters(), config.train.grad_clip)
                 optimizer.step()
@@ -296,6 +302,18 @@ def train(config: RunConfig, accelerator: Optional[Accelerator] = None) -> Train
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir, step, metrics, losses_seen)
+
+
+def use_ddp_unused_search(accelerator: Accelerator, model: MoEViT, sampler: TaskSampler, sharded: list[str]
+                          ) -> Optional[str]:
+    """Tell DDP (read by ``prepare``) to search each step for unused parameters only when some step can leave one
+    out; returns why it must (``None``: it need not), and prints the decision in a multi-process run."""
+    reason = unused_parameters_reason(model, model.task_names, sampler.step_task_sets(), sharded)
+    if accelerator.num_processes > 1:
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=reason is not None)
+        accelerator.print(f"DDP: searching every step for unused parameters: {reason}" if reason else
+                          "DDP: no search for unused parameters (every step reaches every trained parameter)")
+    return reason
 
 
 def _agree(accelerator: Accelerator, losses: list[torch.Tensor], signal_number: Optional[int]

@@ -20,8 +20,6 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn as dist_nn
-import torch.distributed.nn.functional as dist_nn_functional
 
 
 class NcclWorld:
@@ -119,12 +117,6 @@ def nccl_world(world_size: int = 2) -> Iterator[NcclWorld]:
             output.copy_(reduced(input.chunk(world_size)[0], op).reshape(output.shape))
         return _result(async_op)
 
-    differentiable_all_reduce = dist_nn_functional.all_reduce
-
-    def nn_all_reduce(tensor, op=dist.ReduceOp.SUM, group=None):
-        require_device("torch.distributed.nn.all_reduce", [tensor])
-        return differentiable_all_reduce(tensor, op=op, group=group)
-
     replaced = dict(
         is_available=lambda: True, is_initialized=lambda: True, get_backend=lambda group=None: "nccl",
         get_world_size=lambda group=None: world_size, get_rank=lambda group=None: 0,
@@ -135,6 +127,4 @@ def nccl_world(world_size: int = 2) -> Iterator[NcclWorld]:
     with contextlib.ExitStack() as patches:
         for name, replacement in replaced.items():
             patches.enter_context(mock.patch.object(dist, name, replacement))
-        for module in (dist_nn, dist_nn_functional):
-            patches.enter_context(mock.patch.object(module, "all_reduce", nn_all_reduce))
         yield world

@@ -35,12 +35,18 @@ def short_run_overrides(output_dir: Path, steps: int, extra: Sequence[str] = ())
 
 def launch_run(output_dir: Path, processes: int, steps: int, extra: Sequence[str] = ()) -> str:
     """A short quickstart run under ``accelerate launch``; asserts it ended cleanly, returns its stdout."""
+    return launch_run_output(output_dir, processes, steps, extra).stdout
+
+
+def launch_run_output(output_dir: Path, processes: int, steps: int, extra: Sequence[str] = ()
+                      ) -> subprocess.CompletedProcess:
+    """:func:`launch_run`, returning its stdout and stderr."""
     command = [*launch_command(processes), *short_run_overrides(output_dir, steps, extra)]
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "terminate called" not in result.stderr  # no abort at interpreter exit
     assert f"{processes} process(es)" in result.stdout
-    return result.stdout
+    return result
 
 
 def read_losses(output_dir: Path) -> list[dict]:

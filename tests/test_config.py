@@ -1,4 +1,7 @@
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,3 +214,44 @@ def test_moe_dispatch_decides_whether_a_forward_reads_the_device_and_padded_is_t
                                           r"'tutel', which always pads\); accepted: moe.backend=torch, or "
                                           r"moe.dispatch=grouped$"):
         check_config_against_model(tutel)
+
+
+HEAVY_MODULES = ("torch", "timm", "accelerate", "peft", "datasets")
+
+
+@pytest.mark.parametrize("run_entry", ["runpy.run_module('moebsr', run_name='__main__')",
+                                       f"runpy.run_path({str(CONFIGS.parent / 'launch' / 'multitask.py')!r}, "
+                                       "run_name='__main__')"], ids=["moebsr train", "launch/multitask.py"])
+def test_a_bad_key_is_refused_in_one_line_before_torch_is_imported(run_entry):
+    """A typo must not wait for the heavy stack (seconds, tens of seconds on a loaded machine): the config is parsed
+    and checked with omegaconf alone, and the exit path imports nothing either."""
+    arguments = ["--config", str(CONFIGS / "quickstart.yaml"), "train.stepz=3"]
+    if "moebsr'" in run_entry:
+        arguments.insert(0, "train")
+    probe = ("import atexit, os, runpy, sys\n"
+             f"atexit.register(lambda: os.write(2, ('heavy=' + ','.join(m for m in {HEAVY_MODULES!r} "
+             "if m in sys.modules) + '\\n').encode()))\n"
+             f"sys.argv = ['entry', *{arguments!r}]\n{run_entry}\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env=_subprocess_env())
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert lines[0].startswith("error: override: unknown key 'train.stepz'") and lines[1:] == ["heavy="], lines
+
+
+def _subprocess_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(CONFIGS.parent), OMP_NUM_THREADS="1")
+
+
+def test_parsing_and_checking_a_config_imports_no_torch():
+    quickstart = str(CONFIGS / "quickstart.yaml")
+    probe = ("import sys\nfrom moebsr.config import ConfigError, load_config\n"
+             f"load_config({quickstart!r}, ['lora.enabled=true', 'bsr.frozen_dtype=bf16'])\n"
+             "try:\n"
+             f"    load_config({quickstart!r}, ['adapters.enabled=true', 'adapters.modules=[qkv,bogus]'])\n"
+             "except ConfigError as error:\n    print(error)\n"
+             f"print([m for m in {HEAVY_MODULES!r} if m in sys.modules])\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env=_subprocess_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["adapters.modules: 'bogus' is invalid; accepted: qkv, proj, fc1, fc2", "[]"]

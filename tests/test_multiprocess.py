@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from moebsr.checkpoint import list_checkpoints, read_training_state
-from run_helpers import launch_command, launch_run, short_run_overrides, subprocess_env
+from run_helpers import launch_command, launch_run_output, short_run_overrides, subprocess_env
 
 # Token dropping off: this randomly initialised backbone's CLS attention is near-uniform (kept and dropped tokens
 # differ by ~1e-6), so the ~1e-7 rounding differences between one batch of 16 and two of 8 flip which tokens survive
@@ -25,17 +25,31 @@ SAME_RUN = ["token_drop.enabled=false", "train.checkpoint_every=3", "logging.tra
             "adapters.enabled=true", "adapters.blocks=[2,3]"]
 
 
-def _run(tmp_path, processes: int, batch: int):
+# What DDP printed once per process before it was told when to search for unused parameters (issue 24, item 16)
+DDP_NOISE = ("FutureWarning", "find_unused_parameters")
+
+
+def _run(tmp_path, processes: int, batch: int, extra=(), steps: int = 6):
     output = tmp_path / f"p{processes}"
-    launch_run(output, processes, 6, SAME_RUN + [f"train.batch_size={batch}"])
-    return output
+    result = launch_run_output(output, processes, steps, SAME_RUN + [f"train.batch_size={batch}", *extra])
+    return output, result
+
+
+def _assert_same_weights(one: Path, two: Path, steps: int) -> None:
+    """The 2-process run's weights are the 1-process run's: each step's gradients were averaged over both ranks."""
+    weights_one, weights_two = (load_file(str(run / "model.safetensors")) for run in (one, two))
+    gap = max((v - weights_two[k]).abs().max().item() for k, v in weights_one.items())
+    assert gap < 1e-4, f"weights differ by {gap:.2e} after {steps} steps"
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    one, two = _run(tmp_path, 1, 16), _run(tmp_path, 2, 8)
+    """Steps of the quickstart's joint groups leave the other groups' heads, gates and adapters out: DDP searches."""
+    (one, _), (two, launched) = _run(tmp_path, 1, 16), _run(tmp_path, 2, 8)
+    assert "DDP: searching every step for unused parameters: a step of ['mnist', 'mnist_parity'] leaves " \
+        in launched.stdout
+    assert not [line for line in launched.stderr.splitlines() if any(noise in line for noise in DDP_NOISE)]
+    _assert_same_weights(one, two, 6)
     weights_one, weights_two = (load_file(str(run / "model.safetensors")) for run in (one, two))
-    initial_gap = max((v - weights_two[k]).abs().max().item() for k, v in weights_one.items())
-    assert initial_gap < 1e-4, f"weights differ by {initial_gap:.2e} after 6 steps"
     metrics_one, metrics_two = (json.loads((run / "metrics.json").read_text())["metrics"] for run in (one, two))
     assert metrics_one.keys() == metrics_two.keys()
     for task in metrics_one:
@@ -43,6 +57,17 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         for name, value in metrics_one[task].items():
             assert abs(metrics_two[task][name] - value) <= 0.0125, (task, name)
     assert torch.isfinite(torch.stack([v.float().abs().max() for v in weights_two.values()])).all()
+
+
+def test_two_processes_whose_every_step_trains_every_parameter_run_ddp_without_the_search(tmp_path):
+    """Two tasks on the same images, one joint group: every step reaches every trained parameter, so DDP neither
+    walks each step's graph nor warns that it found nothing; the balancing loss's all-reduce warns no more either."""
+    one_task_set = ["tasks=[digits,digits_parity]"]
+    (one, _), (two, launched) = _run(tmp_path, 1, 16, one_task_set, 4), _run(tmp_path, 2, 8, one_task_set, 4)
+    assert "DDP: no search for unused parameters (every step reaches every trained parameter)" in launched.stdout
+    assert not [line for line in launched.stderr.splitlines() if any(noise in line for noise in DDP_NOISE)], \
+        launched.stderr[-3000:]
+    _assert_same_weights(one, two, 4)
 
 
 def _launch_two_and_wait(output: Path, **popen: Any) -> subprocess.Popen:

@@ -1,23 +1,41 @@
-"""The MoE-ViT core: per-task routed experts, task adapters, block selective reprogramming, token dropping."""
+"""The MoE-ViT core: per-task routed experts, task adapters, block selective reprogramming, token dropping.
 
-from .adapters import TaskLoRALinear, apply_task_adapters
-from .block import MoEViTBlock
-from .bsr import BSR_PRESETS, SUBLAYERS, BSRPlan, ResolvedBSRPlan
-from .dispatch import dispatch_dense_reference, dispatch_grouped
-from .errors import UnsupportedModelError
-from .experts import Experts
-from .factory import build_backbone, create_moevit
-from .moe import MoEMlp, TaskRows
-from .moevit import MoEViT
-from .routing import Routing, TaskRouter, apply_capacity, load_balancing_loss
-from .spec import MoESpec, TokenDropSpec, scale_block_indices
-from .token_drop import (FUSED_TOKEN, TOKEN_DROP_DECISIONS, TokenSelection, attention_with_cls_scores,
-                         select_tokens)
+The names below are imported on first use (PEP 562), not with the package: ``moebsr.config`` reads the torch-free
+``spec`` and ``bsr`` modules of this package, and a config refused for a bad key must not wait for torch and timm.
+"""
 
-__all__ = [
-    "BSR_PRESETS", "FUSED_TOKEN", "SUBLAYERS", "TOKEN_DROP_DECISIONS", "BSRPlan", "ResolvedBSRPlan", "Experts",
-    "MoEMlp", "MoESpec", "MoEViT", "MoEViTBlock", "Routing", "TaskRouter", "TaskRows", "TokenDropSpec",
-    "TaskLoRALinear", "TokenSelection", "UnsupportedModelError", "apply_capacity", "apply_task_adapters",
-    "attention_with_cls_scores", "build_backbone", "create_moevit", "dispatch_dense_reference",
-    "dispatch_grouped", "load_balancing_loss", "scale_block_indices", "select_tokens",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> the module of this package that defines it
+_EXPORTS = {
+    "TaskLoRALinear": "adapters", "apply_task_adapters": "adapters",
+    "MoEViTBlock": "block",
+    "BSR_PRESETS": "bsr", "SUBLAYERS": "bsr", "BSRPlan": "bsr", "ResolvedBSRPlan": "bsr",
+    "dispatch_dense_reference": "dispatch", "dispatch_grouped": "dispatch",
+    "UnsupportedModelError": "errors",
+    "Experts": "experts",
+    "build_backbone": "factory", "create_moevit": "factory",
+    "MoEMlp": "moe", "TaskRows": "moe",
+    "MoEViT": "moevit",
+    "Routing": "routing", "TaskRouter": "routing", "apply_capacity": "routing", "load_balancing_loss": "routing",
+    "MoESpec": "spec", "TokenDropSpec": "spec", "scale_block_indices": "spec",
+    "FUSED_TOKEN": "token_drop", "TOKEN_DROP_DECISIONS": "spec", "TokenSelection": "token_drop",
+    "attention_with_cls_scores": "token_drop", "select_tokens": "token_drop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -26,8 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .moe import TaskRows
+from .spec import ADAPTED_MODULES
 
-ADAPTER_MODULES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+ADAPTER_MODULES = ADAPTED_MODULES
 _TASK_ROWS: ContextVar[Optional[TaskRows]] = ContextVar("moebsr_task_rows", default=None)
 
 

@@ -7,11 +7,12 @@ code freezes by matching '3', '7', '11' in names, which also catches e.g. 'block
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from .spec import PAPER_MOE_BLOCKS, check_block_indices, scale_block_indices
+
+if TYPE_CHECKING:  # config.py reads this module: it must not import torch
+    import torch.nn as nn
 
 BSR_PRESETS = ("paper", "last_k", "all", "none", "custom")
 SUBLAYERS = ("attn", "mlp", "router", "norm")

@@ -12,8 +12,9 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from .eva import check_qkv_adaptable
 from .moevit import MoEViT
+from .spec import ADAPTED_MODULES
 
-LORA_MODULES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+LORA_MODULES = ADAPTED_MODULES
 
 
 def apply_lora(model: MoEViT, blocks: Sequence[int], modules: Sequence[str] = ("qkv", "proj", "fc1", "fc2"),

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn as dist_nn
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
@@ -29,7 +28,26 @@ def sum_over_processes(statistics: torch.Tensor) -> torch.Tensor:
     if not (torch.is_grad_enabled() and statistics.requires_grad and dist.is_available() and dist.is_initialized()
             and dist.get_world_size() > 1):
         return statistics
-    return dist_nn.all_reduce(statistics)
+    return _SumOverProcesses.apply(statistics)
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) with autograd: every process's loss depends on every process's statistics, so the gradient is
+    the sum of the processes' gradients, another all-reduce. ``torch.distributed.nn.all_reduce`` did the same and is
+    deprecated in torch 2.13 (a FutureWarning per process); written out here, the backward's all-reduce is explicit
+    and goes through ``dist.all_reduce`` like every other collective of the run."""
+
+    @staticmethod
+    def forward(ctx: Any, statistics: torch.Tensor) -> torch.Tensor:
+        summed = statistics.clone()
+        dist.all_reduce(summed)
+        return summed
+
+    @staticmethod
+    def backward(ctx: Any, gradient: torch.Tensor) -> torch.Tensor:
+        summed = gradient.clone()
+        dist.all_reduce(summed)
+        return summed
 
 
 class MoEMlp(nn.Module):

@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FROZEN_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .spec import FROZEN_DTYPE_NAMES
+
+FROZEN_DTYPES = dict(zip(FROZEN_DTYPE_NAMES, (None, torch.bfloat16, torch.float16)))
 
 
 def _autocasting(tensor: torch.Tensor) -> bool:

@@ -16,6 +16,10 @@ PAPER_TOKEN_DROP_BLOCKS = (3, 6, 9)
 ROUTER_MODES = ("task", "shared")
 MOE_BACKENDS = ("torch", "tutel")
 MOE_DISPATCHES = ("grouped", "padded")  # the torch backend's (moe.py); tutel always dispatches padded
+# Names a config may give, kept here (no torch) so that moebsr.config validates them without importing the model
+TOKEN_DROP_DECISIONS = ("shared", "per_task")  # token_drop.decision
+FROZEN_DTYPE_NAMES = ("fp32", "bf16", "fp16")  # bsr.frozen_dtype: precision.FROZEN_DTYPES maps them to dtypes
+ADAPTED_MODULES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}  # lora/adapters.modules
 
 
 def scale_block_indices(indices: Sequence[int], depth: int, reference_depth: int = PAPER_DEPTH) -> tuple[int, ...]:
@@ -171,7 +175,6 @@ class TokenDropSpec:
 
 
 def check_decision(decision: str) -> str:
-    from .token_drop import TOKEN_DROP_DECISIONS
     if decision not in TOKEN_DROP_DECISIONS:
         raise ValueError(f"token_drop.decision: {decision!r} is invalid; accepted: {', '.join(TOKEN_DROP_DECISIONS)}")
     return decision

@@ -28,7 +28,6 @@ from timm.layers import Attention
 
 from .errors import UnsupportedModelError
 
-TOKEN_DROP_DECISIONS = ("shared", "per_task")
 FUSED_TOKEN = -1  # origin of the fused token in TokenSelection.origin (it is no patch of the image)
 
 
