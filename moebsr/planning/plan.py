@@ -187,7 +187,8 @@ def plot_frontier(path: Path, report: dict[str, Any], kind: str) -> None:
     plt.close(figure)
 
 
-def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path) -> dict[str, Any]:
+def measure_costs(config: RunConfig) -> tuple[Any, CostModel]:
+    """The run's tasks (their data checked) and the cost model of the step its sampler draws first."""
     from ..build import check_config_against_model
     from ..run_data import RunData, group_by_shared_dataset
     check_plannable(config)
@@ -196,10 +197,18 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path) -> dict
     step_tasks = [config.tasks[0]]
     if config.train.sampler == "joint":
         step_tasks = group_by_shared_dataset(data.tasks, config.tasks)[0]
-    costs = cost_model_for(config, data.task_outputs(), step_tasks)
+    return data, cost_model_for(config, data.task_outputs(), step_tasks)
+
+
+def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measured: Optional[tuple[Any, CostModel]] = None,
+             importance: Optional[Importance] = None) -> dict[str, Any]:
+    """Plan, then write the config and its report. ``measured`` (:func:`measure_costs`) and ``importance`` may come
+    from an earlier call on the same config (a benchmark planning several budgets)."""
+    data, costs = measured or measure_costs(config)
     limit = check_reachable(costs, budget)  # before the data is read
-    micro_batch = planning_micro_batch(costs, budget, limit, config.train.batch_size)
-    importance = importance_for(config, data, costs.units, batches, micro_batch)
+    if importance is None:
+        micro_batch = planning_micro_batch(costs, budget, limit, config.train.batch_size)
+        importance = importance_for(config, data, costs.units, batches, micro_batch)
     choice = best_plan(costs, importance.scores, budget.kind, limit)
     return write_outputs(out, config, costs, importance, budget, limit, choice)
 

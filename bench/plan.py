@@ -1,0 +1,161 @@
+"""Does ``moebsr plan`` beat the hand-made presets at their own memory? The accuracy benchmark's protocol, with plans.
+
+1. On the accuracy benchmark's model and tasks (``bench/accuracy.py``: the committed 6-block backbone, MoE at 1/3/5,
+   16 experts top-4, dropping at 1/3/4 keeping 50 %, five offline tasks, batch 64, the validation split carved from
+   the training data), measure the training memory of the ``paper_bsr`` and ``lean`` presets with ``moebsr
+   profile``'s instrument (parameters + gradients + optimizer state + saved activations).
+2. Plan for three budgets: the paper preset's memory, the lean preset's, and half the lean preset's. The planner
+   scores units on batches of the training part only (the validation share is held out, as for every recipe).
+3. Each plan is a recipe of the accuracy benchmark: its learning rate picked on the validation split from the grid of
+   the preset it is compared with, then 3 seeds on the test splits. The presets' and full fine-tuning's rows are read
+   from ``bench/results/accuracy_quickstart.json`` (same protocol, same overrides).
+4. Each plan's predicted memory is checked against a real profile of it.
+
+    python bench/plan.py train.steps=600          # the README's figures (18 runs, ~25 min on 2 CPU cores, 2 at a time)
+
+Writes ``bench/results/plan_quickstart.{json,md}`` and each plan's config, report and frontier under
+``bench/results/plan_quickstart/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import accuracy
+from recipes import BASE_CONFIG, RECIPES, REPO, recipe_overrides
+
+sys.path.insert(0, str(REPO))
+
+TARGETS = {"plan_at_paper_memory": ("paper_bsr", 1.0), "plan_at_lean_memory": ("lean", 1.0),
+           "plan_at_half_lean_memory": ("lean", 0.5)}
+
+
+def config_for(recipe: str, args: argparse.Namespace, validation: bool):
+    from moebsr.config import load_config
+    overrides = recipe_overrides("quickstart", recipe) + [f"tasks=[{','.join(accuracy.TASKS)}]", *args.overrides]
+    if validation:
+        overrides += [f"data.task_options.{task}.validation_fraction={accuracy.VALIDATION_FRACTION}"
+                      for task in accuracy.TASKS]
+    return load_config(BASE_CONFIG, overrides)
+
+
+def preset_memory(recipe: str, args: argparse.Namespace) -> dict:
+    from moebsr.profiling import profile_config
+    report = profile_config(config_for(recipe, args, validation=False), steps=1, warmup=1)
+    return {key: report[key] for key in ("train_memory_bytes", "trainable_params", "train_flops_per_image",
+                                         "saved_activation_bytes_per_image")}
+
+
+def plan_overrides(units: list[list]) -> list[str]:
+    per_block: dict[int, list[str]] = {}
+    for block, sublayer in units:
+        per_block.setdefault(block, []).append(sublayer)
+    sublayers = ", ".join(f"{block}: [{', '.join(names)}]" for block, names in sorted(per_block.items()))
+    return ["bsr.preset=custom", f"bsr.trainable_blocks=[{','.join(map(str, sorted(per_block)))}]",
+            f"bsr.block_sublayers={{{sublayers}}}", "bsr.train_final_norm=true", "bsr.train_embeddings=false"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--batches", type=int, default=2, help="batches of every task the planner scores on")
+    parser.add_argument("--jobs", type=int, default=2, help="training runs at a time (one thread each)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plan-only", action="store_true", help="plan and print the plans, train nothing")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run (e.g. train.steps=600)")
+    args = parser.parse_args()
+    from moebsr.planning.budget import Budget
+    from moebsr.planning.plan import importance_for, measure_costs, run_plan
+
+    out = Path(args.out)
+    plan_dir = out / "plan_quickstart"
+    presets = {recipe: preset_memory(recipe, args) for recipe in ("full", "paper_bsr", "lean")}
+    planning_config = config_for("paper_bsr", args, validation=True)
+    started = time.process_time()
+    measured = measure_costs(planning_config)
+    data, costs = measured
+    importance = importance_for(planning_config, data, costs.units, args.batches, planning_config.train.batch_size)
+    plans = {}
+    for name, (preset, share) in TARGETS.items():
+        limit = presets[preset]["train_memory_bytes"] * share
+        budget = Budget("memory", limit, False, f"memory={limit / 2 ** 20:.2f}MiB ({share:g} x {preset})")
+        plans[name] = run_plan(planning_config, budget, args.batches, plan_dir / f"{name}.yaml", measured, importance)
+        RECIPES[name] = plan_overrides(plans[name]["units"])
+        accuracy.LR_GRID[name] = accuracy.LR_GRID.get(preset, accuracy.LR_GRID["default"])
+    planning_cpu_s = time.process_time() - started
+    if args.plan_only:
+        for name, plan in plans.items():
+            print(f"{name}: {plan['plan']} (predicted {plan['predicted']['memory_bytes'] / 2 ** 20:.2f} MiB, "
+                  f"budget {plan['budget']}); overrides {RECIPES[name]}")
+        print(f"planning: {planning_cpu_s:.0f} s CPU, presets {presets}")
+        return
+
+    earlier = json.loads((out / "accuracy_quickstart.json").read_text())
+    if earlier["overrides"] != args.overrides or earlier["seeds"] != args.seeds:
+        raise SystemExit(f"accuracy_quickstart.json was made with overrides {earlier['overrides']} and seeds "
+                         f"{earlier['seeds']}; run with the same (e.g. python bench/plan.py train.steps=600)")
+    args.out = str(out)
+    rows = {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for name in TARGETS:
+            grid = accuracy.LR_GRID[name]
+            sweep_runs = {lr: pool.submit(accuracy.run, name, lr, 0, True, args) for lr in grid}
+            sweep = {lr: accuracy.mean(list(run.result().values())) for lr, run in sweep_runs.items()}
+            best = max(sweep, key=sweep.get)
+            per_seed = [run.result() for run in [pool.submit(accuracy.run, name, best, seed, False, args)
+                                                  for seed in args.seeds]]
+            rows[name] = {"lr_sweep_validation_mean_top1": sweep, "lr": best, "per_seed": per_seed,
+                          "summary": accuracy.summarise(per_seed)}
+    checks = {name: profile_plan(name, args) for name in TARGETS}
+    results = {"protocol": __doc__.split("\n\n")[1], "overrides": args.overrides, "seeds": args.seeds,
+               "preset_memory": presets, "planning_cpu_s": planning_cpu_s,
+               "measured_steps": measured[1].measured_steps, "plans": plans, "accuracy": rows,
+               "profiled": checks, "presets_accuracy": {name: earlier["recipes"][name]["summary"]
+                                                        for name in ("full", "paper_bsr", "lean")}}
+    (out / "plan_quickstart.json").write_text(json.dumps(results, indent=2))
+    table = format_table(results)
+    (out / "plan_quickstart.md").write_text(table + "\n")
+    print(table)
+
+
+def profile_plan(name: str, args: argparse.Namespace) -> dict:
+    from moebsr.profiling import profile_config
+    report = profile_config(config_for(name, args, validation=False), steps=1, warmup=1)
+    return {"train_memory_bytes": report["train_memory_bytes"], "train_flops_per_image": report["train_flops_per_image"],
+            "trainable_params": report["trainable_params"]}
+
+
+def format_table(results: dict) -> str:
+    full = results["presets_accuracy"]["full"]["mean"]["mean"]
+    full_memory = results["preset_memory"]["full"]["train_memory_bytes"]
+    lines = ["| recipe | what trains | train memory (MiB) | memory x less than full | mean top-1 (3 seeds) | vs full |",
+             "|---|---|---|---|---|---|"]
+
+    def row(name: str, plan: str, memory: float, summary: dict) -> str:
+        mean, std = summary["mean"]["mean"], summary["mean"]["std"]
+        delta = "—" if name == "full" else f"{(mean - full) * 100:+.2f} pt"
+        return (f"| {name} | {plan} | {memory / 2 ** 20:.1f} | {full_memory / memory:.2f} | "
+                f"{mean * 100:.2f} ± {std * 100:.2f} | {delta} |")
+
+    for preset in ("full", "paper_bsr", "lean"):
+        lines.append(row(preset, f"preset {preset}", results["preset_memory"][preset]["train_memory_bytes"],
+                         results["presets_accuracy"][preset]))
+    for name, plan in results["plans"].items():
+        measured = results["profiled"][name]["train_memory_bytes"]
+        lines.append(row(name, plan["plan"], measured, results["accuracy"][name]["summary"]))
+    lines += ["", "Predicted against profiled training memory: " + ", ".join(
+        f"{name} {plan['predicted']['memory_bytes'] / results['profiled'][name]['train_memory_bytes']:.4f}"
+        for name, plan in results["plans"].items()),
+        f"Planning (cost model of {results['measured_steps']} measured steps at batch 64, importance from 2 batches "
+        f"of every task): {results['planning_cpu_s']:.0f} s CPU."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
