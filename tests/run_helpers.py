@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -80,3 +81,23 @@ def write_untrained_run(output_dir: Path, tasks: Sequence[str] = ("digits", "dig
     model = distinct_experts(model_from_config(config, data.heads()))
     export_run(output_dir, model, config, data.task_outputs(), {}, class_names=data.class_names())
     return output_dir
+
+
+@contextlib.contextmanager
+def isolated_caches(root: Path) -> Iterator[Path]:
+    """moebsr's packaged-data cache and the Hugging Face caches under ``root``, the hub offline; all restored after."""
+    import datasets
+    saved = {k: os.environ.get(k) for k in ("MOEBSR_CACHE", "HF_HOME", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    saved_cache = datasets.config.HF_DATASETS_CACHE
+    os.environ.update(MOEBSR_CACHE=str(root / "moebsr"), HF_HOME=str(root / "hf"), HF_DATASETS_OFFLINE="1",
+                      HF_HUB_OFFLINE="1")
+    datasets.config.HF_DATASETS_CACHE = root / "hf" / "datasets"
+    try:
+        yield root
+    finally:
+        datasets.config.HF_DATASETS_CACHE = saved_cache
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -24,7 +24,7 @@ from moebsr.data.image_columns import pixel_layout
 from moebsr.data.image_datasets import TensorImageDataset
 from moebsr.runner import run_training_cli
 from moebsr.tasks import TaskError, create_task, discover_tasks
-from run_helpers import REPO, short_run_overrides
+from run_helpers import REPO, isolated_caches, short_run_overrides
 
 FULL = REPO / "configs" / "quickstart_full.yaml"
 CLASSES = ("cat", "dog", "owl")
@@ -298,25 +298,13 @@ DATA_LAYOUTS = [
 @pytest.fixture(scope="module")
 def layout_task_dir(tmp_path_factory):
     """Caches in a temp folder, the hub offline, and the ``layout`` task file (a hub task, as users write them)."""
-    import datasets
-
     from moebsr.data import hub
     root = tmp_path_factory.mktemp("layouts")
     (root / "tasks").mkdir()
     (root / "tasks" / "layout_task.py").write_text(LAYOUT_TASK)
-    saved = {k: os.environ.get(k) for k in ("MOEBSR_CACHE", "HF_HOME", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    saved_cache = datasets.config.HF_DATASETS_CACHE
-    os.environ.update(MOEBSR_CACHE=str(root / "moebsr"), HF_HOME=str(root / "hf"), HF_DATASETS_OFFLINE="1",
-                      HF_HUB_OFFLINE="1")
-    datasets.config.HF_DATASETS_CACHE = root / "hf" / "datasets"
-    yield root / "tasks"
-    hub._load_cached_from.cache_clear()
-    datasets.config.HF_DATASETS_CACHE = saved_cache
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with isolated_caches(root):
+        yield root / "tasks"
+        hub._load_cached_from.cache_clear()
 
 
 def _without_network(monkeypatch, cache: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 import time
 import uuid
@@ -20,26 +19,16 @@ from moebsr.data.packaged import seeded_split
 from moebsr.tasks import (DatasetUnavailableError, MacroF1, TaskError, TopK, create_task, discover_tasks, list_tasks,
                           task_source)
 
+from run_helpers import isolated_caches
+
 SPEC = ImageSpec(image_size=32, in_chans=3)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def isolated_caches(tmp_path_factory):
+def caches_in_a_temp_folder(tmp_path_factory):
     """Packaged-data and Hugging Face caches in a temp folder; the hub stays offline."""
-    import datasets
-    root = tmp_path_factory.mktemp("caches")
-    saved = {k: os.environ.get(k) for k in ("MOEBSR_CACHE", "HF_HOME", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    saved_cache = datasets.config.HF_DATASETS_CACHE
-    os.environ.update(MOEBSR_CACHE=str(root / "moebsr"), HF_HOME=str(root / "hf"), HF_DATASETS_OFFLINE="1",
-                      HF_HUB_OFFLINE="1")
-    datasets.config.HF_DATASETS_CACHE = root / "hf" / "datasets"
-    yield root
-    datasets.config.HF_DATASETS_CACHE = saved_cache
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with isolated_caches(tmp_path_factory.mktemp("caches")) as root:
+        yield root
 
 
 def unique(prefix: str) -> str:
@@ -181,10 +170,10 @@ def test_a_validation_split_is_carved_from_training_data_never_from_test():
         create_task("mnist", validation_fraction=1.5)
 
 
-def test_split_cache_on_disk_gives_the_same_arrays(isolated_caches):
+def test_split_cache_on_disk_gives_the_same_arrays(caches_in_a_temp_folder):
     from moebsr.data import packaged
     cached = packaged._split_arrays("sklearn_digits", 0.2, 0)
-    assert list((isolated_caches / "moebsr").glob("sklearn_digits-*.npz"))
+    assert list((caches_in_a_temp_folder / "moebsr").glob("sklearn_digits-*.npz"))
     images, labels = packaged._sklearn_digits()
     train, test = seeded_split(labels, 0.2, 0)
     assert np.array_equal(cached["test_images"], images[test]) and np.array_equal(cached["train_labels"],
