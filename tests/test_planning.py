@@ -41,6 +41,7 @@ def tiny():
 @pytest.mark.parametrize("text, kind, amount, relative", [
     ("memory=600MiB", "memory", 600 * 2 ** 20, False), ("memory=0.3x", "memory", 0.3, True),
     ("flops=2.5GFLOP", "flops", 2.5e9, False), ("flops=0.4x", "flops", 0.4, True), ("memory=1e3KB", "memory", 1e6, False),
+    ("step=80ms", "step", 0.08, False), ("step=0.4x", "step", 0.4, True),
 ])
 def test_budgets_parse(text, kind, amount, relative):
     budget = parse_budget(text)
@@ -53,6 +54,7 @@ def test_budgets_parse(text, kind, amount, relative):
     ("memory=5parsecs", r"^--budget: unknown memory unit 'parsecs' in 'memory=5parsecs'; accepted: B, KB, .*GiB, or x"),
     ("memory=600", r"^--budget: unknown memory unit '\(none\)'"),
     ("flops=2MiB", r"^--budget: unknown flops unit 'MiB'.*accepted: FLOP, KFLOP"),
+    ("step=3min", r"^--budget: unknown step unit 'min'.*accepted: s, ms, or x"),
     ("memory=-1x", r"^--budget: cannot read the amount '-1x'"),
     ("memory=0x", r"^--budget: 'memory=0x' is not positive"),
 ])
@@ -186,5 +188,26 @@ def test_block_sublayers_trains_exactly_the_named_sub_layers_of_each_block():
         BSRPlan(preset="none", block_sublayers={9: ["mlp"]}).resolve(4)
 
 
+def test_the_step_time_fit_recovers_a_linear_cost_and_predicts_from_composed_flops_and_parameters(tiny):
+    from moebsr.planning.costs import fit_step_time
+    generator = torch.Generator().manual_seed(0)
+    timings = [(float(f), int(p), 2e-9 * float(f) + 3e-7 * int(p) + 0.004)
+               for f, p in zip(torch.randint(10 ** 8, 10 ** 9, (20,), generator=generator),
+                               torch.randint(10 ** 4, 10 ** 6, (20,), generator=generator))]
+    (per_flop, per_param, fixed), error = fit_step_time(timings)
+    assert (per_flop, per_param, fixed) == (pytest.approx(2e-9), pytest.approx(3e-7), pytest.approx(0.004))
+    assert error < 1e-9
+    _, _, costs = tiny
+    costs.step_fit = (per_flop, per_param, fixed)
+    try:
+        plan = costs.predict([(2, "attn"), (3, "mlp")])
+        assert plan.step_seconds == pytest.approx(2e-9 * plan.flops + 3e-7 * plan.trainable_params + 0.004)
+        budget = costs.predict([(3, "mlp")]).step_seconds * 1.01
+        choice = best_plan(costs, {unit: 1.0 for unit in costs.units}, "step", budget)
+        assert choice.units and choice.cost.step_seconds <= budget
+    finally:
+        costs.step_fit = None
+
+
 def test_measure_is_a_value():
-    assert Measure(1, 2, 3) + Measure(1, 1, 1) - Measure(2, 3, 4) == Measure(0, 0, 0)
+    assert Measure(1, 2, 3, 4) + Measure(1, 1, 1, 1) - Measure(2, 3, 4, 5) == Measure(0, 0, 0, 0)

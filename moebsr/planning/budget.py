@@ -1,5 +1,5 @@
-"""``--budget KIND=AMOUNT``: an absolute amount (``memory=600MiB``, ``flops=2.5GFLOP``) or one relative to full
-fine-tuning of the same model, batch and precision (``memory=0.3x``)."""
+"""``--budget KIND=AMOUNT``: an absolute amount (``memory=600MiB``, ``flops=2.5GFLOP``, ``step=80ms``) or one relative
+to full fine-tuning of the same model, batch and precision (``memory=0.3x``, ``step=0.4x``)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-BUDGET_KINDS = ("memory", "flops")
+BUDGET_KINDS = ("memory", "flops", "step")
 MEMORY_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}
 FLOP_UNITS = {"FLOP": 1, "KFLOP": 1e3, "MFLOP": 1e6, "GFLOP": 1e9, "TFLOP": 1e12}
+TIME_UNITS = {"s": 1.0, "ms": 1e-3}
+UNITS = {"memory": MEMORY_UNITS, "flops": FLOP_UNITS, "step": TIME_UNITS}
 ACCEPTED = ("accepted: memory=<number><unit> (units B, KB, MB, GB, KiB, MiB, GiB), flops=<number><unit> (units FLOP, "
-            "KFLOP, MFLOP, GFLOP, TFLOP; per training step), or either as <number>x of full fine-tuning")
+            "KFLOP, MFLOP, GFLOP, TFLOP; per training step), step=<number><unit> (units s, ms; CPU time on CPU), or "
+            "any of them as <number>x of full fine-tuning")
 
 
 class PlanError(ValueError):
@@ -48,18 +51,19 @@ def parse_budget(text: str) -> Budget:
         return Budget(kind, number, True, text)
     scale = _unit_scale(kind, unit)
     if scale is None:
-        units = ", ".join(MEMORY_UNITS if kind == "memory" else FLOP_UNITS)
+        units = ", ".join(UNITS[kind])
         raise PlanError(f"--budget: unknown {kind} unit {unit or '(none)'!r} in {text!r}; accepted: {units}, or x "
                          "(relative to full fine-tuning)")
     return Budget(kind, number * scale, False, text)
 
 
 def _unit_scale(kind: str, unit: str) -> Optional[float]:
-    units = MEMORY_UNITS if kind == "memory" else FLOP_UNITS
-    return units.get(unit)
+    return UNITS[kind].get(unit)
 
 
 def format_amount(kind: str, value: float) -> str:
     if kind == "memory":
         return f"{value / 2 ** 20:.2f} MiB"
+    if kind == "step":
+        return f"{value * 1000:.1f} ms"
     return f"{value / 1e9:.3f} GFLOP"

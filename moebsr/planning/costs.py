@@ -25,9 +25,10 @@ instruments. Gradient and optimizer-state bytes follow from the trainable parame
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -36,7 +37,10 @@ from ..model.bsr import ResolvedBSRPlan
 
 UNIT_SUBLAYERS = ("attn", "mlp", "norm", "router")
 Unit = tuple[int, str]  # (block, sub-layer)
-QUANTITIES = ("parameter_bytes", "saved_bytes", "flops")
+QUANTITIES = ("parameter_bytes", "saved_bytes", "flops", "step_seconds")
+# A step's time is not composed like the other quantities: a difference of two noisy timings is mostly noise, and
+# the fixed forward dominates. It is fitted instead over every measured plan, seconds = a * FLOPs + b * trainable
+# parameters (backward and the optimizer's update) + c, and predicted from a plan's composed FLOPs and parameters.
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Measure:
     parameter_bytes: float = 0.0
     saved_bytes: float = 0.0
     flops: float = 0.0
+    step_seconds: float = 0.0  # median time of a whole step, optimizer included; 0 when not timed
 
     def __add__(self, other: "Measure") -> "Measure":
         return Measure(*(getattr(self, q) + getattr(other, q) for q in QUANTITIES))
@@ -64,13 +69,14 @@ class PlanCost:
     saved_bytes: float
     flops: float
     trainable_params: int
+    step_seconds: float = 0.0
 
     @property
     def memory_bytes(self) -> float:
         return self.parameter_bytes + self.gradient_bytes + self.optimizer_state_bytes + self.saved_bytes
 
     def value(self, kind: str) -> float:
-        return self.memory_bytes if kind == "memory" else self.flops
+        return {"memory": self.memory_bytes, "flops": self.flops, "step": self.step_seconds}[kind]
 
 
 @dataclass
@@ -88,6 +94,8 @@ class CostModel:
     gradient_bytes_per_param: int = 4
     measure_seconds: float = 0.0
     measured_steps: int = 0
+    step_fit: Optional[tuple[float, float, float]] = None  # seconds per FLOP, per trainable parameter, fixed
+    step_fit_error: Optional[float] = None  # median relative error of the fit over the measured plans
     full: PlanCost = field(default=None)  # full fine-tuning (embeddings too), the reference of relative budgets
 
     def predict(self, units: Iterable[Unit]) -> PlanCost:
@@ -102,7 +110,14 @@ class CostModel:
         params = self.base_params + sum(self.unit_params[unit] for unit in chosen)
         optimizer = self.state_bytes_per_param - self.gradient_bytes_per_param
         return PlanCost(measure.parameter_bytes, params * self.gradient_bytes_per_param, params * optimizer,
-                        measure.saved_bytes, measure.flops, params)
+                        measure.saved_bytes, measure.flops, params, self.step_seconds(measure.flops, params))
+
+    def step_seconds(self, flops: float, params: int) -> float:
+        """The fitted step time (0 when steps were not timed)."""
+        if self.step_fit is None:
+            return 0.0
+        per_flop, per_param, fixed = self.step_fit
+        return per_flop * flops + per_param * params + fixed
 
 
 def plan_units(model: MoEViT) -> list[Unit]:
@@ -142,10 +157,16 @@ def measure_cost_model(build: Callable[[ResolvedBSRPlan], MoEViT], step_measure:
     start = time.perf_counter()
     measured = 0
 
+    timings: list[tuple[float, int, float]] = []  # (FLOPs, trainable parameters, seconds) of every measured plan
+
     def measure(units: Sequence[Unit]) -> Measure:
         nonlocal measured
         measured += 1
-        return step_measure(build(units_plan(units)))
+        model = build(units_plan(units))
+        reading = step_measure(model)
+        timings.append((reading.flops, sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        reading.step_seconds))
+        return reading
 
     reference = build(units_plan([]))
     units = plan_units(reference)
@@ -171,18 +192,38 @@ def measure_cost_model(build: Callable[[ResolvedBSRPlan], MoEViT], step_measure:
     full_model = build(full_plan)
     full_measure = step_measure(full_model)
     full_params = sum(p.numel() for p in full_model.parameters() if p.requires_grad)
+    timings.append((full_measure.flops, full_params, full_measure.step_seconds))
+    if all(seconds > 0 for _, _, seconds in timings):
+        model.step_fit, model.step_fit_error = fit_step_time(timings)
     model.full = PlanCost(full_measure.parameter_bytes, full_params * gradient_bytes,
                           full_params * optimizer_state_per_param, full_measure.saved_bytes, full_measure.flops,
-                          full_params)
+                          full_params, model.step_seconds(full_measure.flops, full_params))
     model.measured_steps = measured + 2
     model.measure_seconds = time.perf_counter() - start
     return model
 
 
-def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, precision: str
-                           ) -> Callable[[MoEViT], Measure]:
-    """A step's measure on the synthetic batch ``moebsr profile`` uses (same seed, images and labels)."""
-    from ..profiling import saved_activation_bytes, synthetic_labels, training_step_flops
+def fit_step_time(timings: Sequence[tuple[float, int, float]]) -> tuple[tuple[float, float, float], float]:
+    """Least squares ``seconds = a * FLOPs + b * parameters + c`` (relative errors weighed equally), and its median
+    relative error over the timings."""
+    import numpy as np
+    flops, params, seconds = (np.asarray(column, dtype=float) for column in zip(*timings))
+    design = np.stack([flops, params, np.ones_like(flops)], axis=1) / seconds[:, None]
+    coefficients = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)[0]
+    predicted = design @ coefficients * seconds
+    error = float(np.median(np.abs(predicted - seconds) / seconds))
+    return (float(coefficients[0]), float(coefficients[1]), float(coefficients[2])), error
+
+
+def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, precision: str,
+                           make_optimizer: Optional[Callable[[MoEViT], torch.optim.Optimizer]] = None,
+                           timed_steps: int = 0) -> Callable[[MoEViT], Measure]:
+    """A step's measure on the synthetic batch ``moebsr profile`` uses (same seed, images and labels).
+
+    With ``timed_steps``, also the median time of that many whole steps (forward, backward, ``make_optimizer``'s
+    step) after one untimed: CPU time of this process on CPU (run it with one thread; another job on the machine
+    does not inflate it as it does the wall clock), wall time on CUDA."""
+    from ..profiling import saved_activation_bytes, synthetic_labels, timed_calls, training_loss, training_step_flops
 
     def step_measure(model: MoEViT) -> Measure:
         model.train()
@@ -195,6 +236,18 @@ def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, pre
         saved = saved_activation_bytes(model, images, labels, precision)
         flops = training_step_flops(model, images, labels, precision)
         parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        return Measure(float(parameter_bytes), float(saved), float(flops))
+        seconds = 0.0
+        if timed_steps:
+            optimizer = make_optimizer(model)
+
+            def step() -> None:
+                training_loss(model, images, labels, precision=precision).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            timed = timed_calls(step, device, timed_steps, warmup=1)
+            seconds = statistics.median(wall if device.type == "cuda" else cpu for wall, cpu in timed)
+            model.zero_grad(set_to_none=True)
+        return Measure(float(parameter_bytes), float(saved), float(flops), seconds)
 
     return step_measure

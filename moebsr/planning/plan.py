@@ -34,9 +34,12 @@ def check_plannable(config: RunConfig) -> None:
                              f"config with {section}.enabled=false")
 
 
-def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: list[str]) -> CostModel:
+def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: list[str], timed_steps: int = 0
+                   ) -> CostModel:
     """Measure the cost model on the configured model with random weights (costs do not depend on their values),
-    built as ``moebsr profile`` builds it, at the configured batch and precision."""
+    built as ``moebsr profile`` builds it, at the configured batch and precision; with ``timed_steps``, step times
+    too (the configured optimizer included)."""
+    from ..optim import build_optimizer
     from ..build import model_from_config
     from ..model.precision import store_frozen_weights
     measured = copy.deepcopy(config)
@@ -54,7 +57,8 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
 
     full = ResolvedBSRPlan(tuple(range(base.depth)), frozenset(("attn", "mlp", "router", "norm")), True, True)
     step_measure = synthetic_step_measure({name: task_outputs[name] for name in step_tasks},
-                                          config.train.batch_size, config.train.mixed_precision)
+                                          config.train.batch_size, config.train.mixed_precision,
+                                          lambda model: build_optimizer(model, config.train), timed_steps)
     return measure_cost_model(build, step_measure, OPTIMIZER_STATE_BYTES[config.train.optimizer], full)
 
 
@@ -117,9 +121,12 @@ def describe(units: tuple[Unit, ...]) -> str:
 
 
 def cost_row(kind: str, cost: PlanCost, full: PlanCost) -> dict[str, Any]:
-    return dict(memory_bytes=cost.memory_bytes, memory_ratio=cost.memory_bytes / full.memory_bytes,
-                flops=cost.flops, flops_ratio=cost.flops / full.flops, saved_bytes=cost.saved_bytes,
-                trainable_params=cost.trainable_params, budget_kind=kind)
+    row = dict(memory_bytes=cost.memory_bytes, memory_ratio=cost.memory_bytes / full.memory_bytes,
+               flops=cost.flops, flops_ratio=cost.flops / full.flops, saved_bytes=cost.saved_bytes,
+               trainable_params=cost.trainable_params, budget_kind=kind)
+    if full.step_seconds:
+        row.update(step_seconds=cost.step_seconds, step_ratio=cost.step_seconds / full.step_seconds)
+    return row
 
 
 def check_reachable(model: CostModel, budget: Budget) -> float:
@@ -159,6 +166,7 @@ def write_outputs(out: Path, config: RunConfig, model: CostModel, importance: Im
         criterion="Fisher potential of each unit's output (TinyTrain), each task normalised to sum 1",
         importance_images_per_task=importance.images_per_task, importance_micro_batch=importance.micro_batch,
         importance_seconds=importance.seconds, measure_seconds=model.measure_seconds,
+        step_fit=model.step_fit, step_fit_median_relative_error=model.step_fit_error,
         measured_steps=model.measured_steps)
     plan_json = out.with_suffix(".plan.json")
     plan_json.write_text(json.dumps(report, indent=2))
@@ -170,15 +178,15 @@ def plot_frontier(path: Path, report: dict[str, Any], kind: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ratio = "memory_ratio" if kind == "memory" else "flops_ratio"
+    ratio = f"{kind}_ratio"
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.plot([p[ratio] for p in report["frontier"]], [p["score"] for p in report["frontier"]], "o-",
               label="best plan per budget")
     for name, preset in report["presets"].items():
         axes.plot(preset[ratio], preset["score"], "s", label=f"preset {name}")
     axes.plot(report["predicted"][ratio], report["score"], "*", markersize=14, label="this plan")
-    axes.axvline(report["budget_value"] / (report["full_finetuning"]["memory_bytes" if kind == "memory" else "flops"]),
-                 linestyle=":", color="grey", label="budget")
+    full = report["full_finetuning"][{"memory": "memory_bytes", "flops": "flops", "step": "step_seconds"}[kind]]
+    axes.axvline(report["budget_value"] / full, linestyle=":", color="grey", label="budget")
     axes.set_xlabel(f"predicted training {kind} / full fine-tuning")
     axes.set_ylabel("importance kept (Fisher potential, sum over tasks)")
     axes.legend(fontsize=7)
@@ -187,8 +195,12 @@ def plot_frontier(path: Path, report: dict[str, Any], kind: str) -> None:
     plt.close(figure)
 
 
-def measure_costs(config: RunConfig) -> tuple[Any, CostModel]:
-    """The run's tasks (their data checked) and the cost model of the step its sampler draws first."""
+TIMED_STEPS = 3  # per measured plan, after one untimed, for a step-time budget
+
+
+def measure_costs(config: RunConfig, timed: bool = False) -> tuple[Any, CostModel]:
+    """The run's tasks (their data checked) and the cost model of the step its sampler draws first (with step times
+    when ``timed``)."""
     from ..build import check_config_against_model
     from ..run_data import RunData, group_by_shared_dataset
     check_plannable(config)
@@ -197,14 +209,14 @@ def measure_costs(config: RunConfig) -> tuple[Any, CostModel]:
     step_tasks = [config.tasks[0]]
     if config.train.sampler == "joint":
         step_tasks = group_by_shared_dataset(data.tasks, config.tasks)[0]
-    return data, cost_model_for(config, data.task_outputs(), step_tasks)
+    return data, cost_model_for(config, data.task_outputs(), step_tasks, TIMED_STEPS if timed else 0)
 
 
 def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measured: Optional[tuple[Any, CostModel]] = None,
              importance: Optional[Importance] = None) -> dict[str, Any]:
     """Plan, then write the config and its report. ``measured`` (:func:`measure_costs`) and ``importance`` may come
     from an earlier call on the same config (a benchmark planning several budgets)."""
-    data, costs = measured or measure_costs(config)
+    data, costs = measured or measure_costs(config, timed=budget.kind == "step")
     limit = check_reachable(costs, budget)  # before the data is read
     if importance is None:
         micro_batch = planning_micro_batch(costs, budget, limit, config.train.batch_size)
@@ -219,7 +231,9 @@ def format_report(report: dict[str, Any], out: Optional[Path] = None) -> str:
         f"plan for {report['budget']}: {report['plan']}",
         f"predicted: memory {predicted['memory_bytes'] / 2 ** 20:.2f} MiB ({predicted['memory_ratio']:.3f}x of full "
         f"fine-tuning), {predicted['flops'] / 1e9:.3f} GFLOP per step ({predicted['flops_ratio']:.3f}x), "
-        f"{predicted['trainable_params']:,} trainable parameters; importance kept {report['score']:.3f}",
+        f"{predicted['trainable_params']:,} trainable parameters"
+        + (f", step {predicted['step_seconds'] * 1000:.1f} ms ({predicted['step_ratio']:.3f}x)"
+           if "step_seconds" in predicted else "") + f"; importance kept {report['score']:.3f}",
         "presets: " + "; ".join(f"{name} {p['memory_ratio']:.3f}x memory, {p['flops_ratio']:.3f}x FLOPs, importance "
                                 f"{p['score']:.3f}" for name, p in report["presets"].items()),
         f"cost: {report['measured_steps']} measured steps in {report['measure_seconds']:.1f} s; importance from "

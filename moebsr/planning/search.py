@@ -53,7 +53,7 @@ def _knapsack(items: Sequence[Unit], costs: Sequence[int], values: Sequence[floa
 
 
 def best_plan(model: CostModel, scores: Mapping[Unit, float], kind: str, budget: float) -> Optional[Choice]:
-    """The highest-scoring plan whose predicted ``kind`` cost (``memory`` or ``flops``) is at most ``budget``;
+    """The highest-scoring plan whose predicted ``kind`` cost (``memory``, ``flops`` or ``step``) is at most ``budget``;
     ``None`` when not even heads alone fit."""
     heads = model.predict(())
     if heads.value(kind) > budget:
@@ -86,6 +86,8 @@ def _marginal(model: CostModel, unit: Unit, kind: str) -> float:
     params = model.unit_params[unit]
     if kind == "flops":
         return extra.flops
+    if kind == "step":
+        return model.step_seconds(extra.flops, params) - model.step_seconds(0.0, 0)
     return extra.parameter_bytes + extra.saved_bytes + params * model.state_bytes_per_param
 
 
