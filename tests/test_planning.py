@@ -163,10 +163,18 @@ def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(t
     assert predicted["saved_bytes"] == pytest.approx(measured["saved_activation_bytes_per_image"] * batch, rel=0.10)
     assert predicted["flops"] == pytest.approx(measured["train_flops_per_image"] * batch, rel=0.10)
     assert predicted["trainable_params"] == measured["trainable_params"]
+    # --levers auto (the default) measured the 3 other settings of the two memory levers and kept the best plan
+    options = report["lever_options"]
+    assert len(options) == 4 and report["score"] == max(option["score"] for option in options)
+    assert {tuple(option["levers"].values()) for option in options} == {(False, "fp32"), (False, "bf16"),
+                                                                        (True, "fp32"), (True, "bf16")}
+    assert (config.moe.recompute_experts, config.bsr.frozen_dtype) == tuple(report["levers"].values())
+    as_given = next(option for option in options if tuple(option["levers"].values()) == (False, "fp32"))
+    assert report["score"] > as_given["score"]  # the levers buy importance at the same memory
 
 
 def test_an_unreachable_budget_is_one_line_naming_the_cheapest_plan_and_writes_nothing(tmp_path):
-    done = _plan_cli(tmp_path, "--budget", "memory=1MiB")
+    done = _plan_cli(tmp_path, "--budget", "memory=1MiB", "--levers", "config")
     assert done.returncode == 2
     assert done.stderr.startswith("error: --budget: memory=1MiB (1.00 MiB) is below the cheapest plan, heads only: ")
     assert done.stderr.count("\n") == 1 and not list(tmp_path.iterdir())

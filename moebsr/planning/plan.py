@@ -129,20 +129,21 @@ def cost_row(kind: str, cost: PlanCost, full: PlanCost) -> dict[str, Any]:
     return row
 
 
-def check_reachable(model: CostModel, budget: Budget) -> float:
-    """The budget's value; refused in one line when not even heads alone fit it."""
-    limit = budget.resolve(model.full.value(budget.kind))
-    minimum = model.predict(()).value(budget.kind)
+def check_reachable(models: list[CostModel], budget: Budget, limit: float) -> None:
+    """Refused in one line when not even heads alone fit ``limit`` with any of the lever settings measured."""
+    minimum = min(model.predict(()).value(budget.kind) for model in models)
     if minimum > limit:
+        full = models[0].full.value(budget.kind)
         raise PlanError(f"--budget: {budget.text} ({format_amount(budget.kind, limit)}) is below the cheapest plan, "
-                        f"heads only: {format_amount(budget.kind, minimum)} "
-                        f"({minimum / model.full.value(budget.kind):.3f}x of full fine-tuning); accepted: at least that")
-    return limit
+                        f"heads only: {format_amount(budget.kind, minimum)} ({minimum / full:.3f}x of full "
+                        "fine-tuning); accepted: at least that")
 
 
 def write_outputs(out: Path, config: RunConfig, model: CostModel, importance: Importance, budget: Budget,
-                  limit: float, choice: Choice) -> dict[str, Any]:
-    """The config, the plan's report (``.plan.json``) and the frontier plot (``.frontier.png``) beside it."""
+                  limit: float, choice: Choice, reference: Optional[PlanCost] = None) -> dict[str, Any]:
+    """The config, the plan's report (``.plan.json``) and the frontier plot (``.frontier.png``) beside it. Ratios are
+    to ``reference`` (full fine-tuning of the config as given; default: ``model``'s own)."""
+    full = reference or model.full
     out.parent.mkdir(parents=True, exist_ok=True)
     save_config(planned_config(config, choice.units), out)
     presets = {preset: preset_units(config, model, preset) for preset in PRESETS}
@@ -150,10 +151,10 @@ def write_outputs(out: Path, config: RunConfig, model: CostModel, importance: Im
     report = dict(
         budget=budget.text, budget_kind=budget.kind, budget_value=limit, plan=describe(choice.units),
         units=[list(unit) for unit in choice.units], score=choice.score,
-        predicted=cost_row(budget.kind, choice.cost, model.full),
-        full_finetuning=cost_row(budget.kind, model.full, model.full),
+        predicted=cost_row(budget.kind, choice.cost, full),
+        full_finetuning=cost_row(budget.kind, full, full),
         presets={name: dict(plan=describe(units), score=sum(importance.scores[u] for u in units),
-                            **cost_row(budget.kind, model.predict(units), model.full))
+                            **cost_row(budget.kind, model.predict(units), full))
                  for name, units in presets.items()},
         candidates=[dict(unit=list(unit), score=importance.scores[unit], params=model.unit_params[unit],
                          extra_memory_bytes=model.extra[unit].parameter_bytes + model.extra[unit].saved_bytes
@@ -161,7 +162,7 @@ def write_outputs(out: Path, config: RunConfig, model: CostModel, importance: Im
                          extra_flops=model.extra[unit].flops,
                          per_task={task: scores[unit] for task, scores in importance.per_task.items()})
                     for unit in model.units],
-        frontier=[dict(plan=describe(p.units), score=p.score, **cost_row(budget.kind, p.cost, model.full))
+        frontier=[dict(plan=describe(p.units), score=p.score, **cost_row(budget.kind, p.cost, full))
                   for p in points],
         criterion="Fisher potential of each unit's output (TinyTrain), each task normalised to sum 1",
         importance_images_per_task=importance.images_per_task, importance_micro_batch=importance.micro_batch,
@@ -202,27 +203,79 @@ def measure_costs(config: RunConfig, timed: bool = False) -> tuple[Any, CostMode
     """The run's tasks (their data checked) and the cost model of the step its sampler draws first (with step times
     when ``timed``)."""
     from ..build import check_config_against_model
-    from ..run_data import RunData, group_by_shared_dataset
+    from ..run_data import RunData
     check_plannable(config)
     check_config_against_model(config)
     data = RunData.from_config(config)
-    step_tasks = [config.tasks[0]]
+    return data, cost_model_for(config, data.task_outputs(), _step_tasks(config, data), TIMED_STEPS if timed else 0)
+
+
+def _step_tasks(config: RunConfig, data: Any) -> list[str]:
+    from ..run_data import group_by_shared_dataset
     if config.train.sampler == "joint":
-        step_tasks = group_by_shared_dataset(data.tasks, config.tasks)[0]
-    return data, cost_model_for(config, data.task_outputs(), step_tasks, TIMED_STEPS if timed else 0)
+        return group_by_shared_dataset(data.tasks, config.tasks)[0]
+    return [config.tasks[0]]
+
+
+LEVER_CHOICES = ("auto", "config")
+
+
+def lever_variants(config: RunConfig, has_experts: bool) -> list[RunConfig]:
+    """The config with every other setting of the memory levers: experts recomputed in backward (exact), frozen
+    matmul weights stored in bf16 (see ``bsr.frozen_dtype``). The config's own setting is not repeated."""
+    variants = []
+    for recompute in ((False, True) if has_experts else (config.moe.recompute_experts,)):
+        for frozen_dtype in ("fp32", "bf16"):
+            if (recompute, frozen_dtype) == (config.moe.recompute_experts, config.bsr.frozen_dtype):
+                continue
+            variant = copy.deepcopy(config)
+            variant.moe.recompute_experts, variant.bsr.frozen_dtype = recompute, frozen_dtype
+            variants.append(variant)
+    return variants
+
+
+def levers_of(config: RunConfig) -> dict[str, Any]:
+    return {"moe.recompute_experts": config.moe.recompute_experts, "bsr.frozen_dtype": config.bsr.frozen_dtype}
 
 
 def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measured: Optional[tuple[Any, CostModel]] = None,
-             importance: Optional[Importance] = None) -> dict[str, Any]:
+             importance: Optional[Importance] = None, levers: str = "config") -> dict[str, Any]:
     """Plan, then write the config and its report. ``measured`` (:func:`measure_costs`) and ``importance`` may come
-    from an earlier call on the same config (a benchmark planning several budgets)."""
-    data, costs = measured or measure_costs(config, timed=budget.kind == "step")
-    limit = check_reachable(costs, budget)  # before the data is read
+    from an earlier call on the same config (a benchmark planning several budgets). ``levers="auto"`` also plans
+    with every other setting of the memory levers (each measured) and keeps the setting whose plan scores highest;
+    relative budgets stay relative to full fine-tuning of the config as given."""
+    if levers not in LEVER_CHOICES:
+        raise PlanError(f"--levers: {levers!r} is invalid; accepted: {', '.join(LEVER_CHOICES)}")
+    timed = budget.kind == "step"
+    data, costs = measured or measure_costs(config, timed=timed)
+    limit = budget.resolve(costs.full.value(budget.kind))
+    options = [(config, costs)]
+    if levers == "auto":
+        has_experts = any(sublayer == "router" for _, sublayer in costs.units)
+        options += [(variant, cost_model_for(variant, data.task_outputs(), _step_tasks(variant, data),
+                                             TIMED_STEPS if timed else 0))
+                    for variant in lever_variants(config, has_experts)]
+    check_reachable([option_costs for _, option_costs in options], budget, limit)  # before the data is read
     if importance is None:
         micro_batch = planning_micro_batch(costs, budget, limit, config.train.batch_size)
         importance = importance_for(config, data, costs.units, batches, micro_batch)
-    choice = best_plan(costs, importance.scores, budget.kind, limit)
-    return write_outputs(out, config, costs, importance, budget, limit, choice)
+    candidates = []
+    for option_config, option_costs in options:
+        choice = best_plan(option_costs, importance.scores, budget.kind, limit)
+        if choice is not None:
+            candidates.append((choice.score, -choice.cost.value(budget.kind), len(candidates), option_config,
+                               option_costs, choice))
+    _, _, _, chosen_config, chosen_costs, choice = max(candidates, key=lambda item: item[:3])
+    report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, costs.full)
+    report["levers"] = levers_of(chosen_config)
+    report["measured_steps"] = sum(option_costs.measured_steps for _, option_costs in options)
+    report["measure_seconds"] = sum(option_costs.measure_seconds for _, option_costs in options)
+    report["lever_options"] = [dict(levers=levers_of(option_config), plan=describe(option_choice.units),
+                                    score=option_choice.score, predicted=cost_row(budget.kind, option_choice.cost,
+                                                                                  costs.full))
+                               for _, _, _, option_config, _, option_choice in candidates]
+    out.with_suffix(".plan.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def format_report(report: dict[str, Any], out: Optional[Path] = None) -> str:
@@ -236,6 +289,7 @@ def format_report(report: dict[str, Any], out: Optional[Path] = None) -> str:
            if "step_seconds" in predicted else "") + f"; importance kept {report['score']:.3f}",
         "presets: " + "; ".join(f"{name} {p['memory_ratio']:.3f}x memory, {p['flops_ratio']:.3f}x FLOPs, importance "
                                 f"{p['score']:.3f}" for name, p in report["presets"].items()),
+        f"levers: {', '.join(f'{key}={value}' for key, value in report.get('levers', {}).items())}",
         f"cost: {report['measured_steps']} measured steps in {report['measure_seconds']:.1f} s; importance from "
         f"{sum(report['importance_images_per_task'].values())} images in micro-batches of "
         f"{report['importance_micro_batch']}, {report['importance_seconds']:.1f} s",
