@@ -83,6 +83,17 @@ def test_predicted_costs_match_a_measured_step_of_the_same_plan(tiny):
     assert costs.full.memory_bytes > costs.predict([u for u in costs.units]).memory_bytes * 0.99
 
 
+def test_costs_measured_on_a_few_images_scale_to_the_batch_without_holding_gradients(tiny):
+    model, _, _ = tiny
+    model.apply_bsr(units_plan([(1, "mlp"), (2, "attn"), (3, "router")]))
+    whole = synthetic_step_measure(TASKS, 8, "no")(model)
+    few = synthetic_step_measure(TASKS, 8, "no", measure_batch=2)(model)
+    assert few.saved_bytes == pytest.approx(whole.saved_bytes, rel=0.01)
+    assert few.flops == pytest.approx(whole.flops, rel=0.01)
+    assert few.parameter_bytes == whole.parameter_bytes
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_the_search_is_exact_against_brute_force_and_deterministic(tiny):
     _, _, costs = tiny
     generator = torch.Generator().manual_seed(3)
@@ -151,6 +162,7 @@ def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(t
     report = json.loads((tmp_path / "p.plan.json").read_text())
     assert (tmp_path / "p.frontier.png").stat().st_size > 1000
     assert report["predicted"]["memory_ratio"] <= 0.35 and report["score"] > 0
+    assert report["planning_fits_budget"] and report["planning_memory_bytes"] <= report["budget_value"]
     assert set(report["presets"]) == {"paper", "last_k", "none"} and len(report["frontier"]) >= 3
     config = load_config(tmp_path / "p.yaml")
     resolved = config.bsr.plan().resolve(6)

@@ -24,11 +24,12 @@ instruments. Gradient and optimizer-state bytes follow from the trainable parame
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -203,6 +204,18 @@ def measure_cost_model(build: Callable[[ResolvedBSRPlan], MoEViT], step_measure:
     return model
 
 
+@contextlib.contextmanager
+def _gradients_dropped(model: MoEViT) -> Iterator[None]:
+    """Each parameter's gradient is freed as soon as backward has accumulated it."""
+    handles = [p.register_post_accumulate_grad_hook(lambda parameter: setattr(parameter, "grad", None))
+               for p in model.parameters() if p.requires_grad]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def fit_step_time(timings: Sequence[tuple[float, int, float]]) -> tuple[tuple[float, float, float], float]:
     """Least squares ``seconds = a * FLOPs + b * parameters + c`` (relative errors weighed equally), and its median
     relative error over the timings."""
@@ -217,8 +230,13 @@ def fit_step_time(timings: Sequence[tuple[float, int, float]]) -> tuple[tuple[fl
 
 def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, precision: str,
                            make_optimizer: Optional[Callable[[MoEViT], torch.optim.Optimizer]] = None,
-                           timed_steps: int = 0) -> Callable[[MoEViT], Measure]:
+                           timed_steps: int = 0, measure_batch: Optional[int] = None) -> Callable[[MoEViT], Measure]:
     """A step's measure on the synthetic batch ``moebsr profile`` uses (same seed, images and labels).
+
+    ``measure_batch`` (default ``batch_size``): bytes saved for backward and FLOPs are measured on that many images
+    and scaled to ``batch_size`` (both are per image: nothing in a step is shared across its images but the balancing
+    loss's few statistics), so planning holds a few images' activations, not a whole batch's. Parameter gradients are
+    dropped as backward produces them, so the measuring pass never holds full fine-tuning's gradients either.
 
     With ``timed_steps``, also the median time of that many whole steps (forward, backward, ``make_optimizer``'s
     step) after one untimed: CPU time of this process on CPU (run it with one thread; another job on the machine
@@ -230,11 +248,14 @@ def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, pre
         image_size = int(model.backbone.patch_embed.img_size[0])
         in_chans = int(model.backbone.patch_embed.proj.in_channels)
         device = next(model.parameters()).device
+        measured_images = measure_batch or batch_size
+        scale = batch_size / measured_images
         generator = torch.Generator().manual_seed(0)
-        images = torch.randn(batch_size, in_chans, image_size, image_size, generator=generator).to(device)
-        labels = {t: v.to(device) for t, v in synthetic_labels(task_outputs, batch_size).items()}
-        saved = saved_activation_bytes(model, images, labels, precision)
-        flops = training_step_flops(model, images, labels, precision)
+        images = torch.randn(measured_images, in_chans, image_size, image_size, generator=generator).to(device)
+        labels = {t: v.to(device) for t, v in synthetic_labels(task_outputs, measured_images).items()}
+        with _gradients_dropped(model):
+            saved = saved_activation_bytes(model, images, labels, precision) * scale
+            flops = training_step_flops(model, images, labels, precision) * scale
         parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         seconds = 0.0
         if timed_steps:

@@ -23,6 +23,7 @@ from .importance import Importance, fisher_potential
 from .search import Choice, best_plan, frontier
 
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4}
+MEASURE_BATCH = 4  # images per measured step for memory and FLOPs budgets (scaled to the batch; see costs.py)
 PRESETS = ("paper", "last_k", "none")
 
 
@@ -56,9 +57,10 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
         return model
 
     full = ResolvedBSRPlan(tuple(range(base.depth)), frozenset(("attn", "mlp", "router", "norm")), True, True)
-    step_measure = synthetic_step_measure({name: task_outputs[name] for name in step_tasks},
-                                          config.train.batch_size, config.train.mixed_precision,
-                                          lambda model: build_optimizer(model, config.train), timed_steps)
+    batch = config.train.batch_size
+    step_measure = synthetic_step_measure({name: task_outputs[name] for name in step_tasks}, batch,
+                                          config.train.mixed_precision, lambda model: build_optimizer(model, config.train),
+                                          timed_steps, measure_batch=batch if timed_steps else min(batch, MEASURE_BATCH))
     return measure_cost_model(build, step_measure, OPTIMIZER_STATE_BYTES[config.train.optimizer], full)
 
 
@@ -268,6 +270,10 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
     _, _, _, chosen_config, chosen_costs, choice = max(candidates, key=lambda item: item[:3])
     report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, costs.full)
     report["levers"] = levers_of(chosen_config)
+    images = max(MEASURE_BATCH if not timed else config.train.batch_size, importance.micro_batch)
+    planning_bytes = costs.heads_only.parameter_bytes + images * costs.full.saved_bytes / config.train.batch_size
+    report["planning_memory_bytes"] = planning_bytes  # weights + that many images' activations, every block on the path
+    report["planning_fits_budget"] = planning_bytes <= limit if budget.kind == "memory" else None
     report["measured_steps"] = sum(option_costs.measured_steps for _, option_costs in options)
     report["measure_seconds"] = sum(option_costs.measure_seconds for _, option_costs in options)
     report["lever_options"] = [dict(levers=levers_of(option_config), plan=describe(option_choice.units),
@@ -290,6 +296,10 @@ def format_report(report: dict[str, Any], out: Optional[Path] = None) -> str:
         "presets: " + "; ".join(f"{name} {p['memory_ratio']:.3f}x memory, {p['flops_ratio']:.3f}x FLOPs, importance "
                                 f"{p['score']:.3f}" for name, p in report["presets"].items()),
         f"levers: {', '.join(f'{key}={value}' for key, value in report.get('levers', {}).items())}",
+        f"planning pass: about {report['planning_memory_bytes'] / 2 ** 20:.2f} MiB (weights + the activations it "
+        f"measures and scores on)" + ("" if report.get("planning_fits_budget") is None else
+                                     "; within the budget" if report["planning_fits_budget"] else
+                                     "; MORE than the budget"),
         f"cost: {report['measured_steps']} measured steps in {report['measure_seconds']:.1f} s; importance from "
         f"{sum(report['importance_images_per_task'].values())} images in micro-batches of "
         f"{report['importance_micro_batch']}, {report['importance_seconds']:.1f} s",
