@@ -4,14 +4,16 @@
    16 experts top-4, dropping at 1/3/4 keeping 50 %, five offline tasks, batch 64, the validation split carved from
    the training data), measure the training memory of the ``paper_bsr`` and ``lean`` presets with ``moebsr
    profile``'s instrument (parameters + gradients + optimizer state + saved activations).
-2. Plan for three budgets: the paper preset's memory, the lean preset's, and half the lean preset's. The planner
-   scores units on batches of the training part only (the validation share is held out, as for every recipe).
+2. Plan for four budgets: the paper preset's memory, the lean preset's and half the lean preset's, with the config's
+   memory levers (none: the comparison does not lend the plans the lean preset's recomputed experts), and 0.154x of
+   full fine-tuning (TinyTL's 6.5x) with ``--levers auto``. The planner scores units on batches of the training part
+   only (the validation share is held out, as for every recipe).
 3. Each plan is a recipe of the accuracy benchmark: its learning rate picked on the validation split from the grid of
    the preset it is compared with, then 3 seeds on the test splits. The presets' and full fine-tuning's rows are read
    from ``bench/results/accuracy_quickstart.json`` (same protocol, same overrides).
 4. Each plan's predicted memory is checked against a real profile of it.
 
-    python bench/plan.py train.steps=600          # the README's figures (18 runs, ~25 min on 2 CPU cores, 2 at a time)
+    python bench/plan.py train.steps=600          # the README's figures (24 runs, ~50 min on 2 CPU cores, 2 at a time)
 
 Writes ``bench/results/plan_quickstart.{json,md}`` and each plan's config, report and frontier under
 ``bench/results/plan_quickstart/``.
@@ -31,8 +33,10 @@ from recipes import BASE_CONFIG, RECIPES, REPO, recipe_overrides
 
 sys.path.insert(0, str(REPO))
 
-TARGETS = {"plan_at_paper_memory": ("paper_bsr", 1.0), "plan_at_lean_memory": ("lean", 1.0),
-           "plan_at_half_lean_memory": ("lean", 0.5)}
+# plan name -> (the recipe whose measured memory sets the budget, share of it, the planner's --levers)
+TARGETS = {"plan_at_paper_memory": ("paper_bsr", 1.0, "config"), "plan_at_lean_memory": ("lean", 1.0, "config"),
+           "plan_at_half_lean_memory": ("lean", 0.5, "config"),
+           "plan_at_tinytl_memory": ("full", 0.154, "auto")}  # TinyTL's 6.5x less than full fine-tuning
 
 
 def config_for(recipe: str, args: argparse.Namespace, validation: bool):
@@ -51,13 +55,14 @@ def preset_memory(recipe: str, args: argparse.Namespace) -> dict:
                                          "saved_activation_bytes_per_image")}
 
 
-def plan_overrides(units: list[list]) -> list[str]:
+def plan_overrides(units: list[list], levers: dict) -> list[str]:
     per_block: dict[int, list[str]] = {}
     for block, sublayer in units:
         per_block.setdefault(block, []).append(sublayer)
     sublayers = ", ".join(f"{block}: [{', '.join(names)}]" for block, names in sorted(per_block.items()))
     return ["bsr.preset=custom", f"bsr.trainable_blocks=[{','.join(map(str, sorted(per_block)))}]",
-            f"bsr.block_sublayers={{{sublayers}}}", "bsr.train_final_norm=true", "bsr.train_embeddings=false"]
+            f"bsr.block_sublayers={{{sublayers}}}", "bsr.train_final_norm=true", "bsr.train_embeddings=false",
+            *(f"{key}={str(value).lower()}" for key, value in levers.items())]
 
 
 def main() -> None:
@@ -71,7 +76,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (e.g. train.steps=600)")
     args = parser.parse_args()
     from moebsr.planning.budget import Budget
-    from moebsr.planning.plan import importance_for, measure_costs, run_plan
+    from moebsr.planning.plan import importance_for, levers_of, measure_costs, run_plan
 
     out = Path(args.out)
     plan_dir = out / "plan_quickstart"
@@ -82,11 +87,14 @@ def main() -> None:
     data, costs = measured
     importance = importance_for(planning_config, data, costs.units, args.batches, planning_config.train.batch_size)
     plans = {}
-    for name, (preset, share) in TARGETS.items():
+    for name, (preset, share, levers) in TARGETS.items():
         limit = presets[preset]["train_memory_bytes"] * share
         budget = Budget("memory", limit, False, f"memory={limit / 2 ** 20:.2f}MiB ({share:g} x {preset})")
-        plans[name] = run_plan(planning_config, budget, args.batches, plan_dir / f"{name}.yaml", measured, importance)
-        RECIPES[name] = plan_overrides(plans[name]["units"])
+        plans[name] = run_plan(planning_config, budget, args.batches, plan_dir / f"{name}.yaml", measured, importance,
+                               levers=levers)
+        changed = {key: value for key, value in plans[name]["levers"].items()
+                   if value != levers_of(planning_config)[key]}  # a lever left as configured adds no override
+        RECIPES[name] = plan_overrides(plans[name]["units"], changed)
         accuracy.LR_GRID[name] = accuracy.LR_GRID.get(preset, accuracy.LR_GRID["default"])
     planning_cpu_s = time.process_time() - started
     if args.plan_only:
