@@ -233,10 +233,11 @@ def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, pre
                            timed_steps: int = 0, measure_batch: Optional[int] = None) -> Callable[[MoEViT], Measure]:
     """A step's measure on the synthetic batch ``moebsr profile`` uses (same seed, images and labels).
 
-    ``measure_batch`` (default ``batch_size``): bytes saved for backward and FLOPs are measured on that many images
-    and scaled to ``batch_size`` (both are per image: nothing in a step is shared across its images but the balancing
-    loss's few statistics), so planning holds a few images' activations, not a whole batch's. Parameter gradients are
-    dropped as backward produces them, so the measuring pass never holds full fine-tuning's gradients either.
+    ``measure_batch`` (default ``batch_size``): FLOPs are measured on that many images and scaled to ``batch_size``
+    (they are per image); bytes saved for backward are measured on that many and on twice as many and extrapolated
+    along the line through both: most are per image, but under autocast each trainable weight's low-precision copy
+    is saved once per step whatever the batch. So planning holds a few images' activations, not a whole batch's.
+    Parameter gradients are dropped as backward produces them, so it never holds full fine-tuning's gradients either.
 
     With ``timed_steps``, also the median time of that many whole steps (forward, backward, ``make_optimizer``'s
     step) after one untimed: CPU time of this process on CPU (run it with one thread; another job on the machine
@@ -249,17 +250,25 @@ def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, pre
         in_chans = int(model.backbone.patch_embed.proj.in_channels)
         device = next(model.parameters()).device
         measured_images = measure_batch or batch_size
-        scale = batch_size / measured_images
-        generator = torch.Generator().manual_seed(0)
-        images = torch.randn(measured_images, in_chans, image_size, image_size, generator=generator).to(device)
-        labels = {t: v.to(device) for t, v in synthetic_labels(task_outputs, measured_images).items()}
+
+        def batch_of(size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            generator = torch.Generator().manual_seed(0)
+            images = torch.randn(size, in_chans, image_size, image_size, generator=generator).to(device)
+            return images, {t: v.to(device) for t, v in synthetic_labels(task_outputs, size).items()}
+
+        images, labels = batch_of(measured_images)
         with _gradients_dropped(model):
-            saved = saved_activation_bytes(model, images, labels, precision) * scale
-            flops = training_step_flops(model, images, labels, precision) * scale
+            saved = float(saved_activation_bytes(model, images, labels, precision))
+            if measured_images != batch_size:
+                per_image = (saved_activation_bytes(model, *batch_of(2 * measured_images), precision) - saved) \
+                    / measured_images
+                saved += per_image * (batch_size - measured_images)
+            flops = training_step_flops(model, images, labels, precision) * batch_size / measured_images
         parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         seconds = 0.0
         if timed_steps:
             optimizer = make_optimizer(model)
+            images, labels = batch_of(batch_size)
 
             def step() -> None:
                 training_loss(model, images, labels, precision=precision).backward()
