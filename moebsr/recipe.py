@@ -27,8 +27,12 @@ def describe_recipe(config: "RunConfig", model: "MoEViT", task_sizes: Optional[M
     chosen_by = "`bsr.trainable_blocks`" if config.bsr.trainable_blocks is not None else f"preset `{config.bsr.preset}`"
     extras = [name for name, on in (("embeddings", plan.train_embeddings), ("final norm", plan.train_final_norm))
               if on]
-    trained = (f"blocks {list(plan.trainable_blocks)} ({chosen_by}; {', '.join(config.bsr.sublayers)})"
-               if plan.trainable_blocks else f"no block ({chosen_by})")
+    if plan.block_sublayers:  # a choice per block (what moebsr plan writes)
+        trained = "blocks " + ", ".join(f"{block}: {'+'.join(sorted(plan.sublayers_of(block)))}"
+                                        for block in plan.trainable_blocks) + " (`bsr.block_sublayers`)"
+    else:
+        trained = (f"blocks {list(plan.trainable_blocks)} ({chosen_by}; {', '.join(config.bsr.sublayers)})"
+                   if plan.trainable_blocks else f"no block ({chosen_by})")
     if config.lora.enabled:
         trained += f" · LoRA rank {config.lora.rank} on {', '.join(config.lora.modules)}"
     if config.adapters.enabled:

@@ -171,7 +171,8 @@ def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(t
     config = load_config(tmp_path / "p.yaml")
     resolved = config.bsr.plan().resolve(6)
     planned = {(block, sublayer) for block in range(6) for sublayer in resolved.sublayers_of(block)}
-    assert planned == {tuple(unit) for unit in report["units"]}
+    units = {tuple(unit) for unit in report["units"]}
+    assert planned == units
     measured = profile_config(config, steps=1, warmup=1)
     batch = measured["batch_size"]
     predicted = report["predicted"]
@@ -179,6 +180,8 @@ def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(t
     assert predicted["saved_bytes"] == pytest.approx(measured["saved_activation_bytes_per_image"] * batch, rel=0.10)
     assert predicted["flops"] == pytest.approx(measured["train_flops_per_image"] * batch, rel=0.10)
     assert predicted["trainable_params"] == measured["trainable_params"]
+    first = min(block for block, _ in units)
+    assert f"blocks {first}: {'+'.join(sorted(s for b, s in units if b == first))}" in measured["recipe"]
     # --levers auto (the default) measured the 3 other settings of the two memory levers and kept the best plan
     options = report["lever_options"]
     assert len(options) == 4 and report["score"] == max(option["score"] for option in options)
