@@ -9,7 +9,8 @@
    full fine-tuning (TinyTL's 6.5x) with ``--levers auto``. The planner scores units on batches of the training part
    only (the validation share is held out, as for every recipe).
 3. Each plan is a recipe of the accuracy benchmark: its learning rate picked on the validation split from the grid of
-   the preset it is compared with, then 3 seeds on the test splits. The presets' and full fine-tuning's rows are read
+   the preset it is compared with (the 0.154x plan, compared with full fine-tuning but training a few sub-layers:
+   both grids, 3e-4 to 1e-2), then 3 seeds on the test splits. The presets' and full fine-tuning's rows are read
    from ``bench/results/accuracy_quickstart.json`` (same protocol, same overrides).
 4. Each plan's predicted memory is checked against a real profile of it.
 
@@ -96,6 +97,8 @@ def main() -> None:
                    if value != levers_of(planning_config)[key]}  # a lever left as configured adds no override
         RECIPES[name] = plan_overrides(plans[name]["units"], changed)
         accuracy.LR_GRID[name] = accuracy.LR_GRID.get(preset, accuracy.LR_GRID["default"])
+        if preset == "full":  # compared with full fine-tuning but training a few sub-layers: both grids
+            accuracy.LR_GRID[name] = sorted(set(accuracy.LR_GRID["default"]) | set(accuracy.HIGH_GRID))
     planning_cpu_s = time.process_time() - started
     if args.plan_only:
         for name, plan in plans.items():
