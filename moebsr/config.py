@@ -424,5 +424,21 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), values))
 
 
-def save_config(config: RunConfig, path: str | os.PathLike) -> None:
-    OmegaConf.save(OmegaConf.structured(config), path)
+def save_config(config: RunConfig, path: str | os.PathLike, relative_paths: bool = False) -> None:
+    """``relative_paths``: write ``PATH_KEYS`` relative to the file's folder (how a config file names them), so the
+    file stays valid wherever the folder and what it points to move together."""
+    layer = OmegaConf.structured(config)
+    if relative_paths:
+        folder = Path(path).resolve().parent
+        for key in PATH_KEYS:
+            value = OmegaConf.select(layer, key, default=None)
+            if isinstance(value, str):
+                OmegaConf.update(layer, key, _relative(folder, value))
+            elif isinstance(value, ListConfig):
+                OmegaConf.update(layer, key, [_relative(folder, item) if isinstance(item, str) else item
+                                              for item in value])
+    OmegaConf.save(layer, path)
+
+
+def _relative(folder: Path, value: str) -> str:
+    return os.path.relpath(value, folder) if Path(value).is_absolute() else value

@@ -168,6 +168,8 @@ def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(t
     assert report["predicted"]["memory_ratio"] <= 0.35 and report["score"] > 0
     assert report["planning_fits_budget"] and report["planning_memory_bytes"] <= report["budget_value"]
     assert set(report["presets"]) == {"paper", "last_k", "none"} and len(report["frontier"]) >= 3
+    written = (tmp_path / "p.yaml").read_text()
+    assert "formula_vit_6x128_28px.safetensors" in written and "checkpoint: /" not in written  # relative to the file
     config = load_config(tmp_path / "p.yaml")
     resolved = config.bsr.plan().resolve(6)
     planned = {(block, sublayer) for block in range(6) for sublayer in resolved.sublayers_of(block)}

@@ -147,7 +147,7 @@ def write_outputs(out: Path, config: RunConfig, model: CostModel, importance: Im
     to ``reference`` (full fine-tuning of the config as given; default: ``model``'s own)."""
     full = reference or model.full
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_config(planned_config(config, choice.units), out)
+    save_config(planned_config(config, choice.units), out, relative_paths=True)
     presets = {preset: preset_units(config, model, preset) for preset in PRESETS}
     points = frontier(model, importance.scores, budget.kind)
     report = dict(
