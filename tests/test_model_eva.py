@@ -262,12 +262,7 @@ def test_an_eva_task_with_dropping_and_gated_experts_exports_to_onnx(tmp_path):
     assert check.max_abs_diff <= check.tolerance, check
 
 
-@pytest.mark.parametrize("name, message", [
-    ("beit_base_patch16_224", r"^model.name: 'beit_base_patch16_224' is not a ViT \(it is a timm 'beit' model\)"),
-    ("samvit_base_patch16", r"^model.name: 'samvit_base_patch16' is not a ViT"),
-    ("swin_tiny_patch4_window7_224", r"^model.name: 'swin_tiny_patch4_window7_224' is not a ViT"),
-    ("convnext_atto", r"^model.name: 'convnext_atto' is not a ViT"),
-    ("vit_small_patch16_18x2_224", r"^model: blocks of type ParallelThingsBlock are not supported"),
+@pytest.mark.parametrize("name, message", [  # the other families' refusals: tests/test_compat_models.py
     ("vit_small_patch16_rope_mixed_224", r"^model: .* uses a rotary table per block \(rope_type='mixed'\)"),
 ])
 def test_unsupported_families_are_refused_in_one_line_naming_what_works(name, message):
