@@ -234,9 +234,9 @@ def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, pre
     """A step's measure on the synthetic batch ``moebsr profile`` uses (same seed, images and labels).
 
     ``measure_batch`` (default ``batch_size``): FLOPs are measured on that many images and scaled to ``batch_size``
-    (they are per image); bytes saved for backward are measured on that many and on twice as many and extrapolated
-    along the line through both: most are per image, but under autocast each trainable weight's low-precision copy
-    is saved once per step whatever the batch. So planning holds a few images' activations, not a whole batch's.
+    (they are per image); so are bytes saved for backward in fp32, while under autocast each trainable weight's
+    low-precision copy is saved once per step whatever the batch: there they are measured on that many images and on
+    twice as many and extrapolated along the line through both. So planning holds a few images' activations, not a whole batch's.
     Parameter gradients are dropped as backward produces them, so it never holds full fine-tuning's gradients either.
 
     With ``timed_steps``, also the median time of that many whole steps (forward, backward, ``make_optimizer``'s
@@ -259,7 +259,9 @@ def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, pre
         images, labels = batch_of(measured_images)
         with _gradients_dropped(model):
             saved = float(saved_activation_bytes(model, images, labels, precision))
-            if measured_images != batch_size:
+            if measured_images != batch_size and precision == "no":  # no weight copies: all per image
+                saved *= batch_size / measured_images
+            elif measured_images != batch_size:
                 per_image = (saved_activation_bytes(model, *batch_of(2 * measured_images), precision) - saved) \
                     / measured_images
                 saved += per_image * (batch_size - measured_images)

@@ -270,7 +270,8 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
     _, _, _, chosen_config, chosen_costs, choice = max(candidates, key=lambda item: item[:3])
     report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, costs.full)
     report["levers"] = levers_of(chosen_config)
-    images = max(2 * MEASURE_BATCH if not timed else config.train.batch_size, importance.micro_batch)
+    measured_images = MEASURE_BATCH * (1 if config.train.mixed_precision == "no" else 2)
+    images = max(measured_images if not timed else config.train.batch_size, importance.micro_batch)
     planning_bytes = costs.heads_only.parameter_bytes + images * costs.full.saved_bytes / config.train.batch_size
     report["planning_memory_bytes"] = planning_bytes  # weights + that many images' activations, every block on the path
     report["planning_fits_budget"] = planning_bytes <= limit if budget.kind == "memory" else None
