@@ -166,7 +166,9 @@ def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(t
     report = json.loads((tmp_path / "p.plan.json").read_text())
     assert (tmp_path / "p.frontier.png").stat().st_size > 1000
     assert report["predicted"]["memory_ratio"] <= 0.35 and report["score"] > 0
-    assert report["planning_fits_budget"] and report["planning_memory_bytes"] <= report["budget_value"]
+    # the planning pass holds the model in fp32 (see planning_memory): here more than the budget, and it says so
+    assert report["planning_memory_bytes"] > report["full_finetuning"]["memory_bytes"] / 4
+    assert report["planning_fits_budget"] == (report["planning_memory_bytes"] <= report["budget_value"])
     assert set(report["presets"]) == {"paper", "last_k", "none"} and len(report["frontier"]) >= 3
     written = (tmp_path / "p.yaml").read_text()
     assert "formula_vit_6x128_28px.safetensors" in written and "checkpoint: /" not in written  # relative to the file

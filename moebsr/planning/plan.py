@@ -104,12 +104,12 @@ def importance_for(config: RunConfig, data: Any, units: list[Unit], batches: int
 
 
 def planning_micro_batch(model: CostModel, budget: Budget, limit: float, batch_size: int) -> int:
-    """The largest micro-batch whose scoring pass (weights + one micro-batch's activations, everything on the autograd
-    path) fits a memory budget; the whole batch for a FLOPs budget."""
+    """The largest micro-batch whose scoring pass (fp32 weights + one micro-batch's activations, everything on the
+    autograd path) fits a memory budget (at least 1); the whole batch for a FLOPs budget."""
     if budget.kind != "memory":
         return batch_size
     per_image = model.full.saved_bytes / batch_size
-    room = limit - model.heads_only.parameter_bytes
+    room = limit - model.full.parameter_bytes
     return max(1, min(batch_size, int(room // per_image) if per_image > 0 else batch_size))
 
 
@@ -240,6 +240,18 @@ def levers_of(config: RunConfig) -> dict[str, Any]:
     return {"moe.recompute_experts": config.moe.recompute_experts, "bsr.frozen_dtype": config.bsr.frozen_dtype}
 
 
+def planning_memory(config: RunConfig, costs: CostModel, micro_batch: int, timed: bool) -> float:
+    """About what the planning pass holds at its peak: the model in fp32 (measuring builds every plan from it, and a
+    low-precision copy of it when ``bsr.frozen_dtype`` is set; scoring puts every weight on the autograd path) and
+    the activations of the images it measures or scores at once, every block on the path."""
+    per_image = costs.full.saved_bytes / config.train.batch_size
+    weights = costs.full.parameter_bytes  # full fine-tuning: every weight in fp32
+    measured_images = config.train.batch_size if timed else MEASURE_BATCH * (
+        1 if config.train.mixed_precision == "no" else 2)
+    copy = costs.heads_only.parameter_bytes if config.bsr.frozen_dtype != "fp32" else 0.0
+    return max(weights + copy + measured_images * per_image, weights + micro_batch * per_image)
+
+
 def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measured: Optional[tuple[Any, CostModel]] = None,
              importance: Optional[Importance] = None, levers: str = "config") -> dict[str, Any]:
     """Plan, then write the config and its report. ``measured`` (:func:`measure_costs`) and ``importance`` may come
@@ -270,11 +282,8 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
     _, _, _, chosen_config, chosen_costs, choice = max(candidates, key=lambda item: item[:3])
     report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, costs.full)
     report["levers"] = levers_of(chosen_config)
-    measured_images = MEASURE_BATCH * (1 if config.train.mixed_precision == "no" else 2)
-    images = max(measured_images if not timed else config.train.batch_size, importance.micro_batch)
-    planning_bytes = costs.heads_only.parameter_bytes + images * costs.full.saved_bytes / config.train.batch_size
-    report["planning_memory_bytes"] = planning_bytes  # weights + that many images' activations, every block on the path
-    report["planning_fits_budget"] = planning_bytes <= limit if budget.kind == "memory" else None
+    report["planning_memory_bytes"] = planning_memory(config, costs, importance.micro_batch, timed)
+    report["planning_fits_budget"] = report["planning_memory_bytes"] <= limit if budget.kind == "memory" else None
     report["measured_steps"] = sum(option_costs.measured_steps for _, option_costs in options)
     report["measure_seconds"] = sum(option_costs.measure_seconds for _, option_costs in options)
     report["lever_options"] = [dict(levers=levers_of(option_config), plan=describe(option_choice.units),
