@@ -7,6 +7,7 @@ MoE-ViT sees) and the mean of the patch tokens.
 
     python bench/linear_probe.py backbones/formula_vit_6x128_28px.safetensors random
     python bench/linear_probe.py CANDIDATE.safetensors ... --tasks mnist digits animals --json out.json
+    python bench/linear_probe.py backbones/formula_vit_12x128_28px.safetensors random --depth 12
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=DOWNSTREAM)
     parser.add_argument("--img-size", type=int, default=ARCH["img_size"])
     parser.add_argument("--patch-size", type=int, default=ARCH["patch_size"])
+    parser.add_argument("--depth", type=int, default=ARCH["depth"], help="blocks (12 for the 12-block backbone)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
-    ARCH.update(img_size=args.img_size, patch_size=args.patch_size)
+    ARCH.update(img_size=args.img_size, patch_size=args.patch_size, depth=args.depth)
     table = {checkpoint: probe(checkpoint, args.tasks) for checkpoint in args.checkpoints}
     columns = list(next(iter(table.values())))
     print("| backbone | " + " | ".join(columns) + " |")
