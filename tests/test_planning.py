@@ -242,3 +242,18 @@ def test_the_step_time_fit_recovers_a_linear_cost_and_predicts_from_composed_flo
 
 def test_measure_is_a_value():
     assert Measure(1, 2, 3, 4) + Measure(1, 1, 1, 1) - Measure(2, 3, 4, 5) == Measure(0, 0, 0, 0)
+
+
+def test_unit_parameter_counts_on_an_eva_whose_layer_scales_are_bare_parameters_or_absent():
+    """EVA blocks name their layer scales as bare parameters (gamma_1/gamma_2) or None: counting a unit's parameters
+    through .parameters() of each sub-layer module crashed moebsr plan on every EVA model."""
+    from moebsr.planning.costs import unit_parameter_counts
+    from test_model_eva import moe_from, tiny_eva
+    for variant in ("eva02_tiny", "eva02_tiny_layer_scale"):
+        model = moe_from(tiny_eva(variant))
+        model.apply_bsr(units_plan([]))  # heads and final norm
+        base = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts = unit_parameter_counts(model, plan_units(model))
+        for unit, count in counts.items():
+            model.apply_bsr(units_plan([unit]))
+            assert count == sum(p.numel() for p in model.parameters() if p.requires_grad) - base, (variant, unit)

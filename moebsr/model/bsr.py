@@ -112,6 +112,16 @@ def as_bsr_plan(plan: "BSRPlan | str | dict | None") -> BSRPlan:
     return BSRPlan(**plan)
 
 
+def parameters_of(items: Sequence[nn.Module | nn.Parameter | None]) -> list[nn.Parameter]:
+    """The distinct parameters of modules and bare parameters alike (what :func:`set_requires_grad` marks)."""
+    found: dict[int, nn.Parameter] = {}
+    for item in items:
+        if item is not None:  # a module has parameters; a bare parameter is one (no torch import here: see above)
+            for parameter in item.parameters() if hasattr(item, "parameters") else [item]:
+                found.setdefault(id(parameter), parameter)
+    return list(found.values())
+
+
 def set_requires_grad(items: Sequence[nn.Module | nn.Parameter | None], requires_grad: bool) -> None:
     """``requires_grad_`` on modules and bare parameters alike; ``None`` entries (absent tokens) are skipped."""
     for item in items:

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from ..model import MoEViT
-from ..model.bsr import ResolvedBSRPlan
+from ..model.bsr import ResolvedBSRPlan, parameters_of
 
 UNIT_SUBLAYERS = ("attn", "mlp", "norm", "router")
 Unit = tuple[int, str]  # (block, sub-layer)
@@ -127,22 +127,24 @@ def plan_units(model: MoEViT) -> list[Unit]:
             if sublayer != "router" or block.is_moe]
 
 
+def units_by_block(units: Iterable[Unit]) -> dict[int, list[str]]:
+    """``{block: [sub-layers]}`` in block order, each block's sub-layers in the order given."""
+    per_block: dict[int, list[str]] = {}
+    for block, sublayer in units:
+        per_block.setdefault(block, []).append(sublayer)
+    return dict(sorted(per_block.items()))
+
+
 def units_plan(units: Iterable[Unit]) -> ResolvedBSRPlan:
     """The BSR plan that trains exactly ``units`` (and the final norm and heads)."""
-    per_block: dict[int, set[str]] = {}
-    for block, sublayer in units:
-        per_block.setdefault(block, set()).add(sublayer)
-    return ResolvedBSRPlan(tuple(sorted(per_block)), frozenset(), True, False,
-                           tuple((block, frozenset(names)) for block, names in sorted(per_block.items())))
+    per_block = units_by_block(units)
+    return ResolvedBSRPlan(tuple(per_block), frozenset(), True, False,
+                           tuple((block, frozenset(names)) for block, names in per_block.items()))
 
 
 def unit_parameter_counts(model: MoEViT, units: Sequence[Unit]) -> dict[Unit, int]:
-    counts = {}
-    for block, sublayer in units:
-        parameters = {id(p): p for module in model.blocks[block].sublayer_modules(sublayer)
-                      for p in module.parameters()}
-        counts[(block, sublayer)] = sum(p.numel() for p in parameters.values())
-    return counts
+    return {(block, sublayer): sum(p.numel() for p in parameters_of(model.blocks[block].sublayer_modules(sublayer)))
+            for block, sublayer in units}
 
 
 def measure_cost_model(build: Callable[[ResolvedBSRPlan], MoEViT], step_measure: Callable[[MoEViT], Measure],
@@ -155,26 +157,24 @@ def measure_cost_model(build: Callable[[ResolvedBSRPlan], MoEViT], step_measure:
         optimizer_state_per_param: Optimizer-state bytes per trainable parameter (AdamW 8, SGD with momentum 4).
         full_plan: Full fine-tuning, for relative budgets.
     """
+    from ..profiling import count_parameters
     start = time.perf_counter()
-    measured = 0
+    timings: list[tuple[float, int, float]] = []  # (FLOPs, trainable parameters, seconds): the step-time fit's points
 
-    timings: list[tuple[float, int, float]] = []  # (FLOPs, trainable parameters, seconds) of every measured plan
+    def measure_model(model: MoEViT) -> Measure:
+        reading = step_measure(model)
+        timings.append((reading.flops, count_parameters(model)[0], reading.step_seconds))
+        return reading
 
     def measure(units: Sequence[Unit]) -> Measure:
-        nonlocal measured
-        measured += 1
-        model = build(units_plan(units))
-        reading = step_measure(model)
-        timings.append((reading.flops, sum(p.numel() for p in model.parameters() if p.requires_grad),
-                        reading.step_seconds))
-        return reading
+        return measure_model(build(units_plan(units)))
 
     reference = build(units_plan([]))
     units = plan_units(reference)
     depth = reference.depth
     unit_params = unit_parameter_counts(reference, units)
-    base_params = sum(p.numel() for p in reference.parameters() if p.requires_grad)
-    heads_only = step_measure(reference)
+    base_params = count_parameters(reference)[0]
+    heads_only = step_measure(reference)  # not a point of the step-time fit
     first = {}
     for block in range(depth):
         own = [sublayer for index, sublayer in units if index == block]
@@ -191,15 +191,14 @@ def measure_cost_model(build: Callable[[ResolvedBSRPlan], MoEViT], step_measure:
     model = CostModel(depth, units, unit_params, first, extra, heads_only, base_params,
                       gradient_bytes + optimizer_state_per_param, gradient_bytes)
     full_model = build(full_plan)
-    full_measure = step_measure(full_model)
-    full_params = sum(p.numel() for p in full_model.parameters() if p.requires_grad)
-    timings.append((full_measure.flops, full_params, full_measure.step_seconds))
+    full_measure = measure_model(full_model)
+    full_params = count_parameters(full_model)[0]
     if all(seconds > 0 for _, _, seconds in timings):
         model.step_fit, model.step_fit_error = fit_step_time(timings)
     model.full = PlanCost(full_measure.parameter_bytes, full_params * gradient_bytes,
                           full_params * optimizer_state_per_param, full_measure.saved_bytes, full_measure.flops,
                           full_params, model.step_seconds(full_measure.flops, full_params))
-    model.measured_steps = measured + 2
+    model.measured_steps = len(timings) + 1  # and heads only
     model.measure_seconds = time.perf_counter() - start
     return model
 
