@@ -57,11 +57,10 @@ def preset_memory(recipe: str, args: argparse.Namespace) -> dict:
 
 
 def plan_overrides(units: list[list], levers: dict) -> list[str]:
-    per_block: dict[int, list[str]] = {}
-    for block, sublayer in units:
-        per_block.setdefault(block, []).append(sublayer)
-    sublayers = ", ".join(f"{block}: [{', '.join(names)}]" for block, names in sorted(per_block.items()))
-    return ["bsr.preset=custom", f"bsr.trainable_blocks=[{','.join(map(str, sorted(per_block)))}]",
+    from moebsr.planning.costs import units_by_block
+    per_block = units_by_block(units)
+    sublayers = ", ".join(f"{block}: [{', '.join(names)}]" for block, names in per_block.items())
+    return ["bsr.preset=custom", f"bsr.trainable_blocks=[{','.join(map(str, per_block))}]",
             f"bsr.block_sublayers={{{sublayers}}}", "bsr.train_final_norm=true", "bsr.train_embeddings=false",
             *(f"{key}={str(value).lower()}" for key, value in levers.items())]
 

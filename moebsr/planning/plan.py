@@ -16,9 +16,9 @@ import torch
 
 from ..config import RunConfig, save_config
 from ..model import MoEViT
-from ..model.bsr import ResolvedBSRPlan
+from ..model.bsr import SUBLAYERS, ResolvedBSRPlan
 from .budget import Budget, PlanError, format_amount
-from .costs import CostModel, PlanCost, Unit, measure_cost_model, plan_units, synthetic_step_measure
+from .costs import CostModel, PlanCost, Unit, measure_cost_model, synthetic_step_measure, units_by_block
 from .importance import Importance, fisher_potential
 from .search import Choice, best_plan, frontier
 
@@ -47,7 +47,7 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
     measured.model.pretrained, measured.model.checkpoint = False, None
     measured.bsr.frozen_dtype = "fp32"
     torch.manual_seed(config.train.seed)
-    base = model_from_config(measured, {name: task_outputs[name] for name in task_outputs})
+    base = model_from_config(measured, dict(task_outputs))
     frozen_dtype = config.bsr.frozen_dtype
 
     def build(plan: ResolvedBSRPlan) -> MoEViT:
@@ -56,7 +56,7 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
         store_frozen_weights(model, frozen_dtype)
         return model
 
-    full = ResolvedBSRPlan(tuple(range(base.depth)), frozenset(("attn", "mlp", "router", "norm")), True, True)
+    full = ResolvedBSRPlan(tuple(range(base.depth)), frozenset(SUBLAYERS), True, True)
     batch = config.train.batch_size
     step_measure = synthetic_step_measure({name: task_outputs[name] for name in step_tasks}, batch,
                                           config.train.mixed_precision, lambda model: build_optimizer(model, config.train),
@@ -72,11 +72,9 @@ def preset_units(config: RunConfig, model: CostModel, preset: str) -> tuple[Unit
 
 def planned_config(config: RunConfig, units: tuple[Unit, ...]) -> RunConfig:
     planned = copy.deepcopy(config)
-    per_block: dict[int, list[str]] = {}
-    for block, sublayer in units:
-        per_block.setdefault(block, []).append(sublayer)
+    per_block = units_by_block(units)
     planned.bsr = dataclasses.replace(config.bsr, preset="custom" if per_block else "none",
-                                      trainable_blocks=sorted(per_block) if per_block else None,
+                                      trainable_blocks=list(per_block) if per_block else None,
                                       block_sublayers=per_block or None, train_final_norm=True,
                                       train_embeddings=False)
     return planned
@@ -116,10 +114,7 @@ def planning_micro_batch(model: CostModel, budget: Budget, limit: float, batch_s
 def describe(units: tuple[Unit, ...]) -> str:
     if not units:
         return "heads only"
-    per_block: dict[int, list[str]] = {}
-    for block, sublayer in units:
-        per_block.setdefault(block, []).append(sublayer)
-    return "; ".join(f"block {block}: {'+'.join(names)}" for block, names in sorted(per_block.items()))
+    return "; ".join(f"block {block}: {'+'.join(names)}" for block, names in units_by_block(units).items())
 
 
 def cost_row(kind: str, cost: PlanCost, full: PlanCost) -> dict[str, Any]:

@@ -28,28 +28,30 @@ class Choice:
     score: float
 
 
-def _knapsack(items: Sequence[Unit], costs: Sequence[int], values: Sequence[float], capacity: int
-              ) -> list[tuple[float, tuple[Unit, ...]]]:
-    """For every capacity ``0..capacity``: the best value and its items (0/1, exact)."""
-    best = np.zeros(capacity + 1)
-    taken = np.zeros((len(items), capacity + 1), dtype=bool)
-    for index, (cost, value) in enumerate(zip(costs, values)):
-        if cost > capacity:
-            continue
-        candidate = np.full(capacity + 1, -np.inf)
-        candidate[cost:] = best[:capacity + 1 - cost] + value
-        better = candidate > best + 1e-15
-        taken[index] = better
-        best = np.where(better, candidate, best)
-    chosen = []
-    for room in range(capacity + 1):
+class _Knapsack:
+    """0/1 knapsack over ``items`` solved once for every capacity up to ``capacity`` (exact); :meth:`best` reads the
+    best set for any of them, so every subset of a first block's units shares one table."""
+
+    def __init__(self, items: Sequence[Unit], costs: Sequence[int], values: Sequence[float], capacity: int) -> None:
+        self.items, self.costs = items, costs
+        self.value = np.zeros(capacity + 1)
+        self.taken = np.zeros((len(items), capacity + 1), dtype=bool)
+        for index, (cost, value) in enumerate(zip(costs, values)):
+            if cost > capacity:
+                continue
+            candidate = np.full(capacity + 1, -np.inf)
+            candidate[cost:] = self.value[:capacity + 1 - cost] + value
+            better = candidate > self.value + 1e-15
+            self.taken[index] = better
+            self.value = np.where(better, candidate, self.value)
+
+    def best(self, room: int) -> tuple[Unit, ...]:
         picked, left = [], room
-        for index in range(len(items) - 1, -1, -1):
-            if taken[index, left]:
-                picked.append(items[index])
-                left -= costs[index]
-        chosen.append((float(best[room]), tuple(sorted(picked))))
-    return chosen
+        for index in range(len(self.items) - 1, -1, -1):
+            if self.taken[index, left]:
+                picked.append(self.items[index])
+                left -= self.costs[index]
+        return tuple(sorted(picked))
 
 
 def best_plan(model: CostModel, scores: Mapping[Unit, float], kind: str, budget: float) -> Optional[Choice]:
@@ -64,16 +66,13 @@ def best_plan(model: CostModel, scores: Mapping[Unit, float], kind: str, budget:
         own = [unit for unit in model.units if unit[0] == first]
         later = [unit for unit in model.units if unit[0] > first]
         later_costs = [max(0, math.ceil(_marginal(model, unit, kind) / step)) for unit in later]
+        knapsack = _Knapsack(later, later_costs, [scores[unit] for unit in later], RESOLUTION)
         for size in range(1, len(own) + 1):
             for subset in itertools.combinations(own, size):
-                fixed = model.predict(subset)
-                room = budget - fixed.value(kind)
+                room = budget - model.predict(subset).value(kind)
                 if room < 0:
                     continue
-                capacity = int(room // step)
-                table = _knapsack(later, later_costs, [scores[unit] for unit in later], capacity)
-                value, extra = table[capacity]
-                units = tuple(sorted(subset + extra))
+                units = tuple(sorted(subset + knapsack.best(min(RESOLUTION, int(room // step)))))
                 choice = Choice(units, model.predict(units), sum(scores[unit] for unit in units))
                 if _better(choice, best, kind):
                     best = choice
