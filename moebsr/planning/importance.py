@@ -21,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import MoEViT
-from ..model.bsr import ResolvedBSRPlan
 from .costs import Unit
 
 
@@ -116,7 +115,3 @@ def _potential(activation: torch.Tensor, gradient: torch.Tensor, images: int) ->
     product = product.reshape(images, -1, product.shape[-1]).sum(dim=1)
     return float(product.pow(2).sum())
 
-
-def restore_plan(model: MoEViT, plan: ResolvedBSRPlan) -> None:
-    model.apply_bsr(plan)
-    model.train()
