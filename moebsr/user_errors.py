@@ -23,3 +23,9 @@ def is_user_error(error: BaseException) -> bool:
     classes = [getattr(sys.modules[module], name) for module, names in _USER_ERROR_CLASSES.items()
                if module in sys.modules for name in names]
     return isinstance(error, (FileNotFoundError, *classes))
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none), for one-line refusals."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

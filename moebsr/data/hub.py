@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from ..tasks.errors import DatasetUnavailableError
+from ..user_errors import first_line
 
 PathLike = Union[str, os.PathLike]
 _TRUE = ("1", "true", "yes", "on")
@@ -102,10 +103,6 @@ def _load_cached_from(hub_name: str, revision: Optional[str], cache: str) -> Any
         return datasets.load_dataset(hub_name, revision=revision)
 
 
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def select_split(splits: Mapping[str, Any], expression: str, task: str, origin: str) -> Any:
     """``expression`` is a split name or ``a+b`` (concatenated, e.g. Flowers-102's ``train+validation``)."""
     import datasets
@@ -179,5 +176,5 @@ def load_image_dataset(task: str, hub_name: str, split: str, *, data_dir: Option
 def _not_cached(task: str, hub_name: str, situation: str, error: BaseException) -> str:
     import datasets
     return (f"task {task!r}: {situation} {hub_name!r} is not in the datasets cache {datasets.config.HF_DATASETS_CACHE} "
-            f"({_first_line(error)}); copy a datasets cache that holds it there (or point HF_DATASETS_CACHE at it) "
+            f"({first_line(error)}); copy a datasets cache that holds it there (or point HF_DATASETS_CACHE at it) "
             f"and set HF_DATASETS_OFFLINE=1, or {_how_to_provide(task, hub_name)}")

@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
+from ..user_errors import first_line
 from .block import MoEViTBlock
 from .bsr import BSRPlan, as_bsr_plan
 from .errors import UnsupportedModelError
@@ -93,8 +94,7 @@ def build_backbone(
         except Exception as error:  # safetensors, pickle and shape errors alike: name the file
             if checkpoint_path is None:
                 raise
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"model.checkpoint: cannot load {checkpoint_path!r} into {model}: {first_line}") \
+            raise ValueError(f"model.checkpoint: cannot load {checkpoint_path!r} into {model}: {first_line(error)}") \
                 from error
     if not isinstance(backbone, BACKBONE_TYPES):
         raise UnsupportedModelError(f"model: {type(backbone).__name__} is not supported; {ACCEPTED_FAMILIES}")
