@@ -17,7 +17,7 @@ from moebsr.planning.costs import Measure, measure_cost_model, synthetic_step_me
 from moebsr.planning.importance import fisher_potential
 from moebsr.planning.search import RESOLUTION
 from moebsr.user_errors import is_user_error
-from tiny_models import images, tiny_moevit
+from tiny_models import distinct_experts, images, tiny_moevit
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"a": 10, "b": 3}
@@ -130,7 +130,7 @@ def test_fisher_potential_is_per_image_normalised_per_task_and_leaves_no_gradien
         assert single.scores[unit] == pytest.approx(whole.scores[unit], rel=1e-4)
     assert sum(whole.scores.values()) == pytest.approx(2.0)
     assert all(sum(task.values()) == pytest.approx(1.0) for task in whole.per_task.values())
-    assert all(value > 0 for value in whole.scores.values())
+    assert all(value > 0 for unit, value in whole.scores.items() if unit[1] != "router")  # see the test below
     assert all(p.grad is None for p in model.parameters())
     assert before == {name: p.requires_grad for name, p in model.named_parameters()}
     assert whole.images_per_task == {"a": 4, "b": 4}
@@ -150,6 +150,22 @@ def test_a_units_score_is_its_outputs_fisher_potential(tiny):
     scores = fisher_potential(model, {"a": [batch]}, {"a": [target]}, costs.units, micro_batch=2)
     assert expected > 0 and scores.raw_per_task["a"][(3, "attn")] == pytest.approx(expected, rel=1e-5)
     assert plan_units(model) == costs.units and len(costs.units) == 4 * 3 + 2  # routers in the 2 MoE blocks only
+
+
+def test_a_router_among_identical_upcycled_experts_scores_nothing_and_one_among_distinct_experts_does():
+    """Upcycled experts are copies, and the renormalised top-k weights sum to 1, so no gate can change the output:
+    training that router does nothing for the loss. Scored on its renormalised expert weights (as before), each
+    router got 0.6-5.2 % of a task's importance all the same; on its softmax it gets none."""
+    model = tiny_moevit(TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2))
+    units = plan_units(model)
+    batch = {"a": [images(4, seed=1)], "b": [images(4, seed=2)]}
+    labels = {"a": [torch.tensor([1, 2, 3, 4])], "b": [torch.tensor([0, 1, 2, 0])]}
+    upcycled = fisher_potential(model, batch, labels, units, micro_batch=4)
+    distinct = fisher_potential(distinct_experts(model), batch, labels, units, micro_batch=4)
+    for block in (1, 3):
+        assert upcycled.scores[(block, "router")] < 1e-9
+        assert distinct.scores[(block, "router")] > 1e-4
+    assert all(upcycled.scores[(block, "mlp")] > 1e-3 for block in (1, 3))
 
 
 def _plan_cli(tmp_path, *args):

@@ -38,7 +38,9 @@ class Importance:
 
 def _unit_outputs(model: MoEViT, units: Sequence[Unit]) -> dict[Unit, list[nn.Module]]:
     """The modules whose outputs stand for each unit: the attention's projection (called on both the fused and the
-    token-ranking path), the whole MLP (experts and their combination), both norms, the router's gate."""
+    token-ranking path), the whole MLP (experts and their combination), both norms, the router's softmax over
+    experts (what its gates change; not the renormalised top-k weights: among identical upcycled experts those ask
+    for a change of scale no router can make, since they always sum to 1, while the softmax's gradient is zero)."""
     modules: dict[Unit, list[nn.Module]] = {}
     for block_index, sublayer in units:
         block = model.blocks[block_index]
@@ -49,7 +51,7 @@ def _unit_outputs(model: MoEViT, units: Sequence[Unit]) -> dict[Unit, list[nn.Mo
         elif sublayer == "norm":
             modules[(block_index, sublayer)] = [block.norm1, block.norm2]
         else:
-            modules[(block_index, sublayer)] = [block.mlp.router]  # its output's expert weights carry the gate's grad
+            modules[(block_index, sublayer)] = [block.mlp.router]  # its Routing's probabilities
     return modules
 
 
@@ -69,7 +71,7 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
         for module in modules:
             handles.append(module.register_forward_hook(
                 lambda _module, _inputs, output, unit=unit: captured[unit].append(
-                    getattr(output, "expert_weight", output))))
+                    getattr(output, "probabilities", output))))
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     model.requires_grad_(True)
@@ -109,8 +111,8 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
 
 
 def _potential(activation: torch.Tensor, gradient: torch.Tensor, images: int) -> float:
-    """``sum over images and channels of (sum over tokens of a * g)^2``. A router's expert weights come flat
-    (``[images * tokens, top_k]``): they are regrouped per image first."""
+    """``sum over images and channels of (sum over tokens of a * g)^2``. A router's probabilities come flat
+    (``[images * tokens, experts]``): they are regrouped per image first."""
     product = (activation.float() * gradient.float())
     product = product.reshape(images, -1, product.shape[-1]).sum(dim=1)
     return float(product.pow(2).sum())
