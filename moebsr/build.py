@@ -77,6 +77,9 @@ def model_from_config(config: RunConfig, heads: Mapping[str, HeadFactory], load_
         adapters = config.adapters
         apply_task_adapters(model, list(heads), config.adapters_blocks(model.depth), adapters.modules, adapters.rank,
                             adapters.alpha)
+    if config.moe.collapse_frozen:
+        from .model.frozen_experts import collapse_frozen_experts
+        collapse_frozen_experts(model)
     store_frozen_weights(model, config.bsr.frozen_dtype)  # after everything that decides what trains
     return model
 

@@ -105,3 +105,83 @@ def test_a_run_with_bf16_frozen_weights_exports_and_loads_back(tmp_path):
         assert weights.get_slice("backbone.blocks.1.attn.qkv.weight").get_dtype() == "BF16"  # block 1: frozen
         assert weights.get_slice("backbone.blocks.0.attn.qkv.weight").get_dtype() == "F32"  # block 0 trains
     assert evaluate_run(str(tmp_path / "run"), max_examples=160) == result.metrics
+
+
+def _collapsible_pair():
+    """MoE at blocks 1 and 3 (upcycled, identical experts), BSR training blocks 0 and 3: block 1's mixture is frozen
+    behind a trainable block, so its experts' hidden states are kept for backward."""
+    import copy
+
+    from moebsr.model.frozen_experts import collapse_frozen_experts
+    plain = tiny_moevit(moe=dict(blocks=[1, 3], num_experts=4, top_k=2), token_drop=dict(blocks=[2], keep_rate=0.5),
+                        bsr=dict(preset="custom", trainable_blocks=[0, 3]))
+    collapsed = copy.deepcopy(plain)
+    assert collapse_frozen_experts(collapsed) == [1]
+    return plain.train(), collapsed.train()
+
+
+def test_collapsing_frozen_upcycled_experts_keeps_outputs_and_gradients_and_costs_less():
+    from moebsr.profiling import count_parameters, training_step_flops
+    plain, collapsed = _collapsible_pair()
+    assert plain.moe_blocks == (1, 3) and collapsed.moe_blocks == (3,)
+    assert collapsed.task_split_point() == plain.task_split_point() == (1, "mlp")  # the same token ranking
+    batch = images(8)
+    # without the balancing loss: a frozen router's loss still pulls block 0 towards routes that change nothing
+    losses = [training_loss(model, batch, LABELS, aux_weight=0.0) for model in (plain, collapsed)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(loss, list(model.trainable_parameters())) for loss, model in zip(losses, (plain, collapsed))]
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert count_parameters(plain)[0] == count_parameters(collapsed)[0]
+    frozen = [count_parameters(model)[1] - count_parameters(model)[0] for model in (plain, collapsed)]
+    mlp = sum(p.numel() for p in collapsed.blocks[1].mlp.parameters())
+    router = sum(p.numel() for p in plain.blocks[1].mlp.router.parameters())
+    assert frozen[0] - frozen[1] == 3 * mlp + router  # 4 copies and the gates -> 1 MLP
+    saved = [saved_activation_bytes(model, batch, LABELS) for model in (plain, collapsed)]
+    flops = [training_step_flops(model, batch, LABELS) for model in (plain, collapsed)]
+    assert saved[1] < saved[0] and flops[1] < flops[0], (saved, flops)
+
+
+def test_collapse_frozen_is_a_config_key_that_refuses_what_it_cannot_keep_exact():
+    from moebsr.build import check_config_against_model, model_from_config
+    from moebsr.config import ConfigError, load_config
+    from moebsr.model.frozen_experts import collapse_frozen_experts
+    from run_helpers import QUICKSTART
+    heads = {"digits": 10}
+    on, off = (model_from_config(load_config(QUICKSTART, [f"moe.collapse_frozen={value}", "model.checkpoint=null",
+                                                          "tasks=[digits]"]), heads) for value in ("true", "false"))
+    assert off.moe_blocks == (1, 3, 5) and on.moe_blocks == (1, 3, 5)  # the paper preset trains every MoE layer
+    partial = ["bsr.preset=custom", "bsr.trainable_blocks=[4,5]", "model.checkpoint=null", "tasks=[digits]"]
+    on, off = (model_from_config(load_config(QUICKSTART, [f"moe.collapse_frozen={value}", *partial]), heads)
+               for value in ("true", "false"))
+    assert on.moe_blocks == (5,) and off.moe_blocks == (1, 3, 5)
+    for setting, accepted in [("moe.renormalize=false", "true"), ("moe.capacity_factor=1.5", "null"),
+                              ("moe.hidden_features=64", "null")]:
+        key = setting.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"^moe.collapse_frozen: .*without {setting}; accepted: {key}="
+                                              rf"{accepted}, or moe.collapse_frozen=false$"):
+            check_config_against_model(load_config(QUICKSTART, ["moe.collapse_frozen=true", setting]))
+    with pytest.raises(ValueError, match=r"^moe.collapse_frozen: block 1's frozen experts differ"):
+        collapse_frozen_experts(distinct_experts(tiny_moevit(moe=dict(blocks=[1, 3], num_experts=4, top_k=2),
+                                                             bsr=dict(preset="custom", trainable_blocks=[3]))))
+
+
+def test_a_run_with_collapsed_frozen_experts_saves_and_loads_back(tmp_path):
+    """The run's model is rebuilt from its config with the same layers collapsed, so its weights load strictly and
+    evaluate to the run's own metrics; the saved file holds one MLP for each collapsed layer."""
+    from moebsr.config import load_config
+    from moebsr.evaluate import evaluate_run
+    from moebsr.train import train
+    from run_helpers import QUICKSTART, short_run_overrides
+    from safetensors import safe_open
+    result = train(load_config(QUICKSTART, short_run_overrides(tmp_path / "run", 2, [
+        "logging.trackers=[none]", "moe.collapse_frozen=true", "bsr.preset=custom", "bsr.trainable_blocks=[3]",
+        "tasks=[digits]", "train.sampler=round_robin"])))
+    with safe_open(str(tmp_path / "run" / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+    # the short run's 4 blocks have MoE at 0, 2 and 3; block 3 trains
+    assert {"backbone.blocks.0.mlp.fc1.weight", "backbone.blocks.2.mlp.fc1.weight",
+            "backbone.blocks.3.mlp.experts.fc1_weight"} <= names
+    assert not any(".mlp.experts." in name for name in names if not name.startswith("backbone.blocks.3."))
+    assert evaluate_run(str(tmp_path / "run"), max_examples=160) == result.metrics

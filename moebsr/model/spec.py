@@ -73,6 +73,10 @@ class MoESpec:
             experts again there (activation checkpointing of the expert MLPs; torch backend). The top-k expert
             hidden states (``top_k x hidden`` per token) are then not stored; backward costs one more expert
             forward. Results are identical.
+        collapse_frozen: Run an MoE layer whose experts and router are all frozen as the one dense MLP its upcycled
+            experts are copies of (see ``model/frozen_experts.py``): 1/num_experts of its weights, 1/top_k of its
+            FLOPs and saved hidden states, the same outputs. Needs exact upcycling (``hidden_features: null``),
+            renormalised gates, no capacity cap and the torch backend.
     """
 
     blocks: Optional[List[int]] = None  # List, not Sequence: the config subclasses this for OmegaConf
@@ -86,6 +90,7 @@ class MoESpec:
     backend: str = "torch"
     dispatch: str = "grouped"
     recompute_experts: bool = False
+    collapse_frozen: bool = False
 
     def resolve_blocks(self, depth: int) -> tuple[int, ...]:
         if self.blocks is None:
@@ -130,9 +135,24 @@ class MoESpec:
         if self.recompute_experts and self.backend != "torch":
             raise ValueError(f"moe.recompute_experts: only the torch backend recomputes experts (moe.backend is "
                              f"{self.backend!r}); accepted: moe.backend=torch, or moe.recompute_experts=false")
+        if self.collapse_frozen:
+            self._check_collapsible()
         if self.backend == "tutel":
             from .tutel_backend import require_tutel
             require_tutel()
+
+
+    def _check_collapsible(self) -> None:
+        """A frozen layer equals its dense MLP only with exact copies, gates summing to 1 and every token served."""
+        problems = [(self.hidden_features is not None, f"moe.hidden_features={self.hidden_features}", "null"),
+                    (not self.renormalize, "moe.renormalize=false", "true"),
+                    (self.capacity_factor is not None, f"moe.capacity_factor={self.capacity_factor}", "null"),
+                    (self.backend != "torch", f"moe.backend={self.backend}", "torch")]
+        for bad, setting, accepted in problems:
+            if bad:
+                raise ValueError(f"moe.collapse_frozen: a frozen MoE layer equals its dense MLP only without "
+                                 f"{setting}; accepted: {setting.split('=')[0]}={accepted}, or "
+                                 "moe.collapse_frozen=false")
 
 
 def check_dispatch(dispatch: str, capacity_factor: Optional[float]) -> str:
