@@ -14,11 +14,16 @@ Protocol (no pretrained weights can be downloaded here; README "Accuracy on real
     python bench/accuracy.py train.steps=600                   # the README's table: every recipe, 3 seeds (~1.5 h)
     python bench/accuracy.py                                   # the same at the quickstart's 1,200 steps (~3 h)
     python bench/accuracy.py --recipes full paper_bsr --seeds 0 1 2
+    python bench/accuracy.py --size formula12 train.steps=600 --recipes full paper_bsr lean   # the 12-block backbone
 
-Each run's ``metrics.json`` is kept under ``<out>/accuracy_runs/``; a re-run skips the runs already there, so an
+``--size formula12`` runs the same protocol on the committed 12-block backbone
+(``backbones/formula_vit_12x128_28px.safetensors``), where the paper's blocks exist unscaled: MoE and BSR at 3/7/11,
+dropping at 3/6/9.
+
+Each run's ``metrics.json`` is kept under ``<out>/accuracy_runs/`` (``accuracy_runs/<size>/`` for another size); a re-run skips the runs already there, so an
 interrupted benchmark resumes. Rows of recipes not named in ``--recipes`` stay in the results file when it was made
 with the same tasks, seeds and overrides. Writes ``<out>/accuracy_quickstart.json`` and ``.md`` (read by
-``bench/compare.py``).
+``bench/compare.py``); ``accuracy_<size>.{json,md}`` for another size.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ VALIDATION_FRACTION = 0.15
 def run(recipe: str, lr: float, seed: int, validation: bool, args: argparse.Namespace) -> dict[str, float]:
     """Top-1 per task of one fine-tuning run (cached: a finished run is read back, not re-run)."""
     phase = "validation" if validation else "test"
-    output = Path(args.out) / "accuracy_runs" / recipe / f"{phase}-lr{lr:g}-seed{seed}"
-    overrides = recipe_overrides("quickstart", recipe) + [
+    runs = Path(args.out) / "accuracy_runs" / ("" if args.size == "quickstart" else args.size)
+    output = runs / recipe / f"{phase}-lr{lr:g}-seed{seed}"
+    overrides = recipe_overrides(args.size, recipe) + [
         f"tasks=[{','.join(TASKS)}]", f"train.lr={lr}", f"train.seed={seed}", f"train.output_dir={output}",
         "train.checkpoint_every=0", "logging.trackers=[none]", "logging.progress=false", *args.overrides]
     if validation:
@@ -67,6 +73,8 @@ def summarise(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["quickstart", "formula12"], default="quickstart",
+                        help="the backbone: the committed 6-block one (quickstart) or the 12-block one (formula12)")
     parser.add_argument("--recipes", nargs="*", default=DEFAULT_RECIPES, choices=list(RECIPES))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -86,10 +94,10 @@ def main() -> None:
                                       "summary": summarise(per_seed)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    keep_earlier_rows(results, out / "accuracy_quickstart.json")
-    (out / "accuracy_quickstart.json").write_text(json.dumps(results, indent=2))
+    keep_earlier_rows(results, out / f"accuracy_{args.size}.json")
+    (out / f"accuracy_{args.size}.json").write_text(json.dumps(results, indent=2))
     table = format_table(results)
-    (out / "accuracy_quickstart.md").write_text(table + "\n")
+    (out / f"accuracy_{args.size}.md").write_text(table + "\n")
     print(table)
 
 

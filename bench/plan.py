@@ -1,8 +1,9 @@
 """Does ``moebsr plan`` beat the hand-made presets at their own memory? The accuracy benchmark's protocol, with plans.
 
 1. On the accuracy benchmark's model and tasks (``bench/accuracy.py``: the committed 6-block backbone, MoE at 1/3/5,
-   16 experts top-4, dropping at 1/3/4 keeping 50 %, five offline tasks, batch 64, the validation split carved from
-   the training data), measure the training memory of the ``paper_bsr`` and ``lean`` presets with ``moebsr
+   16 experts top-4, dropping at 1/3/4 keeping 50 %, or with ``--size formula12`` the 12-block one at the paper's
+   blocks, MoE 3/7/11 and dropping 3/6/9; five offline tasks, batch 64, the validation split carved from the
+   training data), measure the training memory of the ``paper_bsr`` and ``lean`` presets with ``moebsr
    profile``'s instrument (parameters + gradients + optimizer state + saved activations).
 2. Plan for four budgets: the paper preset's memory, the lean preset's and half the lean preset's, with the config's
    memory levers (none: the comparison does not lend the plans the lean preset's recomputed experts), and 0.154x of
@@ -11,13 +12,14 @@
 3. Each plan is a recipe of the accuracy benchmark: its learning rate picked on the validation split from the grid of
    the preset it is compared with (the 0.154x plan, compared with full fine-tuning but training a few sub-layers:
    both grids, 3e-4 to 1e-2), then 3 seeds on the test splits. The presets' and full fine-tuning's rows are read
-   from ``bench/results/accuracy_quickstart.json`` (same protocol, same overrides).
+   from ``bench/results/accuracy_<size>.json`` (same protocol, same overrides).
 4. Each plan's predicted memory is checked against a real profile of it.
 
     python bench/plan.py train.steps=600          # the README's figures (24 runs, ~50 min on 2 CPU cores, 2 at a time)
+    python bench/plan.py --size formula12 train.steps=600   # the same on the 12-block backbone
 
-Writes ``bench/results/plan_quickstart.{json,md}`` and each plan's config, report and frontier under
-``bench/results/plan_quickstart/``.
+Writes ``bench/results/plan_<size>.{json,md}`` and each plan's config, report and frontier under
+``bench/results/plan_<size>/``; the presets' rows come from ``bench/results/accuracy_<size>.json``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ TARGETS = {"plan_at_paper_memory": ("paper_bsr", 1.0, "config"), "plan_at_lean_m
 
 def config_for(recipe: str, args: argparse.Namespace, validation: bool):
     from moebsr.config import load_config
-    overrides = recipe_overrides("quickstart", recipe) + [f"tasks=[{','.join(accuracy.TASKS)}]", *args.overrides]
+    overrides = recipe_overrides(args.size, recipe) + [f"tasks=[{','.join(accuracy.TASKS)}]", *args.overrides]
     if validation:
         overrides += [f"data.task_options.{task}.validation_fraction={accuracy.VALIDATION_FRACTION}"
                       for task in accuracy.TASKS]
@@ -67,6 +69,8 @@ def plan_overrides(units: list[list], levers: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["quickstart", "formula12"], default="quickstart",
+                        help="the backbone (bench/accuracy.py --size): 6 blocks (quickstart) or 12 (formula12)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--batches", type=int, default=2, help="batches of every task the planner scores on")
     parser.add_argument("--jobs", type=int, default=2, help="training runs at a time (one thread each)")
@@ -79,13 +83,14 @@ def main() -> None:
     from moebsr.planning.plan import importance_for, levers_of, measure_costs, run_plan
 
     out = Path(args.out)
-    plan_dir = out / "plan_quickstart"
+    plan_dir = out / f"plan_{args.size}"
+    accuracy_file = out / f"accuracy_{args.size}.json"  # the presets' rows, same protocol
     presets = {recipe: preset_memory(recipe, args) for recipe in ("full", "paper_bsr", "lean")}
     planning_config = config_for("paper_bsr", args, validation=True)
     started = time.process_time()
     measured = measure_costs(planning_config)
     data, costs = measured
-    importance = importance_for(planning_config, data, costs.units, args.batches, planning_config.train.batch_size)
+    importance = importance_for(planning_config, data, args.batches, planning_config.train.batch_size)
     plans = {}
     for name, (preset, share, levers) in TARGETS.items():
         limit = presets[preset]["train_memory_bytes"] * share
@@ -106,10 +111,7 @@ def main() -> None:
         print(f"planning: {planning_cpu_s:.0f} s CPU, presets {presets}")
         return
 
-    earlier = json.loads((out / "accuracy_quickstart.json").read_text())
-    if earlier["overrides"] != args.overrides or earlier["seeds"] != args.seeds:
-        raise SystemExit(f"accuracy_quickstart.json was made with overrides {earlier['overrides']} and seeds "
-                         f"{earlier['seeds']}; run with the same (e.g. python bench/plan.py train.steps=600)")
+    check_same_protocol(accuracy_file, args, required=False)  # before training, when the presets' rows exist already
     args.out = str(out)
     rows = {}
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -123,15 +125,30 @@ def main() -> None:
             rows[name] = {"lr_sweep_validation_mean_top1": sweep, "lr": best, "per_seed": per_seed,
                           "summary": accuracy.summarise(per_seed)}
     checks = {name: profile_plan(name, args) for name in TARGETS}
+    earlier = check_same_protocol(accuracy_file, args, required=True)
     results = {"protocol": __doc__.split("\n\n")[1], "overrides": args.overrides, "seeds": args.seeds,
                "preset_memory": presets, "planning_cpu_s": planning_cpu_s,
                "measured_steps": measured[1].measured_steps, "plans": plans, "accuracy": rows,
                "profiled": checks, "presets_accuracy": {name: earlier["recipes"][name]["summary"]
                                                         for name in ("full", "paper_bsr", "lean")}}
-    (out / "plan_quickstart.json").write_text(json.dumps(results, indent=2))
+    (out / f"plan_{args.size}.json").write_text(json.dumps(results, indent=2))
     table = format_table(results)
-    (out / "plan_quickstart.md").write_text(table + "\n")
+    (out / f"plan_{args.size}.md").write_text(table + "\n")
     print(table)
+
+
+def check_same_protocol(path: Path, args: argparse.Namespace, required: bool) -> dict:
+    """The presets' accuracy file, refused in one line when it was made with other overrides or seeds."""
+    if not path.is_file():
+        if required:
+            raise SystemExit(f"{path} is missing: run python bench/accuracy.py --size {args.size} "
+                             f"{' '.join(args.overrides)} --recipes full paper_bsr lean")
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier["overrides"] != args.overrides or earlier["seeds"] != args.seeds:
+        raise SystemExit(f"{path.name} was made with overrides {earlier['overrides']} and seeds {earlier['seeds']}; "
+                         f"run with the same (e.g. python bench/plan.py train.steps=600)")
+    return earlier
 
 
 def profile_plan(name: str, args: argparse.Namespace) -> dict:

@@ -29,6 +29,8 @@ def backbone_arch() -> dict[str, int]:
 
 SIZES = {
     "quickstart": [],  # the quickstart model: 6 blocks, width 128, 28 px, patch 7
+    # the quickstart model at the paper's depth, from its own formula-pretrained backbone (the paper's blocks unscaled)
+    "formula12": ["model.depth=12", "model.checkpoint=backbones/formula_vit_12x128_28px.safetensors"],
     "tiny": ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.patch_size=4", "model.depth=12",
              "model.embed_dim=192", "model.num_heads=3"],
     "deit_s": ["model.name=deit_small_patch16_224", "model.img_size=224", "model.patch_size=16", "model.depth=12",

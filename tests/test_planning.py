@@ -202,14 +202,20 @@ def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(t
     assert predicted["trainable_params"] == measured["trainable_params"]
     first = min(block for block, _ in units)
     assert f"blocks {first}: {'+'.join(sorted(s for b, s in units if b == first))}" in measured["recipe"]
-    # --levers auto (the default) measured the 3 other settings of the two memory levers and kept the best plan
+    # --levers auto (the default) measured the config as given and the 4 settings of the two other memory levers with
+    # the frozen mixtures collapsed, and kept the best plan; here it collapses them (the profile above covers that)
     options = report["lever_options"]
-    assert len(options) == 4 and report["score"] == max(option["score"] for option in options)
-    assert {tuple(option["levers"].values()) for option in options} == {(False, "fp32"), (False, "bf16"),
-                                                                        (True, "fp32"), (True, "bf16")}
-    assert (config.moe.recompute_experts, config.bsr.frozen_dtype) == tuple(report["levers"].values())
-    as_given = next(option for option in options if tuple(option["levers"].values()) == (False, "fp32"))
+    assert len(options) == 5 and report["score"] == max(option["score"] for option in options)
+    assert [tuple(option["levers"].values()) for option in options] == [(False, "fp32", False), *itertools.product(
+        (False, True), ("fp32", "bf16"), (True,))]
+    levers = (config.moe.recompute_experts, config.bsr.frozen_dtype, config.moe.collapse_frozen)
+    assert levers == tuple(report["levers"].values()) and config.moe.collapse_frozen
+    as_given = next(option for option in options if tuple(option["levers"].values()) == (False, "fp32", False))
     assert report["score"] > as_given["score"]  # the levers buy importance at the same memory
+    tied = [option for option in options if option["score"] == report["score"]]  # ties: the cheapest, then the first
+    cheapest = min(option["predicted"]["memory_bytes"] for option in tied)
+    assert report["levers"] == next(option for option in tied if option["predicted"]["memory_bytes"] == cheapest)[
+        "levers"]
 
 
 def test_an_unreachable_budget_is_one_line_naming_the_cheapest_plan_and_writes_nothing(tmp_path):

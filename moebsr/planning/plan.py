@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +19,8 @@ from ..config import RunConfig, save_config
 from ..model import MoEViT
 from ..model.bsr import SUBLAYERS, ResolvedBSRPlan
 from .budget import Budget, PlanError, format_amount
-from .costs import CostModel, PlanCost, Unit, measure_cost_model, synthetic_step_measure, units_by_block
+from .costs import (CostModel, PlanCost, Unit, measure_cost_model, plan_units, synthetic_step_measure,
+                    unit_parameter_counts, units_by_block)
 from .importance import Importance, fisher_potential
 from .search import Choice, best_plan, frontier
 
@@ -42,17 +44,20 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
     too (the configured optimizer included)."""
     from ..optim import build_optimizer
     from ..build import model_from_config
+    from ..model.frozen_experts import collapse_frozen_experts
     from ..model.precision import store_frozen_weights
     measured = copy.deepcopy(config)
     measured.model.pretrained, measured.model.checkpoint = False, None
-    measured.bsr.frozen_dtype = "fp32"
+    measured.bsr.frozen_dtype, measured.moe.collapse_frozen = "fp32", False
     torch.manual_seed(config.train.seed)
     base = model_from_config(measured, dict(task_outputs))
-    frozen_dtype = config.bsr.frozen_dtype
+    frozen_dtype, collapse = config.bsr.frozen_dtype, config.moe.collapse_frozen
 
     def build(plan: ResolvedBSRPlan) -> MoEViT:
-        model = base if frozen_dtype == "fp32" else copy.deepcopy(base)
-        model.apply_bsr(plan)
+        model = base if frozen_dtype == "fp32" and not collapse else copy.deepcopy(base)
+        model.apply_bsr(with_routers(plan, base.moe_blocks) if collapse else plan)
+        if collapse:
+            collapse_frozen_experts(model)
         store_frozen_weights(model, frozen_dtype)
         return model
 
@@ -61,7 +66,45 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
     step_measure = synthetic_step_measure({name: task_outputs[name] for name in step_tasks}, batch,
                                           config.train.mixed_precision, lambda model: build_optimizer(model, config.train),
                                           timed_steps, measure_batch=batch if timed_steps else min(batch, MEASURE_BATCH))
-    return measure_cost_model(build, step_measure, OPTIMIZER_STATE_BYTES[config.train.optimizer], full)
+    costs = measure_cost_model(build, step_measure, OPTIMIZER_STATE_BYTES[config.train.optimizer], full)
+    if collapse:  # a unit (b, mlp) of an MoE block trains its experts and its router (see with_routers)
+        costs.unit_params = {unit: count for unit, count in unit_parameter_counts(
+            base, [*costs.units, *((block, "router") for block in base.moe_blocks)]).items() if unit[1] != "router"}
+        for block in base.moe_blocks:
+            costs.unit_params[(block, "mlp")] += unit_parameter_counts(base, [(block, "router")])[(block, "router")]
+    return costs
+
+
+def with_routers(plan: ResolvedBSRPlan, moe_blocks: tuple[int, ...]) -> ResolvedBSRPlan:
+    """``plan`` with each MoE block's router training wherever its experts do. With ``moe.collapse_frozen`` a block's
+    mixture is either wholly frozen (and runs as one dense MLP) or trains its experts with their router: a router
+    alone would keep frozen copies that differ in nothing (it scores zero there), so the planner's ``mlp`` unit of an
+    MoE block stands for both."""
+    per_block = {block: set(plan.sublayers_of(block)) for block in plan.trainable_blocks}
+    for block in moe_blocks:
+        if "mlp" in per_block.get(block, ()):
+            per_block[block].add("router")
+    return dataclasses.replace(plan, block_sublayers=tuple((block, frozenset(names))
+                                                           for block, names in sorted(per_block.items())))
+
+
+def trained_units(config: RunConfig, units: tuple[Unit, ...], moe_blocks: tuple[int, ...]) -> tuple[Unit, ...]:
+    """The units a plan's config trains: with ``moe.collapse_frozen``, an MoE block's router with its experts."""
+    if not config.moe.collapse_frozen:
+        return units
+    return tuple(sorted({*units, *((block, "router") for block, sublayer in units
+                                    if sublayer == "mlp" and block in moe_blocks)}))
+
+
+def option_scores(config: RunConfig, scores: dict[Unit, float], moe_blocks: tuple[int, ...]) -> dict[Unit, float]:
+    """Unit scores as a lever setting's units stand: with ``moe.collapse_frozen`` an MoE block's ``mlp`` unit is its
+    experts and router together, and scores as both."""
+    if not config.moe.collapse_frozen:
+        return scores
+    merged = {unit: value for unit, value in scores.items() if unit[1] != "router"}
+    for block in moe_blocks:
+        merged[(block, "mlp")] += scores[(block, "router")]
+    return merged
 
 
 def preset_units(config: RunConfig, model: CostModel, preset: str) -> tuple[Unit, ...]:
@@ -80,13 +123,15 @@ def planned_config(config: RunConfig, units: tuple[Unit, ...]) -> RunConfig:
     return planned
 
 
-def importance_for(config: RunConfig, data: Any, units: list[Unit], batches: int, micro_batch: int) -> Importance:
-    """Fisher potential on the configured model with its real weights and ``batches`` batches of every task."""
+def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int) -> Importance:
+    """Fisher potential of every unit (routers included, whatever the levers) on the configured model with its real
+    weights and ``batches`` batches of every task."""
     from accelerate import Accelerator
 
     from ..build import image_spec_of, model_from_config
     scored = copy.deepcopy(config)
     scored.bsr.frozen_dtype = "fp32"  # every weight is on the autograd path while scoring; low-precision ones refuse it
+    scored.moe.collapse_frozen = False  # every mixture as it is, so its router is scored too
     torch.manual_seed(config.train.seed)
     model = model_from_config(scored, data.heads())
     data.attach_image_spec(image_spec_of(model), Accelerator(cpu=not torch.cuda.is_available()), build_train=False)
@@ -98,7 +143,7 @@ def importance_for(config: RunConfig, data: Any, units: list[Unit], batches: int
         stacked = torch.cat([batch["images"] for batch in loaded])[:batches * batch_size]
         targets = torch.cat([batch["labels"][task] for batch in loaded])[:batches * batch_size]
         images[task], labels[task] = list(stacked.split(batch_size)), list(targets.split(batch_size))
-    return fisher_potential(model, images, labels, units, micro_batch)
+    return fisher_potential(model, images, labels, plan_units(model), micro_batch)
 
 
 def planning_micro_batch(model: CostModel, budget: Budget, limit: float, batch_size: int) -> int:
@@ -142,18 +187,21 @@ def write_outputs(out: Path, config: RunConfig, model: CostModel, importance: Im
     to ``reference`` (full fine-tuning of the config as given; default: ``model``'s own)."""
     full = reference or model.full
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_config(planned_config(config, choice.units), out, relative_paths=True)
+    moe_blocks = config.moe.resolve_blocks(model.depth)
+    trained = trained_units(config, choice.units, moe_blocks)
+    save_config(planned_config(config, trained), out, relative_paths=True)
+    scores = option_scores(config, importance.scores, moe_blocks)
     presets = {preset: preset_units(config, model, preset) for preset in PRESETS}
-    points = frontier(model, importance.scores, budget.kind)
+    points = frontier(model, scores, budget.kind)
     report = dict(
-        budget=budget.text, budget_kind=budget.kind, budget_value=limit, plan=describe(choice.units),
-        units=[list(unit) for unit in choice.units], score=choice.score,
+        budget=budget.text, budget_kind=budget.kind, budget_value=limit, plan=describe(trained),
+        units=[list(unit) for unit in trained], score=choice.score,
         predicted=cost_row(budget.kind, choice.cost, full),
         full_finetuning=cost_row(budget.kind, full, full),
-        presets={name: dict(plan=describe(units), score=sum(importance.scores[u] for u in units),
+        presets={name: dict(plan=describe(units), score=sum(scores[u] for u in units),
                             **cost_row(budget.kind, model.predict(units), full))
                  for name, units in presets.items()},
-        candidates=[dict(unit=list(unit), score=importance.scores[unit], params=model.unit_params[unit],
+        candidates=[dict(unit=list(unit), score=scores[unit], params=model.unit_params[unit],
                          extra_memory_bytes=model.extra[unit].parameter_bytes + model.extra[unit].saved_bytes
                          + model.unit_params[unit] * model.state_bytes_per_param,
                          extra_flops=model.extra[unit].flops,
@@ -218,21 +266,35 @@ LEVER_CHOICES = ("auto", "config")
 
 
 def lever_variants(config: RunConfig, has_experts: bool) -> list[RunConfig]:
-    """The config with every other setting of the memory levers: experts recomputed in backward (exact), frozen
-    matmul weights stored in bf16 (see ``bsr.frozen_dtype``). The config's own setting is not repeated."""
+    """The config with every other setting of the memory levers: experts recomputed in backward (exact) and frozen
+    matmul weights stored in bf16 (see ``bsr.frozen_dtype``), each with the frozen mixtures run as their dense MLP
+    where the MoE settings allow it (``moe.collapse_frozen``: exact, and it only removes costs, so it is not tried
+    off). The config's own setting comes first and is not repeated."""
+    own = tuple(levers_of(config).values())
+    collapse = True if has_experts and collapsible(config) else config.moe.collapse_frozen
+    settings = itertools.product((False, True) if has_experts else (config.moe.recompute_experts,), ("fp32", "bf16"),
+                                 (collapse,))
     variants = []
-    for recompute in ((False, True) if has_experts else (config.moe.recompute_experts,)):
-        for frozen_dtype in ("fp32", "bf16"):
-            if (recompute, frozen_dtype) == (config.moe.recompute_experts, config.bsr.frozen_dtype):
-                continue
+    for setting in settings:
+        if setting != own:
             variant = copy.deepcopy(config)
-            variant.moe.recompute_experts, variant.bsr.frozen_dtype = recompute, frozen_dtype
+            variant.moe.recompute_experts, variant.bsr.frozen_dtype, variant.moe.collapse_frozen = setting
             variants.append(variant)
     return variants
 
 
+def collapsible(config: RunConfig) -> bool:
+    """Whether ``moe.collapse_frozen`` is exact with these MoE settings (its own check, without raising)."""
+    try:
+        dataclasses.replace(config.moe.spec(), collapse_frozen=True)._check_collapsible()
+    except ValueError:
+        return False
+    return True
+
+
 def levers_of(config: RunConfig) -> dict[str, Any]:
-    return {"moe.recompute_experts": config.moe.recompute_experts, "bsr.frozen_dtype": config.bsr.frozen_dtype}
+    return {"moe.recompute_experts": config.moe.recompute_experts, "bsr.frozen_dtype": config.bsr.frozen_dtype,
+            "moe.collapse_frozen": config.moe.collapse_frozen}
 
 
 def planning_memory(config: RunConfig, costs: CostModel, micro_batch: int, timed: bool) -> float:
@@ -260,20 +322,21 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
     limit = budget.resolve(costs.full.value(budget.kind))
     options = [(config, costs)]
     if levers == "auto":
-        has_experts = any(sublayer == "router" for _, sublayer in costs.units)
+        has_experts = bool(config.moe.resolve_blocks(costs.depth))
         options += [(variant, cost_model_for(variant, data.task_outputs(), _step_tasks(variant, data),
                                              TIMED_STEPS if timed else 0))
                     for variant in lever_variants(config, has_experts)]
     check_reachable([option_costs for _, option_costs in options], budget, limit)  # before the data is read
     if importance is None:
         micro_batch = planning_micro_batch(costs, budget, limit, config.train.batch_size)
-        importance = importance_for(config, data, costs.units, batches, micro_batch)
+        importance = importance_for(config, data, batches, micro_batch)
     candidates = []
     for option_config, option_costs in options:
-        choice = best_plan(option_costs, importance.scores, budget.kind, limit)
+        scores = option_scores(option_config, importance.scores, option_config.moe.resolve_blocks(option_costs.depth))
+        choice = best_plan(option_costs, scores, budget.kind, limit)
         if choice is not None:
-            candidates.append((choice.score, -choice.cost.value(budget.kind), len(candidates), option_config,
-                               option_costs, choice))
+            candidates.append((choice.score, -choice.cost.value(budget.kind), -len(candidates), option_config,
+                               option_costs, choice))  # ties: the config as given, then the fewest levers changed
     _, _, _, chosen_config, chosen_costs, choice = max(candidates, key=lambda item: item[:3])
     report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, costs.full)
     report["levers"] = levers_of(chosen_config)
@@ -281,10 +344,12 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
     report["planning_fits_budget"] = report["planning_memory_bytes"] <= limit if budget.kind == "memory" else None
     report["measured_steps"] = sum(option_costs.measured_steps for _, option_costs in options)
     report["measure_seconds"] = sum(option_costs.measure_seconds for _, option_costs in options)
-    report["lever_options"] = [dict(levers=levers_of(option_config), plan=describe(option_choice.units),
+    report["lever_options"] = [dict(levers=levers_of(option_config), plan=describe(trained_units(
+                                        option_config, option_choice.units, option_config.moe.resolve_blocks(
+                                            option_costs.depth))),
                                     score=option_choice.score, predicted=cost_row(budget.kind, option_choice.cost,
                                                                                   costs.full))
-                               for _, _, _, option_config, _, option_choice in candidates]
+                               for _, _, _, option_config, option_costs, option_choice in candidates]
     out.with_suffix(".plan.json").write_text(json.dumps(report, indent=2))
     return report
 
