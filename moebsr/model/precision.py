@@ -78,7 +78,27 @@ def _frozen(module: nn.Module) -> bool:
 
 
 def _store_low(parameter: nn.Parameter, dtype: torch.dtype) -> None:
-    parameter.data = parameter.data.to(dtype)
+    parameter.data = _cast(parameter.data, dtype)
+
+
+def _cast(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``data.to(dtype)``; a value broadcast to a shape (``moebsr plan``'s weightless model) stays one."""
+    if data.numel() > 1 and not any(data.stride()):
+        return data[(0,) * data.dim()].to(dtype).expand(data.shape)
+    return data.to(dtype)
+
+
+def restore_full_precision(model: nn.Module) -> None:
+    """Undo :func:`store_frozen_weights`: every parameter in fp32 again and the layers plain ``nn.Linear``/
+    ``nn.Conv2d`` (``moebsr plan`` sets one model up for plan after plan; the values keep their rounding)."""
+    for module in model.modules():
+        if type(module) is LowPrecisionLinear:
+            module.__class__ = nn.Linear
+        elif type(module) is LowPrecisionConv2d:
+            module.__class__ = nn.Conv2d
+    for parameter in model.parameters():
+        if parameter.dtype != torch.float32:
+            parameter.data = _cast(parameter.data, torch.float32)
 
 
 def store_frozen_weights(model: nn.Module, dtype_name: str) -> list[str]:

@@ -98,6 +98,7 @@ class CostModel:
     step_fit: Optional[tuple[float, float, float]] = None  # seconds per FLOP, per trainable parameter, fixed
     step_fit_error: Optional[float] = None  # median relative error of the fit over the measured plans
     full: PlanCost = field(default=None)  # full fine-tuning (embeddings too), the reference of relative budgets
+    planning_peak_bytes: float = 0.0  # the most measuring held at once: weights, one pass's saved tensors, a gradient
 
     def predict(self, units: Iterable[Unit]) -> PlanCost:
         chosen = sorted(set(units))
@@ -199,8 +200,30 @@ def measure_cost_model(build: Callable[[ResolvedBSRPlan], MoEViT], step_measure:
                           full_params * optimizer_state_per_param, full_measure.saved_bytes, full_measure.flops,
                           full_params, model.step_seconds(full_measure.flops, full_params))
     model.measured_steps = len(timings) + 1  # and heads only
+    model.planning_peak_bytes = getattr(step_measure, "peak_bytes", 0.0)
     model.measure_seconds = time.perf_counter() - start
     return model
+
+
+def hollow_parameters(model: MoEViT) -> None:
+    """Every weight matrix of the blocks (attention, MLPs, experts; not the routers) a zero of its dtype broadcast to
+    its shape: the model runs with the real one's shapes, dtypes, FLOPs and saved tensors (a frozen layer's cast copy
+    included) and holds almost none of its weights. The stem, norms, biases, routers and heads stay real, so tokens
+    still differ from image to image and position to position and are routed across the experts as in a real step
+    (under autocast each expert a token reaches is a cast copy saved: all-equal tokens would reach top-k only).
+    Already hollow weights are left as they are."""
+    from ..model.routing import TaskRouter
+    routers = {id(p) for module in model.modules() if isinstance(module, TaskRouter) for p in module.parameters()}
+    for parameter in model.blocks.parameters():
+        if parameter.dim() < 2 or id(parameter) in routers or not any(parameter.stride()):
+            continue
+        parameter.data = torch.zeros((), dtype=parameter.dtype, device=parameter.device).expand(parameter.shape)
+
+
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages the model's parameters occupy (a hollow parameter's few)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
 
 
 @contextlib.contextmanager
@@ -258,14 +281,18 @@ def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, pre
         images, labels = batch_of(measured_images)
         with _gradients_dropped(model):
             saved = float(saved_activation_bytes(model, images, labels, precision))
+            largest_pass = saved
             if measured_images != batch_size and precision == "no":  # no weight copies: all per image
                 saved *= batch_size / measured_images
             elif measured_images != batch_size:
-                per_image = (saved_activation_bytes(model, *batch_of(2 * measured_images), precision) - saved) \
-                    / measured_images
+                largest_pass = saved_activation_bytes(model, *batch_of(2 * measured_images), precision)
+                per_image = (largest_pass - saved) / measured_images
                 saved += per_image * (batch_size - measured_images)
             flops = training_step_flops(model, images, labels, precision) * batch_size / measured_images
         parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        gradient = max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0)
+        held = held_bytes(model) + largest_pass + gradient  # weights held, the pass's saved tensors, one gradient
+        step_measure.peak_bytes = max(step_measure.peak_bytes, float(held))
         seconds = 0.0
         if timed_steps:
             optimizer = make_optimizer(model)
@@ -281,4 +308,5 @@ def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, pre
             model.zero_grad(set_to_none=True)
         return Measure(float(parameter_bytes), float(saved), float(flops), seconds)
 
+    step_measure.peak_bytes = 0.0  # what measuring held at most: read by measure_cost_model
     return step_measure

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,8 @@ class Importance:
     images_per_task: dict[str, int]
     micro_batch: int
     seconds: float
+    peak_bytes: float = 0.0  # the most the pass held: weights and one micro-batch's saved tensors
+    low_precision: bool = False  # scored with frozen weights in bf16 and the mixtures collapsed (see importance_for)
 
 
 def _unit_outputs(model: MoEViT, units: Sequence[Unit]) -> dict[Unit, list[nn.Module]]:
@@ -56,13 +58,16 @@ def _unit_outputs(model: MoEViT, units: Sequence[Unit]) -> dict[Unit, list[nn.Mo
 
 
 def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]], labels: Mapping[str, Iterable],
-                     units: Sequence[Unit], micro_batch: int) -> Importance:
+                     units: Sequence[Unit], micro_batch: int, on_path: Optional[Sequence[nn.Parameter]] = None
+                     ) -> Importance:
     """Scores of ``units`` from ``batches[task]`` (image tensors) and ``labels[task]`` (matching label tensors).
 
-    The model runs in eval mode (no dropout: the scores are a property of the data, not of a random mask) with every
-    parameter marked trainable for the duration, so that the frozen prefix is on the autograd path too; the marks
-    are restored afterwards.
+    The model runs in eval mode (no dropout: the scores are a property of the data, not of a random mask) with
+    ``on_path`` (default: every parameter) marked trainable for the duration, so that the whole trunk is on the
+    autograd path; a stem parameter alone does that and leaves every weight frozen (frozen weights stored in low
+    precision need it). The marks are restored afterwards.
     """
+    from .costs import held_bytes
     start = time.perf_counter()
     outputs_of = _unit_outputs(model, units)
     captured: dict[Unit, list[torch.Tensor]] = {unit: [] for unit in units}
@@ -74,8 +79,11 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
                     getattr(output, "probabilities", output))))
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
-    model.requires_grad_(True)
+    for parameter in model.parameters() if on_path is None else on_path:
+        parameter.requires_grad_(True)
     model.eval()
+    weights, peak = held_bytes(model), 0.0
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     per_task: dict[str, dict[Unit, float]] = {}
     raw_per_task: dict[str, dict[Unit, float]] = {}
     images_per_task: dict[str, int] = {}
@@ -88,7 +96,9 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
                     for unit in units:
                         captured[unit].clear()
                     rows = min(micro_batch, images.shape[0] - chunk)
-                    logits = model(images[chunk:chunk + micro_batch], [task])[task]
+                    with torch.autograd.graph.saved_tensors_hooks(*_counting(saved := {}, parameter_storages)):
+                        logits = model(images[chunk:chunk + micro_batch], [task])[task]
+                    peak = max(peak, weights + sum(saved.values()))
                     loss = F.cross_entropy(logits.float(), targets[chunk:chunk + micro_batch], reduction="sum")
                     flat = [(unit, output) for unit in units for output in captured[unit] if output.requires_grad]
                     gradients = torch.autograd.grad(loss, [output for _, output in flat], allow_unused=True)
@@ -107,7 +117,17 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
             parameter.requires_grad_(requires_grad[name])
         model.train(was_training)
     scores = {unit: sum(task_scores[unit] for task_scores in per_task.values()) for unit in units}
-    return Importance(scores, per_task, raw_per_task, images_per_task, micro_batch, time.perf_counter() - start)
+    return Importance(scores, per_task, raw_per_task, images_per_task, micro_batch, time.perf_counter() - start, peak)
+
+
+def _counting(saved: dict[int, int], parameter_storages: set[int]):
+    """Saved-tensor hooks recording each distinct storage autograd keeps, parameters' aside (counted as weights)."""
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    return pack, lambda tensor: tensor
 
 
 def _potential(activation: torch.Tensor, gradient: torch.Tensor, images: int) -> float:

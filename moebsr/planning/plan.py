@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -19,8 +19,8 @@ from ..config import RunConfig, save_config
 from ..model import MoEViT
 from ..model.bsr import SUBLAYERS, ResolvedBSRPlan
 from .budget import Budget, PlanError, format_amount
-from .costs import (CostModel, PlanCost, Unit, measure_cost_model, plan_units, synthetic_step_measure,
-                    unit_parameter_counts, units_by_block)
+from .costs import (CostModel, PlanCost, Unit, hollow_parameters, measure_cost_model, plan_units,
+                    synthetic_step_measure, unit_parameter_counts, units_by_block)
 from .importance import Importance, fisher_potential
 from .search import Choice, best_plan, frontier
 
@@ -44,35 +44,51 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
     too (the configured optimizer included)."""
     from ..optim import build_optimizer
     from ..build import model_from_config
-    from ..model.frozen_experts import collapse_frozen_experts
-    from ..model.precision import store_frozen_weights
     measured = copy.deepcopy(config)
     measured.model.pretrained, measured.model.checkpoint = False, None
     measured.bsr.frozen_dtype, measured.moe.collapse_frozen = "fp32", False
     torch.manual_seed(config.train.seed)
     base = model_from_config(measured, dict(task_outputs))
-    frozen_dtype, collapse = config.bsr.frozen_dtype, config.moe.collapse_frozen
-
-    def build(plan: ResolvedBSRPlan) -> MoEViT:
-        model = base if frozen_dtype == "fp32" and not collapse else copy.deepcopy(base)
-        model.apply_bsr(with_routers(plan, base.moe_blocks) if collapse else plan)
-        if collapse:
-            collapse_frozen_experts(model)
-        store_frozen_weights(model, frozen_dtype)
-        return model
-
+    moe_blocks = base.moe_blocks
+    mixture_params = unit_parameter_counts(base, [(block, name) for block in moe_blocks for name in ("mlp", "router")])
+    build = plan_builder(base, config.bsr.frozen_dtype, config.moe.collapse_frozen, hollow=not timed_steps)
     full = ResolvedBSRPlan(tuple(range(base.depth)), frozenset(SUBLAYERS), True, True)
     batch = config.train.batch_size
     step_measure = synthetic_step_measure({name: task_outputs[name] for name in step_tasks}, batch,
                                           config.train.mixed_precision, lambda model: build_optimizer(model, config.train),
                                           timed_steps, measure_batch=batch if timed_steps else min(batch, MEASURE_BATCH))
     costs = measure_cost_model(build, step_measure, OPTIMIZER_STATE_BYTES[config.train.optimizer], full)
-    if collapse:  # a unit (b, mlp) of an MoE block trains its experts and its router (see with_routers)
-        costs.unit_params = {unit: count for unit, count in unit_parameter_counts(
-            base, [*costs.units, *((block, "router") for block in base.moe_blocks)]).items() if unit[1] != "router"}
-        for block in base.moe_blocks:
-            costs.unit_params[(block, "mlp")] += unit_parameter_counts(base, [(block, "router")])[(block, "router")]
+    if config.moe.collapse_frozen:  # a unit (b, mlp) of an MoE block trains its experts and router (see with_routers)
+        for block in moe_blocks:
+            costs.unit_params[(block, "mlp")] = mixture_params[(block, "mlp")] + mixture_params[(block, "router")]
     return costs
+
+
+def plan_builder(model: MoEViT, frozen_dtype: str, collapse: bool, hollow: bool) -> Callable[[ResolvedBSRPlan], MoEViT]:
+    """``model`` set up, in place, to train a plan as a run of these levers would: measuring builds hundreds of plans,
+    and a copy for each would hold the weights twice. With ``hollow`` every parameter is a zero broadcast to its
+    shape (:func:`.costs.hollow_parameters`): the costs read the same (they depend on shapes and dtypes, not values)
+    and measuring holds no weights. Step times need real ones (a broadcast weight is copied into every matmul)."""
+    from ..model.frozen_experts import collapse_frozen_experts
+    from ..model.precision import restore_full_precision, store_frozen_weights
+    mixtures = {index: block.mlp for index, block in enumerate(model.blocks) if block.is_moe}
+    if hollow:
+        hollow_parameters(model)
+
+    def build(plan: ResolvedBSRPlan) -> MoEViT:
+        for index, mixture in mixtures.items():  # the previous plan's collapsed layers back
+            model.blocks[index].mlp = mixture
+        model.origin_split_point = None
+        restore_full_precision(model)
+        model.apply_bsr(with_routers(plan, tuple(mixtures)) if collapse else plan)
+        if collapse:
+            collapse_frozen_experts(model)
+        store_frozen_weights(model, frozen_dtype)
+        if hollow:
+            hollow_parameters(model)  # the collapsed layers' dense MLPs
+        return model
+
+    return build
 
 
 def with_routers(plan: ResolvedBSRPlan, moe_blocks: tuple[int, ...]) -> ResolvedBSRPlan:
@@ -123,19 +139,32 @@ def planned_config(config: RunConfig, units: tuple[Unit, ...]) -> RunConfig:
     return planned
 
 
-def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int) -> Importance:
+def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int, memory_limit: Optional[float] = None,
+                   per_image: float = 0.0) -> Importance:
     """Fisher potential of every unit (routers included, whatever the levers) on the configured model with its real
-    weights and ``batches`` batches of every task."""
+    weights and ``batches`` batches of every task.
+
+    With ``memory_limit`` the pass is made to fit it: the weights stay fp32 when they leave room for one image's
+    activations (``per_image``), else frozen in bf16 with every mixture collapsed to its dense MLP (its router then
+    scores zero: among identical experts no gate changes the output); the micro-batch is then the largest that fits
+    (``micro_batch`` at most, one at least). ``Importance.peak_bytes`` says what the pass held."""
     from accelerate import Accelerator
 
     from ..build import image_spec_of, model_from_config
+    from .costs import held_bytes
     scored = copy.deepcopy(config)
-    scored.bsr.frozen_dtype = "fp32"  # every weight is on the autograd path while scoring; low-precision ones refuse it
-    scored.moe.collapse_frozen = False  # every mixture as it is, so its router is scored too
+    scored.bsr.frozen_dtype, scored.moe.collapse_frozen = "fp32", False  # every mixture as it is, routers scored
     torch.manual_seed(config.train.seed)
+    low = memory_limit is not None and scoring_weight_bytes(config, data) + per_image > memory_limit
+    if low:
+        scored.bsr = dataclasses.replace(scored.bsr, preset="none", trainable_blocks=None, block_sublayers=None,
+                                         frozen_dtype="bf16")
+        scored.moe.collapse_frozen = collapsible(config)
     model = model_from_config(scored, data.heads())
     data.attach_image_spec(image_spec_of(model), Accelerator(cpu=not torch.cuda.is_available()), build_train=False)
     model.to(data.device)
+    if memory_limit is not None and per_image > 0:
+        micro_batch = max(1, min(micro_batch, int((memory_limit - held_bytes(model)) // per_image)))
     batch_size = config.train.batch_size
     images, labels = {}, {}
     for task in data.tasks:
@@ -143,17 +172,24 @@ def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int)
         stacked = torch.cat([batch["images"] for batch in loaded])[:batches * batch_size]
         targets = torch.cat([batch["labels"][task] for batch in loaded])[:batches * batch_size]
         images[task], labels[task] = list(stacked.split(batch_size)), list(targets.split(batch_size))
-    return fisher_potential(model, images, labels, plan_units(model), micro_batch)
+    stem = [p for p in model.stem_parameters() if p.dim() == 3][:1]  # a token or position table: opens the path
+    importance = fisher_potential(model, images, labels, plan_units(model), micro_batch, on_path=stem if low else None)
+    if low and scored.moe.collapse_frozen:
+        for block in config.moe.resolve_blocks(model.depth):
+            for table in (importance.scores, *importance.per_task.values(), *importance.raw_per_task.values()):
+                table[(block, "router")] = 0.0
+    importance.low_precision = low
+    return importance
 
 
-def planning_micro_batch(model: CostModel, budget: Budget, limit: float, batch_size: int) -> int:
-    """The largest micro-batch whose scoring pass (fp32 weights + one micro-batch's activations, everything on the
-    autograd path) fits a memory budget (at least 1); the whole batch for a FLOPs budget."""
-    if budget.kind != "memory":
-        return batch_size
-    per_image = model.full.saved_bytes / batch_size
-    room = limit - model.full.parameter_bytes
-    return max(1, min(batch_size, int(room // per_image) if per_image > 0 else batch_size))
+def scoring_weight_bytes(config: RunConfig, data: Any) -> float:
+    """The fp32 weights of the configured model (scoring's in full precision), counted on a weightless build."""
+    from ..build import model_from_config
+    counted = copy.deepcopy(config)
+    counted.model.pretrained, counted.model.checkpoint = False, None
+    with torch.device("meta"):
+        model = model_from_config(counted, data.heads())
+    return float(sum(p.numel() * 4 for p in model.parameters()))
 
 
 def describe(units: tuple[Unit, ...]) -> str:
@@ -297,18 +333,6 @@ def levers_of(config: RunConfig) -> dict[str, Any]:
             "moe.collapse_frozen": config.moe.collapse_frozen}
 
 
-def planning_memory(config: RunConfig, costs: CostModel, micro_batch: int, timed: bool) -> float:
-    """About what the planning pass holds at its peak: the model in fp32 (measuring builds every plan from it, and a
-    low-precision copy of it when ``bsr.frozen_dtype`` is set; scoring puts every weight on the autograd path) and
-    the activations of the images it measures or scores at once, every block on the path."""
-    per_image = costs.full.saved_bytes / config.train.batch_size
-    weights = costs.full.parameter_bytes  # full fine-tuning: every weight in fp32
-    measured_images = config.train.batch_size if timed else MEASURE_BATCH * (
-        1 if config.train.mixed_precision == "no" else 2)
-    copy = costs.heads_only.parameter_bytes if config.bsr.frozen_dtype != "fp32" else 0.0
-    return max(weights + copy + measured_images * per_image, weights + micro_batch * per_image)
-
-
 def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measured: Optional[tuple[Any, CostModel]] = None,
              importance: Optional[Importance] = None, levers: str = "config") -> dict[str, Any]:
     """Plan, then write the config and its report. ``measured`` (:func:`measure_costs`) and ``importance`` may come
@@ -328,8 +352,9 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
                     for variant in lever_variants(config, has_experts)]
     check_reachable([option_costs for _, option_costs in options], budget, limit)  # before the data is read
     if importance is None:
-        micro_batch = planning_micro_batch(costs, budget, limit, config.train.batch_size)
-        importance = importance_for(config, data, batches, micro_batch)
+        fit = budget.kind == "memory"
+        importance = importance_for(config, data, batches, config.train.batch_size, limit if fit else None,
+                                    costs.full.saved_bytes / config.train.batch_size)
     candidates = []
     for option_config, option_costs in options:
         scores = option_scores(option_config, importance.scores, option_config.moe.resolve_blocks(option_costs.depth))
@@ -340,7 +365,9 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
     _, _, _, chosen_config, chosen_costs, choice = max(candidates, key=lambda item: item[:3])
     report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, costs.full)
     report["levers"] = levers_of(chosen_config)
-    report["planning_memory_bytes"] = planning_memory(config, costs, importance.micro_batch, timed)
+    report["planning_memory_bytes"] = max([importance.peak_bytes, *(option.planning_peak_bytes for _, option in options)])
+    report["planning_memory"] = dict(measuring=max(option.planning_peak_bytes for _, option in options),
+                                     scoring=importance.peak_bytes, scoring_low_precision=importance.low_precision)
     report["planning_fits_budget"] = report["planning_memory_bytes"] <= limit if budget.kind == "memory" else None
     report["measured_steps"] = sum(option_costs.measured_steps for _, option_costs in options)
     report["measure_seconds"] = sum(option_costs.measure_seconds for _, option_costs in options)
@@ -366,8 +393,8 @@ def format_report(report: dict[str, Any], out: Optional[Path] = None) -> str:
         "presets: " + "; ".join(f"{name} {p['memory_ratio']:.3f}x memory, {p['flops_ratio']:.3f}x FLOPs, importance "
                                 f"{p['score']:.3f}" for name, p in report["presets"].items()),
         f"levers: {', '.join(f'{key}={value}' for key, value in report.get('levers', {}).items())}",
-        f"planning pass: about {report['planning_memory_bytes'] / 2 ** 20:.2f} MiB (weights + the activations it "
-        f"measures and scores on)" + ("" if report.get("planning_fits_budget") is None else
+        f"planning pass: {report['planning_memory_bytes'] / 2 ** 20:.2f} MiB at most (weights held + one pass's saved "
+        f"tensors; measured)" + ("" if report.get("planning_fits_budget") is None else
                                      "; within the budget" if report["planning_fits_budget"] else
                                      "; MORE than the budget"),
         f"cost: {report['measured_steps']} measured steps in {report['measure_seconds']:.1f} s; importance from "
