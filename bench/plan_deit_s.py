@@ -68,6 +68,7 @@ def main() -> None:
         results["plans"][f"{share:g}x"] = {
             "plan": report["plan"], "levers": report["levers"], "planning_cpu_s": planning_s,
             "measured_steps": report["measured_steps"], "planning_memory_bytes": report["planning_memory_bytes"],
+            "planning_memory": report["planning_memory"], "importance_micro_batch": report["importance_micro_batch"],
             "predicted": predicted, "profiled": breakdown(profiled),
             "predicted_over_profiled": {
                 "memory": predicted["memory_bytes"] / profiled["train_memory_bytes"],
@@ -76,23 +77,25 @@ def main() -> None:
                 "flops": predicted["flops"] / (profiled["train_flops_per_image"] * profiled["batch_size"])},
             "profiled_memory_ratio_to_full": profiled["train_memory_bytes"] / full["train_memory_bytes"]}
         print(json.dumps(results["plans"][f"{share:g}x"], indent=1), flush=True)
-    (out / "plan_deit_s.json").write_text(json.dumps(results, indent=2))
-    table = format_table(results)
-    (out / "plan_deit_s.md").write_text(table + "\n")
-    print(table)
+        (out / "plan_deit_s.json").write_text(json.dumps(results, indent=2))  # after each share: a long benchmark
+        (out / "plan_deit_s.md").write_text(format_table(results) + "\n")
+    print(format_table(results))
 
 
 def format_table(results: dict) -> str:
     mib = 2 ** 20
     full = results["full"]
     lines = ["| budget | plan | levers | profiled memory (MiB) | x of full | predicted / profiled: memory, saved, FLOPs "
-             "| planning CPU s (steps measured) |", "|---|---|---|---|---|---|---|"]
+             "| planning CPU s (steps measured) | planning pass held (MiB): measuring, scoring |",
+             "|---|---|---|---|---|---|---|---|"]
     for share, plan in results["plans"].items():
         ratio = plan["predicted_over_profiled"]
         levers = ", ".join(f"{key.split('.')[-1]}={value}" for key, value in plan["levers"].items())
         lines.append(f"| memory={share} | {plan['plan']} | {levers} | {plan['profiled']['total'] / mib:.1f} | "
                      f"{plan['profiled_memory_ratio_to_full']:.3f} | {ratio['memory']:.4f}, {ratio['saved_bytes']:.4f},"
-                     f" {ratio['flops']:.4f} | {plan['planning_cpu_s']:.0f} ({plan['measured_steps']}) |")
+                     f" {ratio['flops']:.4f} | {plan['planning_cpu_s']:.0f} ({plan['measured_steps']}) | "
+                     f"{plan['planning_memory']['measuring'] / mib:.1f}, {plan['planning_memory']['scoring'] / mib:.1f}"
+                     f"{' (bf16 weights)' if plan['planning_memory']['scoring_low_precision'] else ''} |")
     lines += ["", "Memory breakdown (MiB): parameters, gradients, optimizer state, saved activations, total:"]
     rows = [("full fine-tuning", full)] + [(f"plan {share}", plan["profiled"]) for share, plan in results["plans"].items()]
     for name, parts in rows:

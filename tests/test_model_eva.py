@@ -331,3 +331,20 @@ def test_a_config_names_an_eva_and_its_timm_kwargs_are_checked_against_eva():
     check_timm_kwargs({"use_rot_pos_emb": True, "swiglu_mlp": True}, "eva02_tiny_patch14_224")
     with pytest.raises(ConfigError, match=r"^model.timm_kwargs: unknown key 'use_rot_pos_emb'; accepted: "):
         check_timm_kwargs({"use_rot_pos_emb": True}, "vit_tiny_patch16_224")
+
+
+@pytest.mark.parametrize("variant", ["eva02_tiny", "eva02_base_scale_mlp"])
+def test_collapsed_frozen_gated_experts_are_the_dense_evas_mlp_again(variant):
+    """moe.collapse_frozen on EVA-02: a frozen mixture of SwiGLU copies becomes the SwiGLU/GluMlp it was upcycled
+    from (block 1 here; block 3 trains and stays a mixture), and the features are the dense model's."""
+    from moebsr.model.frozen_experts import collapse_frozen_experts
+    dense = tiny_eva(variant)
+    model = moe_from(dense, bsr=dict(preset="custom", trainable_blocks=[3]))
+    assert collapse_frozen_experts(model) == [1] and model.moe_blocks == (3,)
+    assert type(model.blocks[1].mlp) is type(dense.blocks[1].mlp)
+    x = images(3)
+    with torch.no_grad():
+        expected = dense.forward_features(x)
+        features, task_rows = model.forward_features(x, ["a", "b"])
+        for task, start, end in task_rows:
+            assert_close_at_scale(features[start:end], expected, msg=task)
