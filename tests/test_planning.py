@@ -191,6 +191,18 @@ def test_costs_measured_on_a_hollow_model_equal_the_real_ones(precision, frozen_
     assert measure.peak_bytes > 0
 
 
+def test_timing_plans_with_collapsed_mixtures_survives_experts_its_steps_trained():
+    """Step budgets measure real weights and take optimizer steps: a mixture trained in one measured plan is no
+    longer copies when the next plan collapses it (this raised before)."""
+    from moebsr.planning.plan import plan_builder
+    build = plan_builder(tiny_moevit(TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2)), "fp32", True, False)
+    model = build(units_plan([(1, "mlp")]))
+    with torch.no_grad():
+        model.blocks[1].mlp.experts.fc1_weight[0].add_(1.0)  # what an optimizer step does to the trained experts
+    assert build(units_plan([(3, "attn")])).moe_blocks == ()
+    assert build(units_plan([(1, "mlp")])).moe_blocks == (1,)
+
+
 def test_scores_with_bf16_frozen_weights_and_collapsed_mixtures_match_the_fp32_ones():
     """The low-memory scoring pass (what a tight budget gets): frozen weights in bf16, every mixture its dense MLP,
     only a stem table on the autograd path. Its scores are the fp32 pass's within bf16 rounding, and it holds less."""

@@ -22,18 +22,19 @@ def experts_are_copies(experts: nn.Module) -> bool:
     return all(torch.equal(p, p[:1].expand_as(p)) for p in experts.parameters())
 
 
-def collapse_frozen_experts(model: MoEViT) -> list[int]:
+def collapse_frozen_experts(model: MoEViT, require_copies: bool = True) -> list[int]:
     """Replace every MoE layer none of whose parameters train by its experts' common dense MLP; returns the blocks.
 
     Call after everything that decides what trains (BSR, LoRA, adapters) and before frozen weights are stored low.
     Raises a one-line ``ValueError`` for a frozen layer whose experts differ (not upcycled copies: collapsing it
-    would change the model)."""
+    would change the model), unless ``require_copies`` is off (``moebsr plan`` timing steps, where only the
+    structure counts: expert 0 stands for the layer)."""
     split = model.task_split_point()
     collapsed = []
     for index, block in enumerate(model.blocks):
         if not block.is_moe or any(p.requires_grad for p in block.mlp.parameters()):
             continue
-        if not experts_are_copies(block.mlp.experts):
+        if require_copies and not experts_are_copies(block.mlp.experts):
             raise ValueError(f"moe.collapse_frozen: block {index}'s frozen experts differ, so they are not the dense "
                              "MLP's copies; accepted: experts upcycled from a dense backbone, or "
                              "moe.collapse_frozen=false")

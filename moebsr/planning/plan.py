@@ -81,8 +81,8 @@ def plan_builder(model: MoEViT, frozen_dtype: str, collapse: bool, hollow: bool)
         model.origin_split_point = None
         restore_full_precision(model)
         model.apply_bsr(with_routers(plan, tuple(mixtures)) if collapse else plan)
-        if collapse:
-            collapse_frozen_experts(model)
+        if collapse:  # timed steps update the weights: experts trained in an earlier plan are copies no more
+            collapse_frozen_experts(model, require_copies=False)
         store_frozen_weights(model, frozen_dtype)
         if hollow:
             hollow_parameters(model)  # the collapsed layers' dense MLPs
