@@ -141,7 +141,6 @@ class MoESpec:
             from .tutel_backend import require_tutel
             require_tutel()
 
-
     def _check_collapsible(self) -> None:
         """A frozen layer equals its dense MLP only with exact copies, gates summing to 1 and every token served."""
         problems = [(self.hidden_features is not None, f"moe.hidden_features={self.hidden_features}", "null"),

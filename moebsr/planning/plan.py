@@ -39,9 +39,9 @@ def check_plannable(config: RunConfig) -> None:
 
 def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: list[str], timed_steps: int = 0
                    ) -> CostModel:
-    """Measure the cost model on the configured model with random weights (costs do not depend on their values),
-    built as ``moebsr profile`` builds it, at the configured batch and precision; with ``timed_steps``, step times
-    too (the configured optimizer included)."""
+    """Measure the cost model on the configured model, its weights random and, without timing, hollow (costs do
+    not depend on their values), built as ``moebsr profile`` builds it, at the configured batch and precision; with
+    ``timed_steps``, step times too (the configured optimizer included)."""
     from ..optim import build_optimizer
     from ..build import model_from_config
     measured = copy.deepcopy(config)
@@ -66,9 +66,10 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
 
 def plan_builder(model: MoEViT, frozen_dtype: str, collapse: bool, hollow: bool) -> Callable[[ResolvedBSRPlan], MoEViT]:
     """``model`` set up, in place, to train a plan as a run of these levers would: measuring builds hundreds of plans,
-    and a copy for each would hold the weights twice. With ``hollow`` every parameter is a zero broadcast to its
-    shape (:func:`.costs.hollow_parameters`): the costs read the same (they depend on shapes and dtypes, not values)
-    and measuring holds no weights. Step times need real ones (a broadcast weight is copied into every matmul)."""
+    and a copy for each would hold the weights twice. With ``hollow`` the blocks' weight matrices are zeros broadcast
+    to their shapes (:func:`.costs.hollow_parameters`): the costs read the same (they depend on shapes and dtypes,
+    not values) and measuring holds almost no weights. Step times need real ones (a broadcast weight is copied into
+    every matmul)."""
     from ..model.frozen_experts import collapse_frozen_experts
     from ..model.precision import restore_full_precision, store_frozen_weights
     mixtures = {index: block.mlp for index, block in enumerate(model.blocks) if block.is_moe}
