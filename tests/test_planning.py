@@ -216,12 +216,14 @@ def test_scores_with_bf16_frozen_weights_and_collapsed_mixtures_match_the_fp32_o
     model.apply_bsr(BSRPlan(preset="none").resolve(4))
     collapse_frozen_experts(model)
     store_frozen_weights(model, "bf16")
-    stem = [model.backbone.pos_embed]
+    stem = [model.backbone.patch_embed.proj.weight]  # what importance_for opens the path with
     low = fisher_potential(model, batch, labels, plan_units(model), micro_batch=4, on_path=stem)
     assert not stem[0].requires_grad and all(p.grad is None for p in model.parameters())
     for unit, score in low.scores.items():
         assert score == pytest.approx(exact.scores[unit], rel=0.02, abs=1e-4), unit
     assert low.peak_bytes < 0.5 * exact.peak_bytes
+    with pytest.raises(RuntimeError, match="no unit's output is on the autograd path"):
+        fisher_potential(model, batch, labels, plan_units(model), micro_batch=4, on_path=[])
 
 
 def _plan_cli(tmp_path, *args, overrides=()):

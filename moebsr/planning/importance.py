@@ -101,6 +101,9 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
                     peak = max(peak, weights + sum(saved.values()))
                     loss = F.cross_entropy(logits.float(), targets[chunk:chunk + micro_batch], reduction="sum")
                     flat = [(unit, output) for unit in units for output in captured[unit] if output.requires_grad]
+                    if units and not flat:  # all scores would read zero: a plan of nothing, silently
+                        raise RuntimeError("fisher_potential: no unit's output is on the autograd path; on_path must "
+                                           "hold a parameter every block's input depends on (e.g. the patch embedding)")
                     gradients = torch.autograd.grad(loss, [output for _, output in flat], allow_unused=True)
                     for (unit, output), gradient in zip(flat, gradients):
                         if gradient is not None:

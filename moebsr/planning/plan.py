@@ -173,7 +173,7 @@ def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int,
         stacked = torch.cat([batch["images"] for batch in loaded])[:batches * batch_size]
         targets = torch.cat([batch["labels"][task] for batch in loaded])[:batches * batch_size]
         images[task], labels[task] = list(stacked.split(batch_size)), list(targets.split(batch_size))
-    stem = [p for p in model.stem_parameters() if p.dim() == 3][:1]  # a token or position table: opens the path
+    stem = [model.backbone.patch_embed.proj.weight]  # every model has one; it puts the whole trunk on the path
     importance = fisher_potential(model, images, labels, plan_units(model), micro_batch, on_path=stem if low else None)
     if low and scored.moe.collapse_frozen:
         for block in config.moe.resolve_blocks(model.depth):
