@@ -98,9 +98,9 @@ def inference_flops(model: MoEViT, images: torch.Tensor, tasks: Union[str, Seque
     return counter.get_total_flops()
 
 
-def saved_activation_bytes(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor],
-                           precision: str = "no") -> int:
-    """Bytes of the distinct storages autograd keeps for backward (parameters excluded), for the whole batch."""
+@contextlib.contextmanager
+def counting_saved_tensors(model: nn.Module) -> Iterator[dict[int, int]]:
+    """Within it, the distinct storages autograd keeps for backward, parameters' excluded: ``{address: bytes}``."""
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -111,6 +111,13 @@ def saved_activation_bytes(model: MoEViT, images: torch.Tensor, labels: dict[str
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def saved_activation_bytes(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor],
+                           precision: str = "no") -> int:
+    """Bytes of the distinct storages autograd keeps for backward (parameters excluded), for the whole batch."""
+    with counting_saved_tensors(model) as seen:
         loss = training_loss(model, images, labels, precision=precision)
     loss.backward()
     model.zero_grad(set_to_none=True)

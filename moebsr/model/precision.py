@@ -81,9 +81,14 @@ def _store_low(parameter: nn.Parameter, dtype: torch.dtype) -> None:
     parameter.data = _cast(parameter.data, dtype)
 
 
+def is_broadcast(data: torch.Tensor) -> bool:
+    """One value broadcast to a shape (every stride 0), as ``moebsr plan``'s hollow weights are."""
+    return data.numel() > 1 and not any(data.stride())
+
+
 def _cast(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``data.to(dtype)``; a value broadcast to a shape (``moebsr plan``'s weightless model) stays one."""
-    if data.numel() > 1 and not any(data.stride()):
+    """``data.to(dtype)``; a broadcast value stays one (casting would write out every element)."""
+    if is_broadcast(data):
         return data[(0,) * data.dim()].to(dtype).expand(data.shape)
     return data.to(dtype)
 

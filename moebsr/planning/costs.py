@@ -35,6 +35,7 @@ import torch
 
 from ..model import MoEViT
 from ..model.bsr import ResolvedBSRPlan, parameters_of
+from ..model.precision import is_broadcast
 
 UNIT_SUBLAYERS = ("attn", "mlp", "norm", "router")
 Unit = tuple[int, str]  # (block, sub-layer)
@@ -215,7 +216,7 @@ def hollow_parameters(model: MoEViT) -> None:
     from ..model.routing import TaskRouter
     routers = {id(p) for module in model.modules() if isinstance(module, TaskRouter) for p in module.parameters()}
     for parameter in model.blocks.parameters():
-        if parameter.dim() < 2 or id(parameter) in routers or not any(parameter.stride()):
+        if parameter.dim() < 2 or id(parameter) in routers or is_broadcast(parameter):
             continue
         parameter.data = torch.zeros((), dtype=parameter.dtype, device=parameter.device).expand(parameter.shape)
 

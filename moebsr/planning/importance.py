@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import MoEViT
-from .costs import Unit
+from .costs import Unit, held_bytes
 
 
 @dataclass
@@ -67,7 +67,7 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
     autograd path; a stem parameter alone does that and leaves every weight frozen (frozen weights stored in low
     precision need it). The marks are restored afterwards.
     """
-    from .costs import held_bytes
+    from ..profiling import counting_saved_tensors
     start = time.perf_counter()
     outputs_of = _unit_outputs(model, units)
     captured: dict[Unit, list[torch.Tensor]] = {unit: [] for unit in units}
@@ -83,7 +83,6 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
         parameter.requires_grad_(True)
     model.eval()
     weights, peak = held_bytes(model), 0.0
-    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     per_task: dict[str, dict[Unit, float]] = {}
     raw_per_task: dict[str, dict[Unit, float]] = {}
     images_per_task: dict[str, int] = {}
@@ -96,7 +95,7 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
                     for unit in units:
                         captured[unit].clear()
                     rows = min(micro_batch, images.shape[0] - chunk)
-                    with torch.autograd.graph.saved_tensors_hooks(*_counting(saved := {}, parameter_storages)):
+                    with counting_saved_tensors(model) as saved:
                         logits = model(images[chunk:chunk + micro_batch], [task])[task]
                     peak = max(peak, weights + sum(saved.values()))
                     loss = F.cross_entropy(logits.float(), targets[chunk:chunk + micro_batch], reduction="sum")
@@ -121,16 +120,6 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
         model.train(was_training)
     scores = {unit: sum(task_scores[unit] for task_scores in per_task.values()) for unit in units}
     return Importance(scores, per_task, raw_per_task, images_per_task, micro_batch, time.perf_counter() - start, peak)
-
-
-def _counting(saved: dict[int, int], parameter_storages: set[int]):
-    """Saved-tensor hooks recording each distinct storage autograd keeps, parameters' aside (counted as weights)."""
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-    return pack, lambda tensor: tensor
 
 
 def _potential(activation: torch.Tensor, gradient: torch.Tensor, images: int) -> float:

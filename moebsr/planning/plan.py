@@ -19,8 +19,8 @@ from ..config import RunConfig, save_config
 from ..model import MoEViT
 from ..model.bsr import SUBLAYERS, ResolvedBSRPlan
 from .budget import Budget, PlanError, format_amount
-from .costs import (CostModel, PlanCost, Unit, hollow_parameters, measure_cost_model, plan_units,
-                    synthetic_step_measure, unit_parameter_counts, units_by_block)
+from .costs import (CostModel, PlanCost, Unit, held_bytes, hollow_parameters, measure_cost_model, plan_units,
+                    synthetic_step_measure, unit_parameter_counts, units_by_block, units_plan)
 from .importance import Importance, fisher_potential
 from .search import Choice, best_plan, frontier
 
@@ -109,8 +109,8 @@ def trained_units(config: RunConfig, units: tuple[Unit, ...], moe_blocks: tuple[
     """The units a plan's config trains: with ``moe.collapse_frozen``, an MoE block's router with its experts."""
     if not config.moe.collapse_frozen:
         return units
-    return tuple(sorted({*units, *((block, "router") for block, sublayer in units
-                                    if sublayer == "mlp" and block in moe_blocks)}))
+    plan = with_routers(units_plan(units), moe_blocks)
+    return tuple(sorted((block, sublayer) for block in plan.trainable_blocks for sublayer in plan.sublayers_of(block)))
 
 
 def option_scores(config: RunConfig, scores: dict[Unit, float], moe_blocks: tuple[int, ...]) -> dict[Unit, float]:
@@ -152,7 +152,6 @@ def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int,
     from accelerate import Accelerator
 
     from ..build import image_spec_of, model_from_config
-    from .costs import held_bytes
     scored = copy.deepcopy(config)
     scored.bsr.frozen_dtype, scored.moe.collapse_frozen = "fp32", False  # every mixture as it is, routers scored
     torch.manual_seed(config.train.seed)
