@@ -49,14 +49,21 @@ def test_moe_eva_with_expert_copies_equals_the_dense_eva(variant):
     dense = tiny_eva(variant)
     model = moe_from(dense)
     assert model.moe_blocks == (1, 3)
+    expected, features, task_rows = assert_features_are_the_dense_evas(model, dense)
+    with torch.no_grad():
+        assert_close_at_scale(model.forward_heads(features, task_rows)["a"],
+                              model.heads["a"](dense.forward_head(expected, pre_logits=True)))
+
+
+def assert_features_are_the_dense_evas(model: torch.nn.Module, dense: torch.nn.Module) -> tuple:
+    """Every task's features equal the dense model's on 3 images; returns (dense features, features, task rows)."""
     x = images(3)
     with torch.no_grad():
         expected = dense.forward_features(x)
         features, task_rows = model.forward_features(x, ["a", "b"])
-        for task, start, end in task_rows:
-            assert_close_at_scale(features[start:end], expected, msg=task)
-        assert_close_at_scale(model.forward_heads(features, task_rows)["a"],
-                              model.heads["a"](dense.forward_head(expected, pre_logits=True)))
+    for task, start, end in task_rows:
+        assert_close_at_scale(features[start:end], expected, msg=task)
+    return expected, features, task_rows
 
 
 def test_swiglu_experts_are_copies_and_padded_dispatch_agrees():
@@ -342,9 +349,4 @@ def test_collapsed_frozen_gated_experts_are_the_dense_evas_mlp_again(variant):
     model = moe_from(dense, bsr=dict(preset="custom", trainable_blocks=[3]))
     assert collapse_frozen_experts(model) == [1] and model.moe_blocks == (3,)
     assert type(model.blocks[1].mlp) is type(dense.blocks[1].mlp)
-    x = images(3)
-    with torch.no_grad():
-        expected = dense.forward_features(x)
-        features, task_rows = model.forward_features(x, ["a", "b"])
-        for task, start, end in task_rows:
-            assert_close_at_scale(features[start:end], expected, msg=task)
+    assert_features_are_the_dense_evas(model, dense)
