@@ -15,6 +15,7 @@ import subprocess
 import sys
 import statistics
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -22,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.eva import EvaAttention
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .model import MoEViT
@@ -82,10 +85,16 @@ def training_loss(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.T
 
 
 def training_step_flops(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor],
-                        precision: str = "no", trunk: Optional[TrunkState] = None) -> int:
-    """FLOPs of forward + backward of one step (the optimizer's elementwise update is not counted)."""
+                        precision: str = "no", trunk: Optional[TrunkState] = None, keep: bool = True) -> int:
+    """FLOPs of forward + backward of one step (the optimizer's elementwise update is not counted). With
+    ``keep=False`` the forward's saved tensors are not kept (see :func:`counting_saved_tensors`): the counts are the
+    same, shapes decide them, and the pass holds only what the forward keeps alive anyway. Experts recomputed in
+    backward (``moe.recompute_experts``) need their real inputs back: such a model keeps them."""
+    keep = keep or any(getattr(module, "recompute_experts", False) for module in model.modules())
     with unfused_attention(model), FlopCounterMode(display=False) as counter:
-        training_loss(model, images, labels, precision=precision, trunk=trunk).backward()
+        with counting_saved_tensors(model, keep=keep):
+            loss = training_loss(model, images, labels, precision=precision, trunk=trunk)
+        loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -99,28 +108,75 @@ def inference_flops(model: MoEViT, images: torch.Tensor, tasks: Union[str, Seque
 
 
 @contextlib.contextmanager
-def counting_saved_tensors(model: nn.Module) -> Iterator[dict[int, int]]:
-    """Within it, the distinct storages autograd keeps for backward, parameters' excluded: ``{address: bytes}``."""
+def counting_saved_tensors(model: nn.Module, keep: bool = True) -> Iterator[dict[int, int]]:
+    """Within it, the distinct storages autograd saves for backward, parameters' excluded: ``{n: bytes}``.
+
+    With ``keep=False`` autograd keeps no floating-point storage, only its shape and strides, and backward is handed
+    uninitialised tensors of those (integer ones, indices, stay real): enough to count backward's FLOPs, not to
+    train. The count is the same (a storage is the same one while some tensor still holds it, as when all are kept),
+    and a pass holds what its forward keeps alive, not a training step's saved tensors."""
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    counted: dict[int, weakref.ref] = {}  # address -> the storage counted there (another may reuse a freed address)
     seen: dict[int, int] = {}
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def pack(tensor: torch.Tensor) -> Any:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        address = storage.data_ptr()
+        if address not in parameter_storages and (address not in counted or counted[address]() is not storage):
+            counted[address] = weakref.ref(storage)
+            seen[len(seen)] = storage.nbytes()
+        if keep or not tensor.is_floating_point():
+            return tensor
+        return tensor.shape, tensor.stride(), tensor.dtype, tensor.device
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        shape, stride, dtype, device = packed
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield seen
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once among those created within it (``peak``): what a pass holds
+    beyond what existed before it (weights), counted on any device, CPU included, where no allocator reports it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._storages: dict[int, weakref.ref] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self._track(tensor.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        address, size = storage.data_ptr(), storage.nbytes()
+        known = self._storages.get(address)
+        if size == 0 or (known is not None and known() is storage):
+            return
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        self._storages[address] = weakref.ref(storage, lambda _ref, size=size: self._freed(size))
+
+    def _freed(self, size: int) -> None:
+        self.live -= size
+
+
 def saved_activation_bytes(model: MoEViT, images: torch.Tensor, labels: dict[str, torch.Tensor],
-                           precision: str = "no") -> int:
-    """Bytes of the distinct storages autograd keeps for backward (parameters excluded), for the whole batch."""
-    with counting_saved_tensors(model) as seen:
+                           precision: str = "no", keep: bool = True) -> int:
+    """Bytes of the distinct storages autograd keeps for backward (parameters excluded), for the whole batch; with
+    ``keep=False`` counted without keeping them (a forward only)."""
+    with counting_saved_tensors(model, keep=keep) as seen:
         loss = training_loss(model, images, labels, precision=precision)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
+    if keep:
+        loss.backward()
+        model.zero_grad(set_to_none=True)
     return sum(seen.values())
 
 

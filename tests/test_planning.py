@@ -98,6 +98,46 @@ def test_costs_measured_on_a_few_images_scale_to_the_batch_without_holding_gradi
         assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("precision, recompute", [("no", False), ("bf16", False), ("bf16", True)])
+def test_saved_tensors_counted_without_being_kept_read_the_same_and_hold_less(precision, recompute):
+    """Measuring counts what a step saves without keeping it (backward gets uninitialised tensors of the same shapes):
+    the same bytes and FLOPs as a real step, while the pass holds a fraction of them."""
+    from moebsr.profiling import LiveTensorBytes, saved_activation_bytes, synthetic_labels, training_step_flops
+    model = tiny_moevit(TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2, recompute_experts=recompute),
+                        token_drop=dict(blocks=[2], keep_rate=0.5))
+    model.apply_bsr(ALL)
+    batch, labels = images(8), synthetic_labels(TASKS, 8)
+    held = {}
+    for keep in (True, False):
+        with LiveTensorBytes() as live:
+            saved = saved_activation_bytes(model, batch, labels, precision, keep=keep)
+        held[keep] = live.peak
+        flops = training_step_flops(model, batch, labels, precision, keep=keep)
+        if keep:
+            expected = (saved, flops)
+    assert (saved, flops) == expected and saved > 0
+    assert held[False] < 0.4 * held[True] and held[True] >= expected[0]
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("precision, frozen_dtype, collapse", [("no", "fp32", False), ("bf16", "bf16", True)])
+def test_full_finetuning_composed_from_the_measured_pieces_equals_its_measured_step(precision, frozen_dtype, collapse):
+    """Full fine-tuning is the reference of relative budgets and is not measured (its pass would hold full
+    fine-tuning's weight copies and activations): composed as plans are, it reads exactly what a step measures."""
+    from moebsr.planning.plan import plan_builder
+    build = plan_builder(tiny_moevit(TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2),
+                                     token_drop=dict(blocks=[2], keep_rate=0.5)), frozen_dtype, collapse, hollow=True)
+    measure = synthetic_step_measure(TASKS, 8, precision, measure_batch=2)
+    costs = measure_cost_model(build, measure, 8, ALL)
+    if collapse:  # as cost_model_for does: a collapsed mixture's mlp unit is its router too
+        costs.full = costs.compose_full([unit for unit in costs.units if unit[1] != "router"])
+    full = build(ALL)
+    measured = measure(full)
+    assert (costs.full.saved_bytes, costs.full.flops, costs.full.parameter_bytes) == (
+        measured.saved_bytes, measured.flops, measured.parameter_bytes)
+    assert costs.full.trainable_params == sum(p.numel() for p in full.parameters())
+
+
 def test_the_search_is_exact_against_brute_force_and_deterministic(tiny):
     _, _, costs = tiny
     generator = torch.Generator().manual_seed(3)
@@ -287,6 +327,19 @@ def test_a_tight_budget_scores_in_low_precision_and_the_planning_pass_fits_it(tm
     assert 0 < memory["measuring"] <= report["budget_value"] and report["planning_fits_budget"]
     assert all(candidate["score"] == 0 for candidate in report["candidates"] if candidate["unit"][1] == "router")
     assert report["predicted"]["memory_bytes"] <= report["budget_value"]
+
+
+def test_the_scoring_micro_batch_is_sized_on_what_scoring_itself_saves_per_image(tmp_path):
+    """Training in bf16 autocast saves less per image than scoring (fp32, the whole trunk on the autograd path):
+    a micro-batch sized from training's step held 22.75 MiB against this 22.42 MiB budget. It is sized on a probe of
+    the scoring model (7 images here, not 8), and measuring, which counts without keeping, holds far less."""
+    done = _plan_cli(tmp_path, "--budget", "memory=0.25x", "--levers", "config",
+                     overrides=["train.batch_size=32", "train.mixed_precision=bf16"])
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "p.plan.json").read_text())
+    memory, budget = report["planning_memory"], report["budget_value"]
+    assert not memory["scoring_low_precision"] and 0.9 * budget < memory["scoring"] <= budget
+    assert report["importance_micro_batch"] < 8 and 0 < memory["measuring"] < 0.5 * budget
 
 
 def test_an_unreachable_budget_is_one_line_naming_the_cheapest_plan_and_writes_nothing(tmp_path):

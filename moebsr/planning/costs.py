@@ -19,7 +19,10 @@ both read off measured steps, not guessed:
 
 Each is one step of ``moebsr profile``'s own measurements (``saved_activation_bytes`` and ``training_step_flops`` on
 the same synthetic batch, plus the parameter bytes), so a prediction and a profile of the same plan read the same
-instruments. Gradient and optimizer-state bytes follow from the trainable parameter count.
+instruments. Gradient and optimizer-state bytes follow from the trainable parameter count. Full fine-tuning, the
+reference of relative budgets, is composed the same way (block 0 trains everything, every later unit adds its extra,
+and the embeddings theirs, measured once): measuring it would hold what a budget of a fraction of it may not.
+Saved tensors are counted, not kept, so a measured pass holds a forward's live tensors, not a step's saved ones.
 """
 
 from __future__ import annotations
@@ -99,7 +102,9 @@ class CostModel:
     step_fit: Optional[tuple[float, float, float]] = None  # seconds per FLOP, per trainable parameter, fixed
     step_fit_error: Optional[float] = None  # median relative error of the fit over the measured plans
     full: PlanCost = field(default=None)  # full fine-tuning (embeddings too), the reference of relative budgets
-    planning_peak_bytes: float = 0.0  # the most measuring held at once: weights, one pass's saved tensors, a gradient
+    planning_peak_bytes: float = 0.0  # the most measuring held at once: weights and what its passes kept alive
+    embeddings_extra: Measure = field(default_factory=Measure)  # what training the embeddings adds to a plan
+    full_parameters: tuple[int, float] = (0, 0.0)  # full fine-tuning's trainable parameters and parameter bytes
 
     def predict(self, units: Iterable[Unit]) -> PlanCost:
         chosen = sorted(set(units))
@@ -113,6 +118,21 @@ class CostModel:
         params = self.base_params + sum(self.unit_params[unit] for unit in chosen)
         optimizer = self.state_bytes_per_param - self.gradient_bytes_per_param
         return PlanCost(measure.parameter_bytes, params * self.gradient_bytes_per_param, params * optimizer,
+                        measure.saved_bytes, measure.flops, params, self.step_seconds(measure.flops, params))
+
+    def compose_full(self, units: Sequence[Unit]) -> PlanCost:
+        """Full fine-tuning, composed as any plan is (block 0 trains all of ``units`` there, every later unit adds
+        its extra, the embeddings theirs): measuring it would hold full fine-tuning's weight copies and activations.
+        ``units`` are the units as the levers stand (with collapsed mixtures, an MoE block's ``mlp`` is its router
+        too, so its ``router`` unit is left out)."""
+        measure = self.first[(0, frozenset(sublayer for block, sublayer in units if block == 0))]
+        for unit in units:
+            if unit[0] > 0:
+                measure = measure + self.extra[unit]
+        measure = measure + self.embeddings_extra
+        params, parameter_bytes = self.full_parameters
+        optimizer = self.state_bytes_per_param - self.gradient_bytes_per_param
+        return PlanCost(parameter_bytes, params * self.gradient_bytes_per_param, params * optimizer,
                         measure.saved_bytes, measure.flops, params, self.step_seconds(measure.flops, params))
 
     def step_seconds(self, flops: float, params: int) -> float:
@@ -137,10 +157,10 @@ def units_by_block(units: Iterable[Unit]) -> dict[int, list[str]]:
     return dict(sorted(per_block.items()))
 
 
-def units_plan(units: Iterable[Unit]) -> ResolvedBSRPlan:
-    """The BSR plan that trains exactly ``units`` (and the final norm and heads)."""
+def units_plan(units: Iterable[Unit], embeddings: bool = False) -> ResolvedBSRPlan:
+    """The BSR plan that trains exactly ``units`` (and the final norm and heads; the embeddings too if asked)."""
     per_block = units_by_block(units)
-    return ResolvedBSRPlan(tuple(per_block), frozenset(), True, False,
+    return ResolvedBSRPlan(tuple(per_block), frozenset(), True, embeddings,
                            tuple((block, frozenset(names)) for block, names in per_block.items()))
 
 
@@ -192,14 +212,13 @@ def measure_cost_model(build: Callable[[ResolvedBSRPlan], MoEViT], step_measure:
     gradient_bytes = 4
     model = CostModel(depth, units, unit_params, first, extra, heads_only, base_params,
                       gradient_bytes + optimizer_state_per_param, gradient_bytes)
-    full_model = build(full_plan)
-    full_measure = measure_model(full_model)
-    full_params = count_parameters(full_model)[0]
+    model.embeddings_extra = measure_model(build(units_plan([(0, "norm")], embeddings=True))) - opened
+    full_model = build(full_plan)  # not measured: full fine-tuning's pass would hold what the budget may not
+    model.full_parameters = (count_parameters(full_model)[0],
+                             sum(p.numel() * p.element_size() for p in full_model.parameters()))
     if all(seconds > 0 for _, _, seconds in timings):
         model.step_fit, model.step_fit_error = fit_step_time(timings)
-    model.full = PlanCost(full_measure.parameter_bytes, full_params * gradient_bytes,
-                          full_params * optimizer_state_per_param, full_measure.saved_bytes, full_measure.flops,
-                          full_params, model.step_seconds(full_measure.flops, full_params))
+    model.full = model.compose_full(units)
     model.measured_steps = len(timings) + 1  # and heads only
     model.planning_peak_bytes = getattr(step_measure, "peak_bytes", 0.0)
     model.measure_seconds = time.perf_counter() - start
@@ -259,13 +278,16 @@ def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, pre
     ``measure_batch`` (default ``batch_size``): FLOPs are measured on that many images and scaled to ``batch_size``
     (they are per image); so are bytes saved for backward in fp32, while under autocast each trainable weight's
     low-precision copy is saved once per step whatever the batch: there they are measured on that many images and on
-    twice as many and extrapolated along the line through both. So planning holds a few images' activations, not a whole batch's.
-    Parameter gradients are dropped as backward produces them, so it never holds full fine-tuning's gradients either.
+    twice as many and extrapolated along the line through both. Saved tensors are counted, not kept
+    (``counting_saved_tensors(keep=False)``) and parameter gradients are dropped as backward produces them, so
+    measuring holds the weights and what a forward of a few images keeps alive (``step_measure.peak_bytes``, counted
+    by :class:`~moebsr.profiling.LiveTensorBytes`), not a step's saved activations, gradients or optimizer state.
 
     With ``timed_steps``, also the median time of that many whole steps (forward, backward, ``make_optimizer``'s
     step) after one untimed: CPU time of this process on CPU (run it with one thread; another job on the machine
     does not inflate it as it does the wall clock), wall time on CUDA."""
-    from ..profiling import saved_activation_bytes, synthetic_labels, timed_calls, training_loss, training_step_flops
+    from ..profiling import (LiveTensorBytes, saved_activation_bytes, synthetic_labels, timed_calls, training_loss,
+                             training_step_flops)
 
     def step_measure(model: MoEViT) -> Measure:
         model.train()
@@ -280,20 +302,17 @@ def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, pre
             return images, {t: v.to(device) for t, v in synthetic_labels(task_outputs, size).items()}
 
         images, labels = batch_of(measured_images)
-        with _gradients_dropped(model):
-            saved = float(saved_activation_bytes(model, images, labels, precision))
-            largest_pass = saved
+        with _gradients_dropped(model), LiveTensorBytes() as live:  # nothing saved is kept: a forward's live tensors
+            saved = float(saved_activation_bytes(model, images, labels, precision, keep=False))
             if measured_images != batch_size and precision == "no":  # no weight copies: all per image
                 saved *= batch_size / measured_images
             elif measured_images != batch_size:
-                largest_pass = saved_activation_bytes(model, *batch_of(2 * measured_images), precision)
-                per_image = (largest_pass - saved) / measured_images
+                twice = saved_activation_bytes(model, *batch_of(2 * measured_images), precision, keep=False)
+                per_image = (twice - saved) / measured_images
                 saved += per_image * (batch_size - measured_images)
-            flops = training_step_flops(model, images, labels, precision) * batch_size / measured_images
+            flops = training_step_flops(model, images, labels, precision, keep=False) * batch_size / measured_images
         parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        gradient = max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0)
-        held = held_bytes(model) + largest_pass + gradient  # weights held, the pass's saved tensors, one gradient
-        step_measure.peak_bytes = max(step_measure.peak_bytes, float(held))
+        step_measure.peak_bytes = max(step_measure.peak_bytes, float(held_bytes(model) + live.peak))
         seconds = 0.0
         if timed_steps:
             optimizer = make_optimizer(model)

@@ -12,9 +12,10 @@ Every task counts equally: a task's unit scores are divided by their sum over un
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -71,22 +72,17 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
     start = time.perf_counter()
     outputs_of = _unit_outputs(model, units)
     captured: dict[Unit, list[torch.Tensor]] = {unit: [] for unit in units}
-    handles = []
-    for unit, modules in outputs_of.items():
-        for module in modules:
-            handles.append(module.register_forward_hook(
-                lambda _module, _inputs, output, unit=unit: captured[unit].append(
-                    getattr(output, "probabilities", output))))
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    for parameter in model.parameters() if on_path is None else on_path:
-        parameter.requires_grad_(True)
-    model.eval()
     weights, peak = held_bytes(model), 0.0
     per_task: dict[str, dict[Unit, float]] = {}
     raw_per_task: dict[str, dict[Unit, float]] = {}
     images_per_task: dict[str, int] = {}
-    try:
+    with contextlib.ExitStack() as hooked:
+        for unit, modules in outputs_of.items():
+            for module in modules:
+                hooked.callback(module.register_forward_hook(
+                    lambda _module, _inputs, output, unit=unit: captured[unit].append(
+                        getattr(output, "probabilities", output))).remove)
+        hooked.enter_context(_path_opened(model, on_path))
         for task in batches:
             totals = {unit: 0.0 for unit in units}
             count = 0
@@ -112,14 +108,40 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
             per_task[task] = {unit: value / total for unit, value in totals.items()}
             raw_per_task[task] = totals
             images_per_task[task] = count
+    scores = {unit: sum(task_scores[unit] for task_scores in per_task.values()) for unit in units}
+    return Importance(scores, per_task, raw_per_task, images_per_task, micro_batch, time.perf_counter() - start, peak)
+
+
+@contextlib.contextmanager
+def _path_opened(model: MoEViT, on_path: Optional[Sequence[nn.Parameter]]) -> Iterator[None]:
+    """The model in eval mode with ``on_path`` (default: every parameter) trainable; all restored afterwards."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    for parameter in model.parameters() if on_path is None else on_path:
+        parameter.requires_grad_(True)
+    model.eval()
+    try:
+        yield
     finally:
-        for handle in handles:
-            handle.remove()
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(requires_grad[name])
         model.train(was_training)
-    scores = {unit: sum(task_scores[unit] for task_scores in per_task.values()) for unit in units}
-    return Importance(scores, per_task, raw_per_task, images_per_task, micro_batch, time.perf_counter() - start, peak)
+
+
+def scoring_bytes(model: MoEViT, images: torch.Tensor, task: str,
+                  on_path: Optional[Sequence[nn.Parameter]] = None) -> tuple[float, float]:
+    """What :func:`fisher_potential`'s pass saves beyond the weights, ``(per image, per pass)`` (weight copies a
+    low-precision layer casts are saved once a pass): read off a forward of one image and one of two, counted
+    without being kept, so probing fits wherever the weights do."""
+    from ..profiling import counting_saved_tensors
+    sizes = []
+    with _path_opened(model, on_path):
+        for count in (1, 2):
+            with counting_saved_tensors(model, keep=False) as saved:
+                model(images[:count], [task])
+            sizes.append(float(sum(saved.values())))
+    per_image = sizes[1] - sizes[0]
+    return per_image, sizes[0] - per_image
 
 
 def _potential(activation: torch.Tensor, gradient: torch.Tensor, images: int) -> float:

@@ -21,7 +21,7 @@ from ..model.bsr import SUBLAYERS, ResolvedBSRPlan
 from .budget import Budget, PlanError, format_amount
 from .costs import (CostModel, PlanCost, Unit, held_bytes, hollow_parameters, measure_cost_model, plan_units,
                     synthetic_step_measure, unit_parameter_counts, units_by_block, units_plan)
-from .importance import Importance, fisher_potential
+from .importance import Importance, fisher_potential, scoring_bytes
 from .search import Choice, best_plan, frontier
 
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4}
@@ -61,6 +61,7 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
     if config.moe.collapse_frozen:  # a unit (b, mlp) of an MoE block trains its experts and router (see with_routers)
         for block in moe_blocks:
             costs.unit_params[(block, "mlp")] = mixture_params[(block, "mlp")] + mixture_params[(block, "router")]
+        costs.full = costs.compose_full([unit for unit in costs.units if unit[1] != "router"])
     return costs
 
 
@@ -140,46 +141,64 @@ def planned_config(config: RunConfig, units: tuple[Unit, ...]) -> RunConfig:
     return planned
 
 
-def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int, memory_limit: Optional[float] = None,
-                   per_image: float = 0.0) -> Importance:
+def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int,
+                   memory_limit: Optional[float] = None) -> Importance:
     """Fisher potential of every unit (routers included, whatever the levers) on the configured model with its real
     weights and ``batches`` batches of every task.
 
-    With ``memory_limit`` the pass is made to fit it: the weights stay fp32 when they leave room for one image's
-    activations (``per_image``), else frozen in bf16 with every mixture collapsed to its dense MLP (its router then
-    scores zero: among identical experts no gate changes the output); the micro-batch is then the largest that fits
-    (``micro_batch`` at most, one at least). ``Importance.peak_bytes`` says what the pass held."""
-    from accelerate import Accelerator
-
-    from ..build import image_spec_of, model_from_config
-    scored = copy.deepcopy(config)
-    scored.bsr.frozen_dtype, scored.moe.collapse_frozen = "fp32", False  # every mixture as it is, routers scored
-    torch.manual_seed(config.train.seed)
-    low = memory_limit is not None and scoring_weight_bytes(config, data) + per_image > memory_limit
-    if low:
-        scored.bsr = dataclasses.replace(scored.bsr, preset="none", trainable_blocks=None, block_sublayers=None,
-                                         frozen_dtype="bf16")
-        scored.moe.collapse_frozen = collapsible(config)
-    model = model_from_config(scored, data.heads())
-    data.attach_image_spec(image_spec_of(model), Accelerator(cpu=not torch.cuda.is_available()), build_train=False)
-    model.to(data.device)
-    if memory_limit is not None and per_image > 0:
-        micro_batch = max(1, min(micro_batch, int((memory_limit - held_bytes(model)) // per_image)))
+    With ``memory_limit`` the pass is made to fit it: the weights stay fp32 when they leave room for one image's saved
+    tensors, else frozen in bf16 with every mixture collapsed to its dense MLP (its router then scores zero: among
+    identical experts no gate changes the output); the micro-batch is then the largest that fits (``micro_batch`` at
+    most, one at least). What one image costs is probed on the model that scores (:func:`.importance.scoring_bytes`),
+    not taken from training's step, whose precision and trainable weights differ. ``Importance.peak_bytes`` says what
+    the pass held."""
     batch_size = config.train.batch_size
     images, labels = {}, {}
+    low = memory_limit is not None and scoring_weight_bytes(config, data) > memory_limit
+    model, on_path = _scoring_model(config, data, low)
     for task in data.tasks:
         loaded = list(data.eval_loader([task], "train", max_examples=batches * batch_size))
         stacked = torch.cat([batch["images"] for batch in loaded])[:batches * batch_size]
         targets = torch.cat([batch["labels"][task] for batch in loaded])[:batches * batch_size]
         images[task], labels[task] = list(stacked.split(batch_size)), list(targets.split(batch_size))
-    stem = [model.backbone.patch_embed.proj.weight]  # every model has one; it puts the whole trunk on the path
-    importance = fisher_potential(model, images, labels, plan_units(model), micro_batch, on_path=stem if low else None)
-    if low and scored.moe.collapse_frozen:
+    if memory_limit is not None:
+        probe = {task: scoring_bytes(model, images[task][0], task, on_path) for task in data.tasks}
+        per_image, per_pass = (max(sizes[i] for sizes in probe.values()) for i in (0, 1))
+        if not low and held_bytes(model) + per_pass + per_image > memory_limit:  # fp32 leaves no room for an image
+            low = True
+            del model
+            model, on_path = _scoring_model(config, data, low)
+            probe = {task: scoring_bytes(model, images[task][0], task, on_path) for task in data.tasks}
+            per_image, per_pass = (max(sizes[i] for sizes in probe.values()) for i in (0, 1))
+        room = memory_limit - held_bytes(model) - per_pass
+        micro_batch = max(1, min(micro_batch, int(room // per_image) if per_image > 0 else micro_batch))
+    importance = fisher_potential(model, images, labels, plan_units(model), micro_batch, on_path=on_path)
+    if low and collapsible(config):  # the mixtures ran as their dense MLPs: no router's gate changed anything
         for block in config.moe.resolve_blocks(model.depth):
             for table in (importance.scores, *importance.per_task.values(), *importance.raw_per_task.values()):
                 table[(block, "router")] = 0.0
     importance.low_precision = low
     return importance
+
+
+def _scoring_model(config: RunConfig, data: Any, low: bool) -> tuple[MoEViT, Optional[list[torch.nn.Parameter]]]:
+    """The model that scores, on the data's device, and the parameters that open its autograd path (``None``:
+    all of them). In ``low`` precision frozen weights are bf16 and the mixtures collapsed, and only the patch
+    embedding's weight (every model has one) opens the path."""
+    from accelerate import Accelerator
+
+    from ..build import image_spec_of, model_from_config
+    scored = copy.deepcopy(config)
+    scored.bsr.frozen_dtype, scored.moe.collapse_frozen = "fp32", False  # every mixture as it is, routers scored
+    if low:
+        scored.bsr = dataclasses.replace(scored.bsr, preset="none", trainable_blocks=None, block_sublayers=None,
+                                         frozen_dtype="bf16")
+        scored.moe.collapse_frozen = collapsible(config)
+    torch.manual_seed(config.train.seed)
+    model = model_from_config(scored, data.heads())
+    data.attach_image_spec(image_spec_of(model), Accelerator(cpu=not torch.cuda.is_available()), build_train=False)
+    model.to(data.device)
+    return model, [model.backbone.patch_embed.proj.weight] if low else None
 
 
 def scoring_weight_bytes(config: RunConfig, data: Any) -> float:
@@ -353,8 +372,7 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
     check_reachable([option_costs for _, option_costs in options], budget, limit)  # before the data is read
     if importance is None:
         fit = budget.kind == "memory"
-        importance = importance_for(config, data, batches, config.train.batch_size, limit if fit else None,
-                                    costs.full.saved_bytes / config.train.batch_size)
+        importance = importance_for(config, data, batches, config.train.batch_size, limit if fit else None)
     candidates = []
     for option_config, option_costs in options:
         scores = option_scores(option_config, importance.scores, option_config.moe.resolve_blocks(option_costs.depth))
@@ -393,8 +411,8 @@ def format_report(report: dict[str, Any], out: Optional[Path] = None) -> str:
         "presets: " + "; ".join(f"{name} {p['memory_ratio']:.3f}x memory, {p['flops_ratio']:.3f}x FLOPs, importance "
                                 f"{p['score']:.3f}" for name, p in report["presets"].items()),
         f"levers: {', '.join(f'{key}={value}' for key, value in report.get('levers', {}).items())}",
-        f"planning pass: {report['planning_memory_bytes'] / 2 ** 20:.2f} MiB at most (weights held + one pass's saved "
-        f"tensors; measured)" + ("" if report.get("planning_fits_budget") is None else
+        f"planning pass: {report['planning_memory_bytes'] / 2 ** 20:.2f} MiB at most (measured: weights held + what "
+        f"measuring's passes kept alive, or scoring's saved tensors)" + ("" if report.get("planning_fits_budget") is None else
                                      "; within the budget" if report["planning_fits_budget"] else
                                      "; MORE than the budget"),
         f"cost: {report['measured_steps']} measured steps in {report['measure_seconds']:.1f} s; importance from "
