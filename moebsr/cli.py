@@ -109,7 +109,8 @@ def command_plan(args: argparse.Namespace) -> int:
     from .planning.plan import format_report, run_plan
     budget = parse_budget(args.budget)  # before the config and the model: a typo costs nothing
     out = Path(args.out)
-    report = run_plan(load_config(args.config, args.overrides), budget, args.batches, out, levers=args.levers)
+    report = run_plan(load_config(args.config, args.overrides), budget, args.batches, out, levers=args.levers,
+                      accumulate=args.accumulate)
     print(format_report(report, out))
     return 0
 
@@ -280,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     planning.add_argument("--batches", type=POSITIVE_INT, default=2, help="batches of every task to score units on")
     planning.add_argument("--levers", choices=("auto", "config"), default="auto",
                           help="auto: also plan with the other settings of moe.recompute_experts and bsr.frozen_dtype "
-                               "and keep the best; config: the config's own")
+                               "(frozen mixtures collapsed where exact) and keep the best; config: the config's own")
+    planning.add_argument("--accumulate", action="store_true",
+                          help="memory budgets: also split the batch into 2 or 4 micro-batches with their gradients "
+                               "accumulated (train.grad_accum_steps; same images per step), where it buys importance")
     planning.add_argument("--out", required=True, help="the config to write (P.plan.json, P.frontier.png beside it)")
     planning.set_defaults(handler=command_plan)
     return parser

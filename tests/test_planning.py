@@ -303,11 +303,12 @@ def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(t
     # the frozen mixtures collapsed, and kept the best plan; here it collapses them (the profile above covers that)
     options = report["lever_options"]
     assert len(options) == 5 and report["score"] == max(option["score"] for option in options)
-    assert [tuple(option["levers"].values()) for option in options] == [(False, "fp32", False), *itertools.product(
-        (False, True), ("fp32", "bf16"), (True,))]
+    assert sorted(tuple(option["levers"].values())[:3] for option in options) == sorted(
+        [(False, "fp32", False), *itertools.product((False, True), ("fp32", "bf16"), (True,))])
+    assert all(tuple(option["levers"].values())[3:] == (8, 1) for option in options)  # no micro-batches unasked
     levers = (config.moe.recompute_experts, config.bsr.frozen_dtype, config.moe.collapse_frozen)
-    assert levers == tuple(report["levers"].values()) and config.moe.collapse_frozen
-    as_given = next(option for option in options if tuple(option["levers"].values()) == (False, "fp32", False))
+    assert levers == tuple(report["levers"].values())[:3] and config.moe.collapse_frozen
+    as_given = next(option for option in options if tuple(option["levers"].values())[:3] == (False, "fp32", False))
     assert report["score"] > as_given["score"]  # the levers buy importance at the same memory
     tied = [option for option in options if option["score"] == report["score"]]  # ties: the cheapest, then the first
     cheapest = min(option["predicted"]["memory_bytes"] for option in tied)
@@ -340,6 +341,26 @@ def test_the_scoring_micro_batch_is_sized_on_what_scoring_itself_saves_per_image
     memory, budget = report["planning_memory"], report["budget_value"]
     assert not memory["scoring_low_precision"] and 0.9 * budget < memory["scoring"] <= budget
     assert report["importance_micro_batch"] < 8 and 0 < memory["measuring"] < 0.5 * budget
+
+
+def test_accumulate_splits_the_batch_into_micro_batches_where_it_buys_importance(tmp_path):
+    """``--accumulate``: the best lever setting is measured again with its batch in 2 and 4 micro-batches (their
+    gradients accumulated: the same 8 images per step). At 0.2x a step of 2 images leaves room for more units; the
+    written config trains that way and costs what was predicted."""
+    from moebsr.config import load_config
+    from moebsr.profiling import profile_config
+    done = _plan_cli(tmp_path, "--budget", "memory=0.2x", "--accumulate")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "p.plan.json").read_text())
+    whole_batch = max(option["score"] for option in report["lever_options"] if option["levers"]["train.batch_size"] == 8)
+    assert report["levers"]["train.batch_size"] * report["levers"]["train.grad_accum_steps"] == 8
+    assert report["levers"]["train.grad_accum_steps"] > 1 and report["score"] > whole_batch
+    config = load_config(tmp_path / "p.yaml")
+    assert (config.train.batch_size, config.train.grad_accum_steps) == (report["levers"]["train.batch_size"],
+                                                                        report["levers"]["train.grad_accum_steps"])
+    measured = profile_config(config, steps=1, warmup=1)
+    assert report["predicted"]["memory_bytes"] == pytest.approx(measured["train_memory_bytes"], rel=0.10)
+    assert report["predicted"]["memory_bytes"] <= report["budget_value"]
 
 
 def test_an_unreachable_budget_is_one_line_naming_the_cheapest_plan_and_writes_nothing(tmp_path):

@@ -349,15 +349,50 @@ def collapsible(config: RunConfig) -> bool:
 
 def levers_of(config: RunConfig) -> dict[str, Any]:
     return {"moe.recompute_experts": config.moe.recompute_experts, "bsr.frozen_dtype": config.bsr.frozen_dtype,
-            "moe.collapse_frozen": config.moe.collapse_frozen}
+            "moe.collapse_frozen": config.moe.collapse_frozen, "train.batch_size": config.train.batch_size,
+            "train.grad_accum_steps": config.train.grad_accum_steps}
+
+
+ACCUMULATION = (2, 4)  # micro-batches per step --accumulate tries
+
+
+def accumulated_variants(config: RunConfig) -> list[RunConfig]:
+    """The config with its batch split into 2 and 4 micro-batches, their gradients accumulated (the same images per
+    optimizer step and the same mean loss: accelerate divides each micro-batch's loss by the count), so a step saves
+    a micro-batch's activations, not the batch's."""
+    variants = []
+    for split in ACCUMULATION:
+        if config.train.batch_size % split == 0:
+            variant = copy.deepcopy(config)
+            variant.train.batch_size //= split
+            variant.train.grad_accum_steps *= split
+            variants.append(variant)
+    return variants
+
+
+def _candidates(options: list[tuple[RunConfig, CostModel]], importance: Importance, budget: Budget,
+                limit: float) -> list[tuple]:
+    """Each lever setting's best plan, best first: the highest score, then (ties) no more micro-batches than needed,
+    then the cheaper plan, then the setting listed first (the config as given, then the fewest levers changed)."""
+    candidates = []
+    for index, (option_config, option_costs) in enumerate(options):
+        scores = option_scores(option_config, importance.scores, option_config.moe.resolve_blocks(option_costs.depth))
+        choice = best_plan(option_costs, scores, budget.kind, limit)
+        if choice is not None:
+            candidates.append(((choice.score, -option_config.train.grad_accum_steps, -choice.cost.value(budget.kind),
+                                -index), option_config, option_costs, choice))
+    return sorted(candidates, key=lambda item: item[0], reverse=True)
 
 
 def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measured: Optional[tuple[Any, CostModel]] = None,
-             importance: Optional[Importance] = None, levers: str = "config") -> dict[str, Any]:
+             importance: Optional[Importance] = None, levers: str = "config", accumulate: bool = False
+             ) -> dict[str, Any]:
     """Plan, then write the config and its report. ``measured`` (:func:`measure_costs`) and ``importance`` may come
     from an earlier call on the same config (a benchmark planning several budgets). ``levers="auto"`` also plans
     with every other setting of the memory levers (each measured) and keeps the setting whose plan scores highest;
-    relative budgets stay relative to full fine-tuning of the config as given."""
+    relative budgets stay relative to full fine-tuning of the config as given. With ``accumulate`` (memory budgets),
+    the best setting is also measured with its batch in 2 and 4 micro-batches (:func:`accumulated_variants`): more
+    steps of less memory each, taken only where it buys importance."""
     if levers not in LEVER_CHOICES:
         raise PlanError(f"--levers: {levers!r} is invalid; accepted: {', '.join(LEVER_CHOICES)}")
     timed = budget.kind == "step"
@@ -373,14 +408,13 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
     if importance is None:
         fit = budget.kind == "memory"
         importance = importance_for(config, data, batches, config.train.batch_size, limit if fit else None)
-    candidates = []
-    for option_config, option_costs in options:
-        scores = option_scores(option_config, importance.scores, option_config.moe.resolve_blocks(option_costs.depth))
-        choice = best_plan(option_costs, scores, budget.kind, limit)
-        if choice is not None:
-            candidates.append((choice.score, -choice.cost.value(budget.kind), -len(candidates), option_config,
-                               option_costs, choice))  # ties: the config as given, then the fewest levers changed
-    _, _, _, chosen_config, chosen_costs, choice = max(candidates, key=lambda item: item[:3])
+    candidates = _candidates(options, importance, budget, limit)
+    if accumulate and budget.kind == "memory":  # a FLOPs or step budget is per optimizer step: splitting saves none
+        best = candidates[0][1]
+        options += [(variant, cost_model_for(variant, data.task_outputs(), _step_tasks(variant, data)))
+                    for variant in accumulated_variants(best)]
+        candidates = _candidates(options, importance, budget, limit)
+    _, chosen_config, chosen_costs, choice = candidates[0]
     report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, costs.full)
     report["levers"] = levers_of(chosen_config)
     report["planning_memory_bytes"] = max([importance.peak_bytes, *(option.planning_peak_bytes for _, option in options)])
@@ -394,7 +428,7 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
                                             option_costs.depth))),
                                     score=option_choice.score, predicted=cost_row(budget.kind, option_choice.cost,
                                                                                   costs.full))
-                               for _, _, _, option_config, option_costs, option_choice in candidates]
+                               for _, option_config, option_costs, option_choice in candidates]
     out.with_suffix(".plan.json").write_text(json.dumps(report, indent=2))
     return report
 
