@@ -5,18 +5,19 @@
    blocks, MoE 3/7/11 and dropping 3/6/9; five offline tasks, batch 64, the validation split carved from the
    training data), measure the training memory of the ``paper_bsr`` and ``lean`` presets with ``moebsr
    profile``'s instrument (parameters + gradients + optimizer state + saved activations).
-2. Plan for five budgets: the paper preset's memory, the lean preset's and half the lean preset's, with the config's
+2. Plan for six targets: the paper preset's memory, the lean preset's and half the lean preset's, with the config's
    memory levers (none: the comparison does not lend the plans the lean preset's recomputed experts), the lean
    preset's memory again and 0.154x of full fine-tuning (TinyTL's 6.5x) with ``--levers auto`` (the planner picks
-   recomputed experts, bf16 frozen weights and collapsed frozen mixtures where they buy importance). The planner scores units on batches of the training part
-   only (the validation share is held out, as for every recipe).
+   recomputed experts, bf16 frozen weights and collapsed frozen mixtures where they buy importance), and 0.154x
+   again with ``--accumulate`` too (the batch in micro-batches, gradients accumulated: one change at a time). The
+   planner scores units on batches of the training part only (the validation share is held out, as for every recipe).
 3. Each plan is a recipe of the accuracy benchmark: its learning rate picked on the validation split from the grid of
-   the preset it is compared with (the 0.154x plan, compared with full fine-tuning but training a few sub-layers:
+   the preset it is compared with (the 0.154x plans, compared with full fine-tuning but training a few sub-layers:
    both grids, 3e-4 to 1e-2), then 3 seeds on the test splits. The presets' and full fine-tuning's rows are read
    from ``bench/results/accuracy_<size>.json`` (same protocol, same overrides).
 4. Each plan's predicted memory is checked against a real profile of it.
 
-    python bench/plan.py train.steps=600          # the README's figures (31 runs, ~60 min on 2 CPU cores, 2 at a time)
+    python bench/plan.py train.steps=600          # the README's figures (38 runs, ~70 min on 2 CPU cores, 2 at a time)
     python bench/plan.py --size formula12 train.steps=600   # the same on the 12-block backbone
 
 Writes ``bench/results/plan_<size>.{json,md}`` and each plan's config, report and frontier under
@@ -37,11 +38,13 @@ from recipes import BASE_CONFIG, RECIPES, REPO, recipe_overrides
 
 sys.path.insert(0, str(REPO))
 
-# plan name -> (the recipe whose measured memory sets the budget, share of it, the planner's --levers)
-TARGETS = {"plan_at_paper_memory": ("paper_bsr", 1.0, "config"), "plan_at_lean_memory": ("lean", 1.0, "config"),
-           "plan_at_half_lean_memory": ("lean", 0.5, "config"),
-           "plan_at_lean_memory_auto": ("lean", 1.0, "auto"),  # the lean preset uses a lever: the planner picks its own
-           "plan_at_tinytl_memory": ("full", 0.154, "auto")}  # TinyTL's 6.5x less than full fine-tuning
+# plan name -> (the recipe whose measured memory sets the budget, share of it, the planner's --levers, --accumulate)
+TARGETS = {"plan_at_paper_memory": ("paper_bsr", 1.0, "config", False),
+           "plan_at_lean_memory": ("lean", 1.0, "config", False),
+           "plan_at_half_lean_memory": ("lean", 0.5, "config", False),
+           "plan_at_lean_memory_auto": ("lean", 1.0, "auto", False),  # the lean preset uses a lever: the plan its own
+           "plan_at_tinytl_memory": ("full", 0.154, "auto", False),  # TinyTL's 6.5x less than full fine-tuning
+           "plan_at_tinytl_memory_accumulated": ("full", 0.154, "auto", True)}  # and micro-batches allowed
 
 
 def config_for(recipe: str, args: argparse.Namespace, validation: bool):
@@ -94,11 +97,11 @@ def main() -> None:
     data, costs = measured
     importance = importance_for(planning_config, data, args.batches, planning_config.train.batch_size)
     plans = {}
-    for name, (preset, share, levers) in TARGETS.items():
+    for name, (preset, share, levers, accumulate) in TARGETS.items():
         limit = presets[preset]["train_memory_bytes"] * share
         budget = Budget("memory", limit, False, f"memory={limit / 2 ** 20:.2f}MiB ({share:g} x {preset})")
         plans[name] = run_plan(planning_config, budget, args.batches, plan_dir / f"{name}.yaml", measured, importance,
-                               levers=levers)
+                               levers=levers, accumulate=accumulate)
         changed = {key: value for key, value in plans[name]["levers"].items()
                    if value != levers_of(planning_config)[key]}  # a lever left as configured adds no override
         RECIPES[name] = plan_overrides(plans[name]["units"], changed)
@@ -187,8 +190,8 @@ def format_table(results: dict) -> str:
     lines += ["", "Predicted against profiled training memory: " + ", ".join(
         f"{name} {plan['predicted']['memory_bytes'] / results['profiled'][name]['train_memory_bytes']:.4f}"
         for name, plan in results["plans"].items()),
-        f"Planning, all {len(results['plans'])} plans (cost models of {total_steps(results)} measured steps, importance from 2 batches "
-        f"of every task, one thread): {results['planning_cpu_s']:.0f} s CPU."]
+        f"Planning, all {len(results['plans'])} plans (cost models of {total_steps(results)} measured steps, importance "
+        f"from 2 batches of every task, one thread): {results['planning_cpu_s']:.0f} s CPU."]
     return "\n".join(lines)
 
 
