@@ -162,14 +162,12 @@ def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int,
         targets = torch.cat([batch["labels"][task] for batch in loaded])[:batches * batch_size]
         images[task], labels[task] = list(stacked.split(batch_size)), list(targets.split(batch_size))
     if memory_limit is not None:
-        probe = {task: scoring_bytes(model, images[task][0], task, on_path) for task in data.tasks}
-        per_image, per_pass = (max(sizes[i] for sizes in probe.values()) for i in (0, 1))
+        per_image, per_pass = _largest_scoring_bytes(model, images, on_path)
         if not low and held_bytes(model) + per_pass + per_image > memory_limit:  # fp32 leaves no room for an image
             low = True
             del model
             model, on_path = _scoring_model(config, data, low)
-            probe = {task: scoring_bytes(model, images[task][0], task, on_path) for task in data.tasks}
-            per_image, per_pass = (max(sizes[i] for sizes in probe.values()) for i in (0, 1))
+            per_image, per_pass = _largest_scoring_bytes(model, images, on_path)
         room = memory_limit - held_bytes(model) - per_pass
         micro_batch = max(1, min(micro_batch, int(room // per_image) if per_image > 0 else micro_batch))
     importance = fisher_potential(model, images, labels, plan_units(model), micro_batch, on_path=on_path)
@@ -179,6 +177,13 @@ def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int,
                 table[(block, "router")] = 0.0
     importance.low_precision = low
     return importance
+
+
+def _largest_scoring_bytes(model: MoEViT, images: dict[str, list[torch.Tensor]],
+                           on_path: Optional[list[torch.nn.Parameter]]) -> tuple[float, float]:
+    """:func:`.importance.scoring_bytes` of the task that saves the most (tasks differ in their heads)."""
+    probes = [scoring_bytes(model, batches[0], task, on_path) for task, batches in images.items()]
+    return max(per_image for per_image, _ in probes), max(per_pass for _, per_pass in probes)
 
 
 def _scoring_model(config: RunConfig, data: Any, low: bool) -> tuple[MoEViT, Optional[list[torch.nn.Parameter]]]:
