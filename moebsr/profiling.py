@@ -89,8 +89,18 @@ def training_step_flops(model: MoEViT, images: torch.Tensor, labels: dict[str, t
     """FLOPs of forward + backward of one step (the optimizer's elementwise update is not counted). With
     ``keep=False`` the forward's saved tensors are not kept (see :func:`counting_saved_tensors`): the counts are the
     same, shapes decide them, and the pass holds only what the forward keeps alive anyway. Experts recomputed in
-    backward (``moe.recompute_experts``) need their real inputs back: such a model keeps them."""
-    keep = keep or any(getattr(module, "recompute_experts", False) for module in model.modules())
+    backward (``moe.recompute_experts``) would be recomputed from uninitialised inputs (and routed elsewhere): they
+    are counted run once, and their forward's FLOPs added once more, which is what recomputing costs."""
+    recomputing = {name: module for name, module in model.named_modules() if getattr(module, "recompute_experts", False)}
+    if not keep and recomputing:
+        with attribute_set(list(recomputing.values()), "recompute_experts", False):
+            once = training_step_flops(model, images, labels, precision, trunk, keep=False)
+        with unfused_attention(model), FlopCounterMode(display=False) as forward, torch.no_grad():
+            training_loss(model, images, labels, precision=precision, trunk=trunk)
+        counts = {name: sum(by_op.values()) for name, by_op in forward.get_flop_counts().items()}
+        root = type(model).__name__
+        return once + sum(counts.get(f"{root}.{name}", 0) - counts.get(f"{root}.{name}.router", 0)
+                          for name in recomputing)  # the experts' forward: what the checkpoint runs again
     with unfused_attention(model), FlopCounterMode(display=False) as counter:
         with counting_saved_tensors(model, keep=keep):
             loss = training_loss(model, images, labels, precision=precision, trunk=trunk)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from timm.layers import Mlp
 
 from .errors import UnsupportedModelError
-from .precision import frozen_linear
+from .precision import frozen_batched_linear, frozen_linear
 
 ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -63,13 +63,9 @@ class Experts(nn.Module):
     def forward_batched(self, slots: torch.Tensor) -> torch.Tensor:
         """``[E, slots, dim] -> [E, slots, dim]``, expert e on row e: two batched matmuls over tutel's dispatch
         layout instead of one ``F.linear`` per expert."""
-        # frozen experts stored in bf16 (``bsr.frozen_dtype``) are cast to the slots' dtype here; outside autocast that
-        # copy is what backward keeps (the grouped dispatch's frozen_linear keeps none)
-        fc1_weight, fc2_weight = (w if torch.is_autocast_enabled(slots.device.type) else w.to(slots.dtype)
-                                  for w in (self.fc1_weight, self.fc2_weight))
-        hidden = torch.baddbmm(self.fc1_bias.unsqueeze(1), slots, fc1_weight.transpose(1, 2))
-        hidden = self.drop(self.act(hidden))
-        return self.drop(torch.baddbmm(self.fc2_bias.unsqueeze(1), hidden, fc2_weight.transpose(1, 2)))
+        # frozen experts may be stored in bf16 (``bsr.frozen_dtype``): cast per matmul, only the bf16 bank kept
+        hidden = self.drop(self.act(frozen_batched_linear(slots, self.fc1_weight, self.fc1_bias)))
+        return self.drop(frozen_batched_linear(hidden, self.fc2_weight, self.fc2_bias))
 
     def select_experts(self, index: torch.Tensor) -> "Experts":
         """A bank of only the experts in ``index`` (expert pruning); each parameter keeps its own dtype (a bf16-stored

@@ -54,6 +54,33 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return _UpcastLinear.apply(x, weight, bias)
 
 
+class _UpcastBatchedLinear(torch.autograd.Function):
+    """:func:`frozen_batched_linear` of a frozen low-precision expert bank, saving only ``weight`` for backward (as
+    :class:`_UpcastLinear` does): plain autograd would keep the fp32 copy of the whole bank."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.bias_trains = bias.requires_grad
+        return torch.baddbmm(bias.to(x.dtype).unsqueeze(1), x, weight.to(x.dtype).transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], None, Optional[torch.Tensor]]:
+        (weight,) = ctx.saved_tensors
+        grad_x = torch.bmm(grad_output, weight.to(grad_output.dtype)) if ctx.needs_input_grad[0] else None
+        return grad_x, None, grad_output.sum(dim=1) if ctx.bias_trains else None
+
+
+def frozen_batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Expert ``e``'s linear layer on row ``e``: ``[E, n, in] -> [E, n, out]`` with ``weight`` ``[E, out, in]`` and
+    ``bias`` ``[E, out]``, for a bank that may be stored in lower precision than ``x`` (see :func:`frozen_linear`)."""
+    if weight.dtype == x.dtype or _autocasting(x):
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    if weight.requires_grad:
+        raise RuntimeError("frozen_batched_linear: the weight trains; only frozen weights are stored in low precision")
+    return _UpcastBatchedLinear.apply(x, weight, bias)
+
+
 class LowPrecisionLinear(nn.Linear):
     """An ``nn.Linear`` whose frozen weight is stored in bf16/fp16 (same state-dict keys); see :func:`frozen_linear`."""
 

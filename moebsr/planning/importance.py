@@ -35,8 +35,19 @@ class Importance:
     images_per_task: dict[str, int]
     micro_batch: int
     seconds: float
-    peak_bytes: float = 0.0  # the most the pass held: weights and one micro-batch's saved tensors
+    peak_bytes: float = 0.0  # the most the pass held: weights, the task's images, one micro-batch's saved tensors
     low_precision: bool = False  # scored with frozen weights in bf16 and the mixtures collapsed (see importance_for)
+
+    @classmethod
+    def merged(cls, parts: Sequence["Importance"]) -> "Importance":
+        """One importance from passes over disjoint sets of tasks (each task normalised on its own already)."""
+        per_task = {task: table for part in parts for task, table in part.per_task.items()}
+        units = next(iter(per_task.values()), {})
+        return cls({unit: sum(table[unit] for table in per_task.values()) for unit in units}, per_task,
+                   {task: table for part in parts for task, table in part.raw_per_task.items()},
+                   {task: count for part in parts for task, count in part.images_per_task.items()},
+                   parts[0].micro_batch, sum(part.seconds for part in parts),
+                   max(part.peak_bytes for part in parts), parts[0].low_precision)
 
 
 def _unit_outputs(model: MoEViT, units: Sequence[Unit]) -> dict[Unit, list[nn.Module]]:
@@ -86,14 +97,16 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
         for task in batches:
             totals = {unit: 0.0 for unit in units}
             count = 0
+            loaded = sum({images.untyped_storage().data_ptr(): images.untyped_storage().nbytes()
+                          for images in batches[task]}.values())  # the task's images, held meanwhile
             for images, targets in zip(batches[task], labels[task]):
                 for chunk in range(0, images.shape[0], micro_batch):
                     for unit in units:
                         captured[unit].clear()
                     rows = min(micro_batch, images.shape[0] - chunk)
-                    with counting_saved_tensors(model) as saved:
-                        logits = model(images[chunk:chunk + micro_batch], [task])[task]
-                    peak = max(peak, weights + sum(saved.values()))
+                    with counting_saved_tensors(model) as saved:  # the stem saves its input: the chunk's own copy
+                        logits = model(images[chunk:chunk + micro_batch].clone(), [task])[task]
+                    peak = max(peak, weights + loaded + sum(saved.values()))
                     loss = F.cross_entropy(logits.float(), targets[chunk:chunk + micro_batch], reduction="sum")
                     flat = [(unit, output) for unit in units for output in captured[unit] if output.requires_grad]
                     if units and not flat:  # all scores would read zero: a plan of nothing, silently
@@ -138,7 +151,7 @@ def scoring_bytes(model: MoEViT, images: torch.Tensor, task: str,
     with _path_opened(model, on_path):
         for count in (1, 2):
             with counting_saved_tensors(model, keep=False) as saved:
-                model(images[:count], [task])
+                model(images[:count].clone(), [task])  # its own storage: the stem saves its input
             sizes.append(float(sum(saved.values())))
     per_image = sizes[1] - sizes[0]
     return per_image, sizes[0] - per_image

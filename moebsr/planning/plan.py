@@ -153,24 +153,26 @@ def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int,
     not taken from training's step, whose precision and trainable weights differ. ``Importance.peak_bytes`` says what
     the pass held."""
     batch_size = config.train.batch_size
-    images, labels = {}, {}
     low = memory_limit is not None and scoring_weight_bytes(config, data) > memory_limit
     model, on_path = _scoring_model(config, data, low)
-    for task in data.tasks:
-        loaded = list(data.eval_loader([task], "train", max_examples=batches * batch_size))
-        stacked = torch.cat([batch["images"] for batch in loaded])[:batches * batch_size]
-        targets = torch.cat([batch["labels"][task] for batch in loaded])[:batches * batch_size]
-        images[task], labels[task] = list(stacked.split(batch_size)), list(targets.split(batch_size))
     if memory_limit is not None:
-        per_image, per_pass = _largest_scoring_bytes(model, images, on_path)
-        if not low and held_bytes(model) + per_pass + per_image > memory_limit:  # fp32 leaves no room for an image
+        probes = {task: _task_batches(data, task, 1, 2)[0][0] for task in data.tasks}  # two images of each task
+        per_image, per_pass = _largest_scoring_bytes(model, probes, on_path)
+        loaded = batches * batch_size * next(iter(probes.values()))[0].numel() * 4  # one task's images, fp32
+        if not low and held_bytes(model) + loaded + per_pass + per_image > memory_limit:  # no room for an image
             low = True
             del model
             model, on_path = _scoring_model(config, data, low)
-            per_image, per_pass = _largest_scoring_bytes(model, images, on_path)
-        room = memory_limit - held_bytes(model) - per_pass
+            per_image, per_pass = _largest_scoring_bytes(model, probes, on_path)
+        room = memory_limit - held_bytes(model) - loaded - per_pass
         micro_batch = max(1, min(micro_batch, int(room // per_image) if per_image > 0 else micro_batch))
-    importance = fisher_potential(model, images, labels, plan_units(model), micro_batch, on_path=on_path)
+    parts = []
+    for task in data.tasks:  # one task's images loaded at a time
+        images, labels = _task_batches(data, task, batches, batch_size)
+        parts.append(fisher_potential(model, {task: images}, {task: labels}, plan_units(model), micro_batch,
+                                      on_path=on_path))
+        del images, labels
+    importance = Importance.merged(parts)
     if low and collapsible(config):  # the mixtures ran as their dense MLPs: no router's gate changed anything
         for block in config.moe.resolve_blocks(model.depth):
             for table in (importance.scores, *importance.per_task.values(), *importance.raw_per_task.values()):
@@ -179,10 +181,18 @@ def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int,
     return importance
 
 
-def _largest_scoring_bytes(model: MoEViT, images: dict[str, list[torch.Tensor]],
+def _task_batches(data: Any, task: str, batches: int, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first ``batches`` batches of ``task``'s training images and their labels, each batch its own tensor."""
+    loaded = list(data.eval_loader([task], "train", max_examples=batches * batch_size))
+    stacked = torch.cat([batch["images"] for batch in loaded])[:batches * batch_size]
+    targets = torch.cat([batch["labels"][task] for batch in loaded])[:batches * batch_size]
+    return [images.clone() for images in stacked.split(batch_size)], list(targets.split(batch_size))
+
+
+def _largest_scoring_bytes(model: MoEViT, images: dict[str, torch.Tensor],
                            on_path: Optional[list[torch.nn.Parameter]]) -> tuple[float, float]:
     """:func:`.importance.scoring_bytes` of the task that saves the most (tasks differ in their heads)."""
-    probes = [scoring_bytes(model, batches[0], task, on_path) for task, batches in images.items()]
+    probes = [scoring_bytes(model, task_images, task, on_path) for task, task_images in images.items()]
     return max(per_image for per_image, _ in probes), max(per_pass for _, per_pass in probes)
 
 
