@@ -93,14 +93,21 @@ def training_step_flops(model: MoEViT, images: torch.Tensor, labels: dict[str, t
     are counted run once, and their forward's FLOPs added once more, which is what recomputing costs."""
     recomputing = {name: module for name, module in model.named_modules() if getattr(module, "recompute_experts", False)}
     if not keep and recomputing:
-        with attribute_set(list(recomputing.values()), "recompute_experts", False):
-            once = training_step_flops(model, images, labels, precision, trunk, keep=False)
+        on_path: set[str] = set()  # a mixture recomputes in backward only where its output needs a gradient
+        hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: on_path.add(name) if out.requires_grad
+                                              else None) for name, module in recomputing.items()]
+        try:
+            with attribute_set(list(recomputing.values()), "recompute_experts", False):
+                once = training_step_flops(model, images, labels, precision, trunk, keep=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
         with unfused_attention(model), FlopCounterMode(display=False) as forward, torch.no_grad():
             training_loss(model, images, labels, precision=precision, trunk=trunk)
         counts = {name: sum(by_op.values()) for name, by_op in forward.get_flop_counts().items()}
         root = type(model).__name__
         return once + sum(counts.get(f"{root}.{name}", 0) - counts.get(f"{root}.{name}.router", 0)
-                          for name in recomputing)  # the experts' forward: what the checkpoint runs again
+                          for name in on_path)  # the experts' forward: what the checkpoint runs again
     with unfused_attention(model), FlopCounterMode(display=False) as counter:
         with counting_saved_tensors(model, keep=keep):
             loss = training_loss(model, images, labels, precision=precision, trunk=trunk)
