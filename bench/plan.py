@@ -190,8 +190,8 @@ def format_table(results: dict) -> str:
     lines += ["", "Predicted against profiled training memory: " + ", ".join(
         f"{name} {plan['predicted']['memory_bytes'] / results['profiled'][name]['train_memory_bytes']:.4f}"
         for name, plan in results["plans"].items()),
-        f"Planning, all {len(results['plans'])} plans (cost models of {total_steps(results)} measured steps, importance "
-        f"from 2 batches of every task, one thread): {results['planning_cpu_s']:.0f} s CPU."]
+        f"Planning, all {len(results['plans'])} plans (cost models of {total_steps(results)} measured steps, "
+        f"importance from 2 batches of every task, one thread): {results['planning_cpu_s']:.0f} s CPU."]
     return "\n".join(lines)
 
 

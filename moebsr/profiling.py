@@ -91,7 +91,8 @@ def training_step_flops(model: MoEViT, images: torch.Tensor, labels: dict[str, t
     same, shapes decide them, and the pass holds only what the forward keeps alive anyway. Experts recomputed in
     backward (``moe.recompute_experts``) would be recomputed from uninitialised inputs (and routed elsewhere): they
     are counted run once, and their forward's FLOPs added once more, which is what recomputing costs."""
-    recomputing = {name: module for name, module in model.named_modules() if getattr(module, "recompute_experts", False)}
+    recomputing = {name: module for name, module in model.named_modules()
+                   if getattr(module, "recompute_experts", False)}
     if not keep and recomputing:
         on_path: set[str] = set()  # a mixture recomputes in backward only where its output needs a gradient
         hooks = [module.register_forward_hook(lambda _m, _i, out, name=name: on_path.add(name) if out.requires_grad

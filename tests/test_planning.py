@@ -354,7 +354,8 @@ def test_accumulate_splits_the_batch_into_micro_batches_where_it_buys_importance
     done = _plan_cli(tmp_path, "--budget", "memory=0.2x", "--accumulate")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "p.plan.json").read_text())
-    whole_batch = max(option["score"] for option in report["lever_options"] if option["levers"]["train.batch_size"] == 8)
+    whole_batch = max(option["score"] for option in report["lever_options"]
+                      if option["levers"]["train.batch_size"] == 8)
     assert report["levers"]["train.batch_size"] * report["levers"]["train.grad_accum_steps"] == 8
     assert report["levers"]["train.grad_accum_steps"] > 1 and report["score"] > whole_batch
     config = load_config(tmp_path / "p.yaml")

@@ -461,7 +461,8 @@ def format_report(report: dict[str, Any], out: Optional[Path] = None) -> str:
                                 f"{p['score']:.3f}" for name, p in report["presets"].items()),
         f"levers: {', '.join(f'{key}={value}' for key, value in report.get('levers', {}).items())}",
         f"planning pass: {report['planning_memory_bytes'] / 2 ** 20:.2f} MiB at most (measured: weights held + what "
-        f"measuring's passes kept alive, or scoring's saved tensors)" + ("" if report.get("planning_fits_budget") is None else
+        f"measuring's passes kept alive, or scoring's saved tensors)"
+        + ("" if report.get("planning_fits_budget") is None else
                                      "; within the budget" if report["planning_fits_budget"] else
                                      "; MORE than the budget"),
         f"cost: {report['measured_steps']} measured steps in {report['measure_seconds']:.1f} s; importance from "
