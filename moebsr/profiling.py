@@ -125,6 +125,17 @@ def inference_flops(model: MoEViT, images: torch.Tensor, tasks: Union[str, Seque
     return counter.get_total_flops()
 
 
+def _first_sight(seen: dict[int, weakref.ref], storage: torch.UntypedStorage,
+                 on_free: Optional[Callable[[weakref.ref], None]] = None) -> bool:
+    """Whether ``storage`` is new to ``seen``, recording it if so (``on_free`` is called when it is freed). ``seen``
+    maps an address to the storage last met there: a freed address may hold another storage later."""
+    known = seen.get(storage.data_ptr())
+    if known is not None and known() is storage:
+        return False
+    seen[storage.data_ptr()] = weakref.ref(storage, on_free)
+    return True
+
+
 @contextlib.contextmanager
 def counting_saved_tensors(model: nn.Module, keep: bool = True) -> Iterator[dict[int, int]]:
     """Within it, the distinct storages autograd saves for backward, parameters' excluded: ``{n: bytes}``.
@@ -134,14 +145,12 @@ def counting_saved_tensors(model: nn.Module, keep: bool = True) -> Iterator[dict
     train. The count is the same (a storage is the same one while some tensor still holds it, as when all are kept),
     and a pass holds what its forward keeps alive, not a training step's saved tensors."""
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    counted: dict[int, weakref.ref] = {}  # address -> the storage counted there (another may reuse a freed address)
+    counted: dict[int, weakref.ref] = {}
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> Any:
         storage = tensor.untyped_storage()
-        address = storage.data_ptr()
-        if address not in parameter_storages and (address not in counted or counted[address]() is not storage):
-            counted[address] = weakref.ref(storage)
+        if storage.data_ptr() not in parameter_storages and _first_sight(counted, storage):
             seen[len(seen)] = storage.nbytes()
         if keep or not tensor.is_floating_point():
             return tensor
@@ -174,13 +183,10 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
     def _track(self, storage: torch.UntypedStorage) -> None:
-        address, size = storage.data_ptr(), storage.nbytes()
-        known = self._storages.get(address)
-        if size == 0 or (known is not None and known() is storage):
-            return
-        self.live += size
-        self.peak = max(self.peak, self.live)
-        self._storages[address] = weakref.ref(storage, lambda _ref, size=size: self._freed(size))
+        size = storage.nbytes()
+        if size and _first_sight(self._storages, storage, lambda _ref, size=size: self._freed(size)):
+            self.live += size
+            self.peak = max(self.peak, self.live)
 
     def _freed(self, size: int) -> None:
         self.live -= size

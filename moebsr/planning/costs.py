@@ -240,10 +240,14 @@ def hollow_parameters(model: MoEViT) -> None:
         parameter.data = torch.zeros((), dtype=parameter.dtype, device=parameter.device).expand(parameter.shape)
 
 
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages ``tensors`` occupy (views of one storage count once)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 def held_bytes(model: torch.nn.Module) -> int:
     """Bytes of the distinct storages the model's parameters occupy (a hollow parameter's few)."""
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
-    return sum(storages.values())
+    return storage_bytes(model.parameters())
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import MoEViT
-from .costs import Unit, held_bytes
+from .costs import Unit, held_bytes, storage_bytes
 
 
 @dataclass
@@ -97,8 +97,7 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
         for task in batches:
             totals = {unit: 0.0 for unit in units}
             count = 0
-            loaded = sum({images.untyped_storage().data_ptr(): images.untyped_storage().nbytes()
-                          for images in batches[task]}.values())  # the task's images, held meanwhile
+            loaded = storage_bytes(batches[task])  # the task's images, held meanwhile
             for images, targets in zip(batches[task], labels[task]):
                 for chunk in range(0, images.shape[0], micro_batch):
                     for unit in units:

@@ -158,7 +158,8 @@ def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int,
     if memory_limit is not None:
         probes = {task: _task_batches(data, task, 1, 2)[0][0] for task in data.tasks}  # two images of each task
         per_image, per_pass = _largest_scoring_bytes(model, probes, on_path)
-        loaded = batches * batch_size * next(iter(probes.values()))[0].numel() * 4  # one task's images, fp32
+        probe = next(iter(probes.values()))
+        loaded = batches * batch_size * probe[0].numel() * probe.element_size()  # one task's images
         if not low and held_bytes(model) + loaded + per_pass + per_image > memory_limit:  # no room for an image
             low = True
             del model
@@ -181,7 +182,8 @@ def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int,
     return importance
 
 
-def _task_batches(data: Any, task: str, batches: int, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _task_batches(data: Any, task: str, batches: int, batch_size: int
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The first ``batches`` batches of ``task``'s training images and their labels, each batch its own tensor."""
     loaded = list(data.eval_loader([task], "train", max_examples=batches * batch_size))
     stacked = torch.cat([batch["images"] for batch in loaded])[:batches * batch_size]
@@ -386,11 +388,12 @@ def accumulated_variants(config: RunConfig) -> list[RunConfig]:
 
 
 def _candidates(options: list[tuple[RunConfig, CostModel]], importance: Importance, budget: Budget,
-                limit: float) -> list[tuple]:
+                limit: float, first_index: int = 0) -> list[tuple]:
     """Each lever setting's best plan, best first: the highest score, then (ties) no more micro-batches than needed,
-    then the cheaper plan, then the setting listed first (the config as given, then the fewest levers changed)."""
+    then the cheaper plan, then the setting listed first (the config as given, then the fewest levers changed;
+    ``first_index`` is the first option's place in that list)."""
     candidates = []
-    for index, (option_config, option_costs) in enumerate(options):
+    for index, (option_config, option_costs) in enumerate(options, start=first_index):
         scores = option_scores(option_config, importance.scores, option_config.moe.resolve_blocks(option_costs.depth))
         choice = best_plan(option_costs, scores, budget.kind, limit)
         if choice is not None:
@@ -425,10 +428,11 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
         importance = importance_for(config, data, batches, config.train.batch_size, limit if fit else None)
     candidates = _candidates(options, importance, budget, limit)
     if accumulate and budget.kind == "memory":  # a FLOPs or step budget is per optimizer step: splitting saves none
-        best = candidates[0][1]
-        options += [(variant, cost_model_for(variant, data.task_outputs(), _step_tasks(variant, data)))
-                    for variant in accumulated_variants(best)]
-        candidates = _candidates(options, importance, budget, limit)
+        split = [(variant, cost_model_for(variant, data.task_outputs(), _step_tasks(variant, data)))
+                 for variant in accumulated_variants(candidates[0][1])]
+        candidates = sorted(candidates + _candidates(split, importance, budget, limit, first_index=len(options)),
+                            key=lambda item: item[0], reverse=True)
+        options += split
     _, chosen_config, chosen_costs, choice = candidates[0]
     report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, costs.full)
     report["levers"] = levers_of(chosen_config)
