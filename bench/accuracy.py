@@ -20,10 +20,11 @@ Protocol (no pretrained weights can be downloaded here; README "Accuracy on real
 (``backbones/formula_vit_12x128_28px.safetensors``), where the paper's blocks exist unscaled: MoE and BSR at 3/7/11,
 dropping at 3/6/9.
 
-Each run's ``metrics.json`` is kept under ``<out>/accuracy_runs/`` (``accuracy_runs/<size>/`` for another size); a re-run skips the runs already there, so an
-interrupted benchmark resumes. Rows of recipes not named in ``--recipes`` stay in the results file when it was made
-with the same tasks, seeds and overrides. Writes ``<out>/accuracy_quickstart.json`` and ``.md`` (read by
-``bench/compare.py``); ``accuracy_<size>.{json,md}`` for another size.
+Each run's ``metrics.json`` is kept under ``<out>/accuracy_runs/`` (``accuracy_runs/<size>/`` for another size); a
+re-run skips the runs already there, so an interrupted benchmark resumes. Rows of recipes not named in ``--recipes``
+stay in the results file when it was made with the same tasks, seeds and overrides. Writes
+``<out>/accuracy_quickstart.json`` and ``.md`` (read by ``bench/compare.py``); ``accuracy_<size>.{json,md}`` for
+another size.
 """
 
 from __future__ import annotations

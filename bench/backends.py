@@ -59,13 +59,13 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from moebsr.build import model_from_config
+    from moebsr.analysis.profiling import optimizer_state_bytes, synthetic_labels, training_loss
     from moebsr.config import load_config
-    from moebsr.expert_parallel import exclude_sharded_from_ddp
-    from moebsr.optim import build_optimizer
-    from moebsr.profiling import optimizer_state_bytes, synthetic_labels, training_loss
-    from moebsr.run_data import RunData
-    from moebsr.runner import clean_exit
+    from moebsr.training.build import model_from_config
+    from moebsr.training.expert_parallel import exclude_sharded_from_ddp
+    from moebsr.training.optim import build_optimizer
+    from moebsr.training.run_data import RunData
+    from moebsr.training.runner import clean_exit
 
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")

@@ -68,9 +68,10 @@ def run_overrides(variant: str, phase: str) -> list[str]:
 
 def train_runs(variant: str, out: Path, given: dict[str, str]) -> dict[str, Path]:
     """The variant's test and validation runs: given ones (checked to be of this variant), else trained (cached)."""
-    from moebsr.config import config_from_dict, load_config
-    from moebsr.export import read_run_document
     from recipes import BASE_CONFIG
+
+    from moebsr.config import config_from_dict, load_config
+    from moebsr.training.export import read_run_document
 
     runs = {}
     for phase in ("validation", "test"):
@@ -96,11 +97,11 @@ def train_runs(variant: str, out: Path, given: dict[str, str]) -> dict[str, Path
 def calibrated_task(validation_run: Path, task: str) -> tuple:
     """The validation run's task model, ready to prune: ``(accelerator, data, task model, routing mass on the training
     split, its unpruned validation top-1, the multitask MoE-layer parameter count, the MoE blocks)``."""
-    from moebsr.build import image_spec_of
     from moebsr.deploy import extract_task, measure_routing_mass
     from moebsr.deploy.exporter import task_images
-    from moebsr.deploy.prune import moe_parameter_count
-    from moebsr.evaluate import evaluate, open_run
+    from moebsr.model.prune import moe_parameter_count
+    from moebsr.training.build import image_spec_of
+    from moebsr.training.evaluate import evaluate, open_run
 
     accelerator, model, data = open_run(str(validation_run), [task])
     network = accelerator.unwrap_model(model)
@@ -114,8 +115,8 @@ def calibrated_task(validation_run: Path, task: str) -> tuple:
 def sweep(validation_run: Path) -> dict:
     """Per task and grid point: experts kept per layer, MoE-parameter ratio, validation top-1 and its change."""
     from moebsr.deploy import choose_experts, prune_experts
-    from moebsr.deploy.prune import moe_parameter_count
-    from moebsr.evaluate import evaluate
+    from moebsr.model.prune import moe_parameter_count
+    from moebsr.training.evaluate import evaluate
 
     results = {}
     for task in TASKS:
@@ -140,8 +141,8 @@ def heal_sweep(validation_run: Path, heal_steps: int) -> dict:
     import torch
 
     from moebsr.deploy import choose_layer_experts, heal_task_model, prune_experts
-    from moebsr.deploy.prune import moe_parameter_count
-    from moebsr.evaluate import evaluate
+    from moebsr.model.prune import moe_parameter_count
+    from moebsr.training.evaluate import evaluate
 
     torch.set_num_threads(1)
     results = {}
@@ -196,7 +197,7 @@ def images_per_cpu_second(forward, images, steps: int = 10, warmup: int = 3) -> 
     other jobs share, wall time measures the other jobs too, CPU time mostly this one."""
     import torch
 
-    from moebsr.profiling import timed_calls
+    from moebsr.analysis.profiling import timed_calls
     cpu_times = [cpu for _, cpu in timed_calls(forward, torch.device("cpu"), steps, warmup)]
     return images.shape[0] / statistics.median(cpu_times)
 
@@ -227,7 +228,7 @@ def healed_name(heal: dict) -> str:
 def default_heal(steps: int) -> dict:
     """What ``moebsr export --prune --criterion budget --heal-steps N`` does with nothing else given."""
     from moebsr.deploy.heal import DEFAULT_HEAL_LOSS, DEFAULT_LR_SCALE
-    from moebsr.deploy.prune import DEFAULT_THRESHOLDS
+    from moebsr.model.prune import DEFAULT_THRESHOLDS
 
     return {"criterion": "budget", "threshold": DEFAULT_THRESHOLDS["budget"], "loss": DEFAULT_HEAL_LOSS,
             "lr_scale": DEFAULT_LR_SCALE, "steps": steps, "defaults": True}
@@ -238,11 +239,11 @@ def deploy(test_run: Path, exports: Path, heals: Sequence[dict] = ()) -> dict:
     (its budget, loss, LR scale and steps), side by side (see the module doc)."""
     import torch
 
-    from moebsr.build import image_spec_of
+    from moebsr.analysis.profiling import inference_flops
     from moebsr.deploy import export_task
     from moebsr.deploy.exporter import task_images
-    from moebsr.export import load_exported_model
-    from moebsr.profiling import inference_flops
+    from moebsr.training.build import image_spec_of
+    from moebsr.training.export import load_exported_model
 
     torch.set_num_threads(1)
     multitask, config, _ = load_exported_model(test_run)
@@ -384,7 +385,7 @@ def format_results(results: dict) -> str:
 def variant_result(variant: str, out: Path, given: dict[str, str], heal_steps: int) -> dict:
     """One variant's runs, sweeps, choices and deployment (steps 1-3 of the module doc)."""
     sys.path.insert(0, str(REPO))
-    from moebsr.deploy.prune import DEFAULT_CRITERION, DEFAULT_THRESHOLDS
+    from moebsr.model.prune import DEFAULT_CRITERION, DEFAULT_THRESHOLDS
 
     runs = train_runs(variant, out, given)
     swept = sweep(runs["validation"])

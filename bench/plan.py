@@ -57,7 +57,7 @@ def config_for(recipe: str, args: argparse.Namespace, validation: bool):
 
 
 def preset_memory(recipe: str, args: argparse.Namespace) -> dict:
-    from moebsr.profiling import profile_config
+    from moebsr.analysis.profiling import profile_config
     report = profile_config(config_for(recipe, args, validation=False), steps=1, warmup=1)
     return {key: report[key] for key in ("train_memory_bytes", "trainable_params", "train_flops_per_image",
                                          "saved_activation_bytes_per_image")}
@@ -157,10 +157,10 @@ def check_same_protocol(path: Path, args: argparse.Namespace, required: bool) ->
 
 
 def profile_plan(name: str, args: argparse.Namespace) -> dict:
-    from moebsr.profiling import profile_config
+    from moebsr.analysis.profiling import profile_config
     report = profile_config(config_for(name, args, validation=False), steps=1, warmup=1)
-    return {"train_memory_bytes": report["train_memory_bytes"], "train_flops_per_image": report["train_flops_per_image"],
-            "trainable_params": report["trainable_params"]}
+    return {"train_memory_bytes": report["train_memory_bytes"],
+            "train_flops_per_image": report["train_flops_per_image"], "trainable_params": report["trainable_params"]}
 
 
 def total_steps(results: dict) -> int:

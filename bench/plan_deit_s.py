@@ -48,10 +48,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    from moebsr.analysis.profiling import profile_config
     from moebsr.config import load_config
     from moebsr.planning import parse_budget
     from moebsr.planning.plan import run_plan
-    from moebsr.profiling import profile_config
 
     out = Path(args.out)
     full = profile_config(load_config(args.config, [*overrides(args), "bsr.preset=all", "bsr.trainable_blocks=null"]),
@@ -85,8 +85,8 @@ def main() -> None:
 def format_table(results: dict) -> str:
     mib = 2 ** 20
     full = results["full"]
-    lines = ["| budget | plan | levers | profiled memory (MiB) | x of full | predicted / profiled: memory, saved, FLOPs "
-             "| planning CPU s (steps measured) | planning pass held (MiB): measuring, scoring |",
+    lines = ["| budget | plan | levers | profiled memory (MiB) | x of full | predicted / profiled: memory, saved, "
+             "FLOPs | planning CPU s (steps measured) | planning pass held (MiB): measuring, scoring |",
              "|---|---|---|---|---|---|---|---|"]
     for share, plan in results["plans"].items():
         ratio = plan["predicted_over_profiled"]
@@ -97,7 +97,8 @@ def format_table(results: dict) -> str:
                      f"{plan['planning_memory']['measuring'] / mib:.1f}, {plan['planning_memory']['scoring'] / mib:.1f}"
                      f"{' (bf16 weights)' if plan['planning_memory']['scoring_low_precision'] else ''} |")
     lines += ["", "Memory breakdown (MiB): parameters, gradients, optimizer state, saved activations, total:"]
-    rows = [("full fine-tuning", full)] + [(f"plan {share}", plan["profiled"]) for share, plan in results["plans"].items()]
+    rows = [("full fine-tuning", full)] + [(f"plan {share}", plan["profiled"])
+                                           for share, plan in results["plans"].items()]
     for name, parts in rows:
         lines.append(f"- {name}: " + ", ".join(f"{parts[key] / mib:.1f}" for key in
                                                ("parameters", "gradients", "optimizer_state", "saved_activations",

@@ -42,12 +42,12 @@ def measure_parts(name: str, batch: int | None, device: str, repeats: int) -> di
     import torch
     from accelerate import Accelerator
 
-    from moebsr.build import model_from_config
-    from moebsr.checkpoint import save_checkpoint
+    from moebsr.analysis.profiling import synthetic_labels, timed_calls, training_loss
     from moebsr.config import load_config
-    from moebsr.optim import build_optimizer, build_scheduler
-    from moebsr.profiling import synthetic_labels, timed_calls, training_loss
-    from moebsr.run_data import RunData
+    from moebsr.training.build import model_from_config
+    from moebsr.training.checkpoint import save_checkpoint
+    from moebsr.training.optim import build_optimizer, build_scheduler
+    from moebsr.training.run_data import RunData
 
     path, overrides = MODELS[name]
     config = load_config(path, overrides + ([f"train.batch_size={batch}"] if batch else []))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moebsr.runner import run_training_cli
+from moebsr.training.runner import run_training_cli
 
 
 def main(argv: list[str] | None = None) -> int:

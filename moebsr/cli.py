@@ -10,7 +10,8 @@ import argparse
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-from .user_errors import is_user_error
+from . import __version__
+from .errors import is_user_error
 
 
 def _task_row(name: str, options: dict[str, Any]) -> list[str]:
@@ -58,7 +59,7 @@ def command_tasks(args: argparse.Namespace) -> int:
 
 def command_train(args: argparse.Namespace) -> int:
     """``moebsr train`` for users who installed the package; under ``accelerate launch`` it runs on every process."""
-    from .runner import run_training_cli
+    from .training.runner import run_training_cli
     return run_training_cli(args.config, args.overrides)
 
 
@@ -66,9 +67,9 @@ def command_eval(args: argparse.Namespace) -> int:
     """Per-task metrics of a saved run, as a table or JSON."""
     import json
 
-    from .evaluate import evaluate_run
-    from .export import format_class_names, read_run_document
-    from .train import format_metrics
+    from .training.evaluate import evaluate_run
+    from .training.export import format_class_names, read_run_document
+    from .training.loop import format_metrics
     metrics = evaluate_run(args.run, args.task or None, args.split, args.keep_rate, args.max_examples,
                            args.batch_size, args.weights)
     class_names = {task: names for task, names in read_run_document(args.run).get("class_names", {}).items()
@@ -88,8 +89,8 @@ def command_profile(args: argparse.Namespace) -> int:
     """Parameters, FLOPs, saved activations, memory and step time of one training step of a config."""
     import json
 
+    from .analysis.profiling import format_profile, profile_config
     from .config import load_config
-    from .profiling import format_profile, profile_config
     peak_command = ["-m", "moebsr.cli", "profile", "--config", args.config, *args.overrides, "--peak-only", "--json"]
     if args.tasks_per_step is not None:
         peak_command += ["--tasks-per-step", str(args.tasks_per_step)]
@@ -117,7 +118,7 @@ def command_plan(args: argparse.Namespace) -> int:
 
 def command_tokens(args: argparse.Namespace) -> int:
     """A PNG of the patches each token-dropping block keeps on a few test images of a task."""
-    from .token_map import plot_kept_tokens
+    from .analysis.token_map import plot_kept_tokens
     drawn = plot_kept_tokens(args.run, args.out, args.task, args.images, args.split)
     kept = ", ".join(f"block {block} {fraction:.0%}" for block, fraction in drawn.kept_fraction.items())
     rows = ", ".join(f"#{index} {name}" for index, name in zip(drawn.examples, drawn.classes))
@@ -184,9 +185,7 @@ COUNT = bounded(int, "an integer >= 0", lambda value: value >= 0)
 KEEP_RATE = bounded(float, "a number in (0, 1]", lambda value: 0 < value <= 1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="moebsr", description="Multitask MoE-ViT fine-tuning with BSR.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_tasks_command(commands: argparse._SubParsersAction) -> None:
     tasks = commands.add_parser("tasks", help="list registered tasks, their sizes and outputs")
     tasks.add_argument("pattern", nargs="?", default="*", help="shell-style name filter, e.g. 'mnist*'")
     tasks.add_argument("--task-dir", action="append", default=[], metavar="DIR",
@@ -194,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--config", help="a run config: its data.task_dirs and data.task_options apply")
     tasks.set_defaults(handler=command_tasks)
 
+
+def add_eval_command(commands: argparse._SubParsersAction) -> None:
     evaluation = commands.add_parser("eval", help="evaluate a saved run per task")
     evaluation.add_argument("--run", required=True, help="run folder (train.output_dir of a finished or saved run)")
     evaluation.add_argument("--task", action="append", default=[], metavar="NAME", help="only this task (repeatable)")
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--json", action="store_true", help="print one JSON object")
     evaluation.set_defaults(handler=command_eval)
 
+
+def add_tokens_command(commands: argparse._SubParsersAction) -> None:
     tokens = commands.add_parser("tokens", help="picture of the patches each token-dropping block keeps")
     tokens.add_argument("--run", required=True, help="run folder (train.output_dir)")
     tokens.add_argument("--task", default=None, help="task whose test images to show (default: the run's first)")
@@ -214,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokens.add_argument("--out", required=True, help="PNG file to write")
     tokens.set_defaults(handler=command_tokens)
 
+
+def add_export_command(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="one task of a run as its own model (pruned, safetensors or ONNX)")
     export.add_argument("--run", required=True, help="training run folder (train.output_dir)")
     export.add_argument("--task", required=True, help="the task to export")
@@ -245,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", action="store_true", help="print one JSON object")
     export.set_defaults(handler=command_export)
 
+
+def add_predict_command(commands: argparse._SubParsersAction) -> None:
     prediction = commands.add_parser("predict", help="a task's top classes for image files or folders")
     prediction.add_argument("--run", required=True, help="training run folder or exported task model folder")
     prediction.add_argument("--task", action="append", default=[], metavar="NAME",
@@ -256,11 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     prediction.add_argument("--json", action="store_true", help="print one JSON object")
     prediction.set_defaults(handler=command_predict)
 
+
+def add_train_command(commands: argparse._SubParsersAction) -> None:
     training = commands.add_parser("train", help="train as configured (the same job as launch/multitask.py)")
     training.add_argument("--config", required=True, help="YAML file, e.g. configs/quickstart.yaml")
     training.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
     training.set_defaults(handler=command_train)
 
+
+def add_profile_command(commands: argparse._SubParsersAction) -> None:
     profile = commands.add_parser("profile", help="measure one training step of a config (no data needed)")
     profile.add_argument("--config", required=True, help="YAML file in configs/")
     profile.add_argument("overrides", nargs="*", help="dotted key=value overrides")
@@ -273,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only the peak-memory reading (what the CPU child process runs)")
     profile.add_argument("--json", action="store_true", help="print one JSON object")
     profile.set_defaults(handler=command_profile)
+
+
+def add_plan_command(commands: argparse._SubParsersAction) -> None:
     planning = commands.add_parser("plan", help="choose what trains for a memory or FLOPs budget, from your data")
     planning.add_argument("--config", required=True, help="YAML file in configs/")
     planning.add_argument("overrides", nargs="*", help="dotted key=value overrides")
@@ -287,6 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
                                "accumulated (train.grad_accum_steps; same images per step), where it buys importance")
     planning.add_argument("--out", required=True, help="the config to write (P.plan.json, P.frontier.png beside it)")
     planning.set_defaults(handler=command_plan)
+
+
+COMMANDS = (add_tasks_command, add_eval_command, add_tokens_command, add_export_command, add_predict_command,
+            add_train_command, add_profile_command, add_plan_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="moebsr", description="Multitask MoE-ViT fine-tuning with BSR.")
+    parser.add_argument("--version", action="version", version=f"moebsr {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(commands)
     return parser
 
 

@@ -18,10 +18,19 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .model.bsr import BSRPlan
+
 # model.spec and model.bsr import no torch (the model package loads its modules on first use): a config is parsed
 # and refused without the heavy stack, which a bad key would otherwise wait seconds for on a loaded machine
-from .model.spec import (ADAPTED_MODULES, FROZEN_DTYPE_NAMES, MoESpec, TokenDropSpec, check_block_indices,
-                         check_decision, check_dispatch, check_keep_rate)
+from .model.spec import (
+    ADAPTED_MODULES,
+    FROZEN_DTYPE_NAMES,
+    MoESpec,
+    TokenDropSpec,
+    check_block_indices,
+    check_decision,
+    check_dispatch,
+    check_keep_rate,
+)
 
 OPTIMIZERS = ("adamw", "sgd")
 SAMPLERS = ("round_robin", "proportional", "temperature", "joint")
@@ -35,20 +44,39 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """The backbone: which timm ViT to build, its weights, and any architecture field that differs from timm's."""
+
     name: str = "vit_tiny_patch16_224"
+    """timm model name of the backbone (``vit_*``, ``deit_*``, ``eva02_*``, ...); the families that work are on the
+    compatibility page."""
     pretrained: bool = False
-    checkpoint: Optional[str] = None  # local backbone weights (timm-loadable safetensors)
-    pretrain_config: Optional[str] = None  # config that produces `checkpoint` when it is missing
+    """Load timm's pretrained weights for ``name`` (needs the network or a filled Hugging Face cache)."""
+    checkpoint: Optional[str] = None
+    """Local backbone weights (a timm-loadable safetensors file), used in place of ``pretrained``; a relative path
+    in a config file is relative to that file."""
+    pretrain_config: Optional[str] = None
+    """A config that produces ``checkpoint`` when it is missing: the first run trains it once (one process only);
+    a relative path in a config file is relative to that file."""
     img_size: Optional[int] = None
+    """Input image size in pixels; ``null`` keeps the timm model's (position embeddings are resampled)."""
     patch_size: Optional[int] = None
+    """Patch size in pixels; ``null`` keeps the timm model's."""
     in_chans: Optional[int] = None
+    """Input channels; ``null`` keeps the timm model's (3)."""
     depth: Optional[int] = None
+    """Number of transformer blocks; ``null`` keeps the timm model's. Block indices left ``null`` elsewhere scale
+    with it."""
     embed_dim: Optional[int] = None
+    """Token width; ``null`` keeps the timm model's."""
     num_heads: Optional[int] = None
+    """Attention heads per block; ``null`` keeps the timm model's."""
     drop_path_rate: float = 0.0
-    # any other argument of timm's VisionTransformer, e.g. {class_token: false, global_pool: avg, reg_tokens: 4,
-    # qk_norm: true, dynamic_img_size: true}; checked against its signature before anything is built
+    """Stochastic depth rate; it acts only in trainable blocks (frozen blocks run in eval mode)."""
+    # checked against its signature before anything is built
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Any other argument of timm's ``VisionTransformer`` (or ``Eva``), e.g. ``{class_token: false, global_pool:
+    avg, reg_tokens: 4, qk_norm: true, dynamic_img_size: true}``; an unknown one is refused naming the accepted
+    ones."""
 
     ARCHITECTURE_FIELDS = ("img_size", "patch_size", "in_chans", "depth", "embed_dim", "num_heads", "drop_path_rate")
 
@@ -66,6 +94,8 @@ class MoEConfig(MoESpec):
     """:class:`MoESpec` plus the weight of its balancing loss in the training loss."""
 
     aux_loss_weight: float = 0.01
+    """Weight of the MoE balancing loss (M³ViT's cv² of importance + load, summed over MoE layers) in the training
+    loss; >= 0, 0 turns it off (the paper's BSR script trains without it)."""
 
     def spec(self) -> MoESpec:
         fields = {f.name for f in dataclasses.fields(MoESpec)}
@@ -74,14 +104,28 @@ class MoEConfig(MoESpec):
 
 @dataclass
 class BSRConfig:
+    """Block selective reprogramming: which blocks and sub-layers train (the config form of :class:`BSRPlan`)."""
+
     preset: str = "paper"
+    """``paper``: blocks (3, 7, 11) scaled to depth; ``last_k``: the last ``bsr.last_k`` blocks; ``all``: full
+    fine-tuning (embeddings too); ``none``: heads only; ``custom``: ``bsr.trainable_blocks``."""
     trainable_blocks: Optional[List[int]] = None
+    """Explicit block indices that train; when set they override the preset's choice (required with ``custom``)."""
     last_k: int = 3
+    """How many final blocks train with ``preset: last_k``, 1..depth; set with another preset it is refused."""
     sublayers: List[str] = field(default_factory=lambda: ["attn", "mlp", "router", "norm"])
+    """Which parts of a trainable block train: any of ``attn``, ``mlp`` (the experts or the dense MLP), ``router``
+    (the MoE gates), ``norm``."""
     train_final_norm: Optional[bool] = None
+    """Train the final norm; ``null``: yes, except with ``preset: none``."""
     train_embeddings: Optional[bool] = None
-    block_sublayers: Optional[Dict[int, List[str]]] = None  # per-block sub-layers (what `moebsr plan` writes)
-    frozen_dtype: str = "fp32"  # bf16/fp16: frozen matmul weights stored (and computed) in it; see model/precision.py
+    """Train the patch and position embeddings and the class token; ``null``: only with ``preset: all``."""
+    block_sublayers: Optional[Dict[int, List[str]]] = None
+    """Per-block choice, block -> the sub-layers it trains (e.g. ``{3: [attn, norm]}``; what ``moebsr plan``
+    writes): these blocks train beside the preset's, and only the sub-layers named for them."""
+    frozen_dtype: str = "fp32"
+    """``fp32``, ``bf16`` or ``fp16``: the dtype the matmul weights of frozen layers are stored in (biases, norms
+    and routers stay fp32; see ``model/precision.py``); under bf16 autocast ``bf16`` changes no number."""
 
     def plan(self) -> BSRPlan:
         fields = {f.name for f in dataclasses.fields(BSRPlan)}
@@ -93,6 +137,8 @@ class TokenDropConfig(TokenDropSpec):
     """:class:`TokenDropSpec` plus a switch: configs keep their dropping settings while it is off."""
 
     enabled: bool = False
+    """Drop tokens in training and evaluation. While false the other ``token_drop`` keys of a config file are kept
+    (``moebsr eval --keep-rate`` uses them), and an override of one of them is refused as doing nothing."""
 
     def spec(self) -> Optional[TokenDropSpec]:
         return TokenDropSpec(self.blocks, self.keep_rate, self.fuse, self.decision) if self.enabled else None
@@ -103,11 +149,19 @@ class LoRAConfig:
     """PEFT LoRA adapters, the parameter-efficient baseline; usually with ``bsr.preset: none``."""
 
     enabled: bool = False
-    blocks: Optional[List[int]] = None  # None: the paper's blocks (3, 7, 11) scaled to depth
+    """Inject shared LoRA adapters (one for all tasks); the other ``lora`` keys act only while true, and it cannot
+    be combined with ``adapters.enabled``."""
+    blocks: Optional[List[int]] = None
+    """Blocks that take LoRA; ``null``: the paper's blocks (3, 7, 11) scaled to depth."""
     modules: List[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    """Linear layers adapted: any of ``qkv``, ``proj`` (attention), ``fc1``, ``fc2`` (dense MLPs only: MoE experts
+    take no LoRA)."""
     rank: int = 8
+    """LoRA rank r, >= 1."""
     alpha: float = 16.0
+    """LoRA scaling alpha (the delta is scaled by alpha / rank)."""
     dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
 
 
 TRUNK_CACHE_DTYPES = ("bf16", "fp16", "fp32")
@@ -117,13 +171,22 @@ TRUNK_CACHE_LOCATIONS = ("memory", "disk")
 @dataclass
 class TrunkCacheConfig:
     """Keep the frozen trunk's output per image (the blocks before the first trainable one compute the same thing
-    every epoch), so later epochs skip it; see :mod:`moebsr.trunk_cache`."""
+    every epoch), so later epochs skip it; see :mod:`moebsr.training.trunk_cache`."""
 
     enabled: bool = False
-    dtype: str = "bf16"  # what the trunk's tokens are stored (and, hit or miss, rounded) in
-    max_gib: float = 4.0  # bound per process; images past it are computed every time
-    location: str = "memory"  # memory: on the training device; disk: memory-mapped files under output_dir/trunk_cache
-    views: int = 0  # 0: training augmentation off; K >= 1: K fixed augmented views per image (epoch e: view e mod K)
+    """Cache the output of the frozen blocks before the first trainable one, per image; the other ``trunk_cache``
+    keys act only while true."""
+    dtype: str = "bf16"
+    """``bf16``, ``fp16`` or ``fp32``: what the trunk's tokens are stored in (and, read back or computed now, rounded
+    to)."""
+    max_gib: float = 4.0
+    """Bound of the cache per process in GiB, >= 0; images past it are computed every time."""
+    location: str = "memory"
+    """``memory``: on the training device; ``disk``: memory-mapped files under ``<output_dir>/trunk_cache``, removed
+    at the end of the run."""
+    views: int = 0
+    """0: training augmentation off while cached; K >= 1: K fixed augmented views per image (epoch e shows view
+    e mod K)."""
 
 
 @dataclass
@@ -131,74 +194,144 @@ class AdaptersConfig:
     """Per-task LoRA adapters: each task trains its own low-rank delta on the shared (BSR-trained) weights."""
 
     enabled: bool = False
-    blocks: Optional[List[int]] = None  # None: the BSR plan's trainable blocks
-    modules: List[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])  # fc1/fc2: dense MLPs only
+    """Give every task its own LoRA delta on top of the shared weights; the other ``adapters`` keys act only while
+    true, and it cannot be combined with ``lora.enabled``."""
+    blocks: Optional[List[int]] = None
+    """Blocks whose linear layers take task adapters; ``null``: the BSR plan's trainable blocks."""
+    modules: List[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    """Linear layers adapted: any of ``qkv``, ``proj``, ``fc1``, ``fc2`` (``fc1``/``fc2`` only where the block's MLP
+    is dense)."""
     rank: int = 4
+    """Rank of each task's delta ``B_t A_t``, >= 1 (``B_t`` starts at zero)."""
     alpha: float = 8.0
+    """Scaling alpha of each task's delta (scaled by alpha / rank), > 0."""
 
 
 @dataclass
 class DataConfig:
-    task_dirs: List[str] = field(default_factory=list)  # extra folders of task files
-    task_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per-task factory options
+    """Where tasks come from and how their data loads."""
+
+    task_dirs: List[str] = field(default_factory=list)
+    """Extra folders of task files, imported beside ``tasks/`` and ``$MOEBSR_TASK_DIRS``; relative paths in a config
+    file are relative to that file."""
+    task_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """Per-task factory options, task -> {option: value}, e.g. ``{imagefolder: {data_dir: ..., test_fraction: 0.2}}``
+    or ``{mnist: {validation_fraction: 0.15}}``."""
     num_workers: int = 0
+    """DataLoader worker processes for per-image datasets (hub datasets, image folders), >= 0; in-memory tensor
+    datasets do not use them."""
 
 
 @dataclass
 class TrainConfig:
+    """The training loop: output folder, optimisation, schedule, sampling, checkpoints and resume."""
+
     output_dir: str = "runs/default"
+    """The run folder (config, checkpoints, logs, export), relative to the working directory; one run per folder."""
     batch_size: int = 64
+    """Images per step and per process (P processes see batches of ``batch_size * P``), >= 1."""
     lr: float = 1e-3
+    """Peak learning rate, after warm-up, > 0."""
     min_lr: float = 0.0
+    """Learning rate the cosine ends at, 0 <= min_lr <= lr."""
     weight_decay: float = 0.05
+    """Weight decay, >= 0; biases, norms, the class token and the position embedding are spared."""
     layer_decay: Optional[float] = None
+    """Layer-wise learning-rate decay d in (0, 1]: group g trains at ``lr * d ** (depth + 1 - g)`` (timm's layer
+    groups); ``null``: off."""
     optimizer: str = "adamw"
+    """``adamw`` or ``sgd``."""
     momentum: float = 0.9
+    """SGD momentum (used with ``optimizer: sgd`` only)."""
     steps: int = 100
+    """Optimizer steps of the run, >= 1; the schedule is laid over them."""
     warmup_steps: int = 10
+    """Linear warm-up steps before the cosine, 0 <= warmup_steps < steps."""
     grad_clip: Optional[float] = 1.0
+    """Clip the global gradient norm to this, > 0; ``null``: no clipping."""
     grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step, >= 1 (``moebsr plan --accumulate`` sets it)."""
     mixed_precision: str = "no"
+    """Autocast precision: ``no``, ``bf16`` or ``fp16`` (fp16 is refused with experts sharded by tutel)."""
     sampler: str = "round_robin"
+    """Which task(s) a step trains: ``round_robin``, ``proportional`` (p ~ n_i), ``temperature`` (p ~ n_i^(1/T)), or
+    ``joint`` (tasks that label the same images train on one batch through one shared trunk)."""
     temperature: float = 2.0
+    """T of the ``temperature`` sampler, > 0."""
     label_smoothing: float = 0.0
+    """Label smoothing of every task's cross-entropy, in [0, 1) (a task's own ``label_smoothing`` option wins)."""
     seed: int = 0
-    checkpoint_every: int = 0  # 0: only at the end
+    """Seed of the initialisation, the data order and augmentation."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every N steps, >= 0; 0: only at the end (and on a stop signal)."""
     keep_checkpoints: int = 2
-    resume: Optional[str] = None  # a checkpoint folder or "latest"
-    overwrite: bool = False  # clear another run's outputs from output_dir first (else such a folder is refused)
-    max_bad_steps: int = 5  # consecutive non-finite losses before aborting
+    """How many newest checkpoints are kept, >= 1; older ones are removed once a newer one is complete."""
+    resume: Optional[str] = None
+    """A checkpoint folder, or ``latest`` (the newest in ``output_dir``); changes to the schedule's keys are
+    refused."""
+    overwrite: bool = False
+    """Clear another run's outputs from ``output_dir`` first (else such a folder is refused); not with ``resume``."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite losses (each step skipped) before the run aborts, >= 1."""
 
 
 @dataclass
 class EvalConfig:
+    """Evaluation during and at the end of training."""
+
     split: str = "test"
-    every: int = 0  # 0: only at the end
+    """The split evaluated: ``test`` (a task built with ``validation_fraction`` evaluates its held-out share here)
+    or ``train``."""
+    every: int = 0
+    """Evaluate every N steps, >= 0; 0: only at the end."""
     batch_size: int = 256
+    """Images per evaluation batch, >= 1."""
     max_examples: Optional[int] = None
+    """Evaluate only the first N examples of each task's split; ``null``: all of them."""
 
 
 @dataclass
 class LoggingConfig:
+    """What the run reports while it trains."""
+
     log_every: int = 10
+    """Write the losses, learning rate and images/s to the trackers every N steps, >= 1 (``train_log.jsonl`` gets
+    every step)."""
     trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    """Accelerate trackers: ``tensorboard`` (event files under ``<output_dir>/moebsr``) or ``none``. ``csv`` passes
+    the config check but accelerate has no such tracker and refuses it when the run starts."""
     progress: bool = True
+    """Show a tqdm progress bar (on the local main process)."""
 
 
 @dataclass
 class RunConfig:
+    """One experiment: the tasks and every section below; one YAML file in ``configs/`` plus overrides."""
+
     tasks: List[str] = field(default_factory=list)
+    """Registered task names to train together (``moebsr tasks`` lists them); at least one, no duplicates."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone."""
     moe: MoEConfig = field(default_factory=MoEConfig)
+    """Where the dense MLPs become mixtures of experts, and how they route."""
     bsr: BSRConfig = field(default_factory=BSRConfig)
+    """Which blocks and sub-layers train."""
     token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
+    """Attention-based token dropping."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Shared LoRA adapters, the parameter-efficient baseline."""
     trunk_cache: TrunkCacheConfig = field(default_factory=TrunkCacheConfig)
+    """The frozen-trunk cache."""
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    """Per-task LoRA adapters."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Task discovery and data loading."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging and progress."""
 
     def adapters_blocks(self, depth: int) -> tuple[int, ...]:
         """The blocks that take task adapters: ``adapters.blocks``, or the BSR plan's trainable blocks."""

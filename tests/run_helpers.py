@@ -68,12 +68,12 @@ def write_untrained_run(output_dir: Path, tasks: Sequence[str] = ("digits", "dig
     """A run folder as training writes it (config.json, model.safetensors, card), without training: the short run's
     model with distinct experts and gates (upcycled experts are copies, so routing would change nothing)."""
     import torch
-
-    from moebsr.build import model_from_config
-    from moebsr.config import load_config
-    from moebsr.export import export_run
-    from moebsr.run_data import RunData
     from tiny_models import distinct_experts
+
+    from moebsr.config import load_config
+    from moebsr.training.build import model_from_config
+    from moebsr.training.export import export_run
+    from moebsr.training.run_data import RunData
 
     config = load_config(QUICKSTART, short_run_overrides(output_dir, 1, [f"tasks=[{','.join(tasks)}]", *extra]))
     data = RunData.from_config(config, check_data=False)

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from moebsr import checkpoint
-from moebsr.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from moebsr.training import checkpoint
+from moebsr.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 
 def _prepared():

@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-
 from fake_cuda import FakeCudaTensor, fake_cuda
 from fake_nccl import nccl_world
-from moebsr.expert_parallel import ShardedOptimizerState, clip_grad_norm_
-from moebsr.model.tutel_backend import SHARD_ATTR, ExpertShard, ShardedExperts
-from moebsr.train import _agree, _agreed_signal
 from tiny_models import distinct_experts, images, tiny_moevit
+
+from moebsr.model.tutel_backend import SHARD_ATTR, ExpertShard, ShardedExperts
+from moebsr.training.expert_parallel import ShardedOptimizerState, clip_grad_norm_
+from moebsr.training.loop import _agree, _agreed_signal
 
 CPU_REFUSED = r"^No backend type associated with device type cpu \(fake NCCL"
 
@@ -80,7 +80,7 @@ def test_the_loops_agreement_is_one_all_reduce_on_the_device_and_one_host_read(m
         assert cuda.host_reads == collections.Counter(tolist=1)
         assert _agree(two_processes, [torch.tensor(float("inf")).to("cuda")], None)[:2] == (False, 0)
 
-        import moebsr.train as train  # planted bug: the signal flag made without device=
+        import moebsr.training.loop as train  # planted bug: the signal flag made without device=
         tensor = train.torch.tensor
         monkeypatch.setattr(train.torch, "tensor", lambda *args, **kwargs: tensor(*args, **{
             k: v for k, v in kwargs.items() if k != "device"}))
@@ -142,12 +142,12 @@ def test_sharded_experts_and_their_optimizer_state_are_gathered_on_the_device():
 
 def test_a_tutel_model_gathers_its_sharded_experts_on_the_device(tmp_path):
     pytest.importorskip("tutel")
+    from run_helpers import QUICKSTART, short_run_overrides
     from safetensors.torch import save_file
 
-    from moebsr.build import model_from_config
     from moebsr.config import load_config
-    from moebsr.export import load_exported_model, write_run_document
-    from run_helpers import QUICKSTART, short_run_overrides
+    from moebsr.training.build import model_from_config
+    from moebsr.training.export import load_exported_model, write_run_document
     config = load_config(QUICKSTART, short_run_overrides(tmp_path, 1, ["moe.backend=tutel", "tasks=[digits]"]))
     write_run_document(tmp_path, config, {"digits": 10}, {})
     save_file(model_from_config(config, {"digits": 10}, load_weights=False).state_dict(),

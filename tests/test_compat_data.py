@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from run_helpers import REPO, isolated_caches, short_run_overrides
 
 from moebsr.data.image_columns import pixel_layout
 from moebsr.data.image_datasets import TensorImageDataset
-from moebsr.runner import run_training_cli
 from moebsr.tasks import TaskError, create_task, discover_tasks
-from run_helpers import REPO, isolated_caches, short_run_overrides
+from moebsr.training.runner import run_training_cli
 
 FULL = REPO / "configs" / "quickstart_full.yaml"
 CLASSES = ("cat", "dog", "owl")

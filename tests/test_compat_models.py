@@ -16,10 +16,10 @@ from typing import Any, Optional
 import pytest
 import timm
 import torch
-
-from moebsr.model import create_moevit
-from moebsr.user_errors import is_user_error
 from numerics import assert_close_at_scale
+
+from moebsr.errors import is_user_error
+from moebsr.model import create_moevit
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2)  # random weights, 2 blocks: seconds per family
 ACCEPTED = r"accepted: .*ViT.*EVA"  # every refusal names the accepted families, EVA included

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moebsr.build import check_config_against_model
 from moebsr.config import ConfigError, RunConfig, load_config, save_config
+from moebsr.training.build import check_config_against_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -71,8 +71,8 @@ def test_overrides_are_typed_and_nested():
 def test_model_timm_kwargs_reach_timm_and_unknown_or_doubled_keys_are_one_line():
     """class_token, global_pool, reg_tokens, qk_norm... were unreachable from a config (`unknown key
     'model.class_token'`)."""
-    from moebsr.build import backbone_depth, model_from_config
-    from moebsr.run_data import RunData
+    from moebsr.training.build import backbone_depth, model_from_config
+    from moebsr.training.run_data import RunData
     config = load_config(CONFIGS / "quickstart.yaml", [
         "model.checkpoint=null", "model.timm_kwargs.class_token=false", "model.timm_kwargs.global_pool=avg",
         "model.timm_kwargs.reg_tokens=2", "model.timm_kwargs.qk_norm=true"])
@@ -193,10 +193,10 @@ def test_overrides_with_their_switch_take_effect():
 
 def test_moe_dispatch_decides_whether_a_forward_reads_the_device_and_padded_is_the_torch_backends():
     import torch
-
     from fake_cuda import fake_cuda
-    from moebsr.build import model_from_config
-    from moebsr.recipe import describe_recipe
+
+    from moebsr.training.build import model_from_config
+    from moebsr.training.recipe import describe_recipe
     reads = {}
     for dispatch in ("grouped", "padded"):
         config = load_config(CONFIGS / "quickstart.yaml", [

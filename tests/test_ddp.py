@@ -1,12 +1,12 @@
 """When DDP is asked to search for unused parameters: exactly when some step leaves a trained parameter out."""
 
 import pytest
+from tiny_models import distinct_experts, images, tiny_moevit
 
-from moebsr.ddp import check_every_parameter_reached, task_parameters, unused_parameters_reason
 from moebsr.model.adapters import apply_task_adapters
 from moebsr.model.lora import apply_lora
-from moebsr.sampling import TaskSampler
-from tiny_models import distinct_experts, images, tiny_moevit
+from moebsr.training.ddp import check_every_parameter_reached, task_parameters, unused_parameters_reason
+from moebsr.training.sampling import TaskSampler
 
 TASKS = {"a": 10, "b": 3, "c": 5}
 

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from run_helpers import subprocess_env, write_untrained_run
 
 from moebsr.cli import main
-from run_helpers import subprocess_env, write_untrained_run
 
 
 @pytest.fixture(scope="module")

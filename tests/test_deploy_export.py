@@ -3,17 +3,24 @@
 import pytest
 import timm
 import torch
+from numerics import assert_close_at_scale
 from safetensors.torch import save_file
 from timm.layers import Mlp
+from tiny_models import TINY_VIT, distinct_experts, images, tiny_moevit
 
-from moebsr.deploy import (check_onnx, choose_experts, choose_layer_experts, export_onnx, extract_task,
-                           measure_routing_mass, prune_experts)
+from moebsr.deploy import (
+    check_onnx,
+    choose_experts,
+    choose_layer_experts,
+    export_onnx,
+    extract_task,
+    measure_routing_mass,
+    prune_experts,
+)
 from moebsr.deploy.bundle import is_plain_vit, timm_state_dict
 from moebsr.deploy.onnx_export import experts_reached
-from moebsr.deploy.prune import PrunedRouter, moe_parameter_count
 from moebsr.model.lora import apply_lora
-from numerics import assert_close_at_scale
-from tiny_models import TINY_VIT, distinct_experts, images, tiny_moevit
+from moebsr.model.prune import PrunedRouter, moe_parameter_count
 
 TASKS = {"a": 10, "b": 3, "c": 5}
 DROP = dict(blocks=[0, 2, 3], keep_rate=0.5, decision="shared")  # one stage before the split at block 1, two after
@@ -76,7 +83,7 @@ def test_pruning_experts_that_carried_no_mass_leaves_the_outputs_unchanged(renor
 
 
 def test_pruning_a_model_with_bf16_frozen_experts_keeps_each_parameters_dtype_and_the_outputs():
-    from moebsr.model.precision import store_frozen_weights
+    from moebsr.model.frozen_storage import store_frozen_weights
     model = _model(moe=dict(blocks=[1, 3], num_experts=8, top_k=1))
     model.requires_grad_(False)
     assert store_frozen_weights(model, "bf16")  # every layer frozen: the expert banks are stored in bf16

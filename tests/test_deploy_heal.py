@@ -2,21 +2,20 @@
 trained, is seeded, and ``moebsr export --heal-steps`` records it (and refuses bad values before writing anything)."""
 
 import copy
-import json
 import itertools
+import json
 
 import pytest
 import torch
-
-from moebsr.cli import main
-from moebsr.deploy import (choose_experts, export_task, extract_task, format_report, measure_routing_mass,
-                           prune_experts)
-from moebsr.deploy.heal import DISTILL_TEMPERATURE, distill_loss, heal, unfreeze_for_heal
-from moebsr.deploy.prune import PrunedRouter
-from moebsr.model.bsr import as_bsr_plan
-from moebsr.tasks.spec import Task
 from run_helpers import write_untrained_run
 from tiny_models import distinct_experts, images, tiny_moevit
+
+from moebsr.cli import main
+from moebsr.deploy import choose_experts, export_task, extract_task, format_report, measure_routing_mass, prune_experts
+from moebsr.deploy.heal import DISTILL_TEMPERATURE, distill_loss, heal, unfreeze_for_heal
+from moebsr.model.bsr import as_bsr_plan
+from moebsr.model.prune import PrunedRouter
+from moebsr.tasks.spec import Task
 
 BSR = dict(preset="custom", trainable_blocks=[3], sublayers=["attn", "mlp", "router", "norm"])
 PLAN = as_bsr_plan(BSR).resolve(4)

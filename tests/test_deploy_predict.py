@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from run_helpers import write_untrained_run
 
 from moebsr.cli import main
 from moebsr.data.batch_ops import to_model_batch
 from moebsr.deploy import export_task
-from moebsr.export import load_exported_model
-from run_helpers import write_untrained_run
+from moebsr.training.export import load_exported_model
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_predictions_are_the_models_own_and_an_exported_task_predicts_the_same(f
             assert abs(run_class["probability"] - export_class["probability"]) < 1e-6
     # the same numbers as the model run by hand on the image converted as training converts it
     model, config, _ = load_exported_model(folders["parity"])
-    from moebsr.build import image_spec_of
     from moebsr.data import ImageSpec
+    from moebsr.training.build import image_spec_of
     pixels = torch.from_numpy(np.array(Image.open(grey).convert("RGB"))).permute(2, 0, 1)[None]
     with torch.no_grad():
         expected = model.eval()(to_model_batch(pixels, ImageSpec.coerce(image_spec_of(model))),

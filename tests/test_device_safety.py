@@ -4,12 +4,12 @@ reads nothing back from the device that it does not need."""
 import collections
 
 import torch
+from tiny_models import distinct_experts, images, tiny_moevit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moebsr.data.batch_ops import augment_batch, to_model_batch
 from moebsr.data.image_spec import ImageSpec
 from moebsr.tasks.spec import BatchAugment
-from tiny_models import distinct_experts, images, tiny_moevit
 
 
 class ScalarReads(TorchDispatchMode):
@@ -74,7 +74,7 @@ DROPPING = None
 
 
 def test_bf16_and_fp16_autocast_forward_and_backward_on_cpu_stay_close_to_fp32():
-    from moebsr.profiling import autocast
+    from moebsr.analysis.profiling import autocast
     batch, results = images(8), {}
     for precision in ("no", "bf16", "fp16"):
         model = distinct_experts(tiny_moevit(token_drop=DROPPING))
@@ -98,7 +98,7 @@ def test_fp16_with_sharded_experts_is_refused_in_one_line():
     import pytest
 
     from moebsr.config import ConfigError
-    from moebsr.expert_parallel import check_precision_with_sharding
+    from moebsr.training.expert_parallel import check_precision_with_sharding
     with pytest.raises(ConfigError, match=r"^train.mixed_precision: 'fp16' with experts sharded over 2 processes "
                                           r"\(moe.backend=tutel\) .*; accepted: bf16 or no$"):
         check_precision_with_sharding("fp16", ["blocks.3.mlp.experts.fc1_weight"], 2)

@@ -6,11 +6,11 @@ import collections
 
 import pytest
 import torch
-
 from fake_cuda import FakeCudaTensor, fake_cuda
+from tiny_models import distinct_experts, images, tiny_moevit
+
 from moebsr.data import build_task_loader
 from moebsr.data.image_spec import ImageSpec
-from tiny_models import distinct_experts, images, tiny_moevit
 
 
 def test_fake_cuda_refuses_what_cuda_refuses_and_counts_host_reads():
@@ -107,8 +107,8 @@ def test_packaged_batches_are_pinned_copied_and_augmented_on_the_fake_device(mon
 def test_trunk_cache_and_bf16_frozen_weights_on_fake_cuda_match_cpu_and_read_nothing_back():
     """The trunk cache keeps its lookup table on the host (the loader's indices live there) and its entries on the
     device; frozen weights in bf16 cast on the device. Neither reads the device back nor mixes devices."""
-    from moebsr.model.precision import store_frozen_weights
-    from moebsr.trunk_cache import TrunkCache
+    from moebsr.model.frozen_storage import store_frozen_weights
+    from moebsr.training.trunk_cache import TrunkCache
 
     def build():
         model = distinct_experts(tiny_moevit(moe=dict(blocks=[1, 3], num_experts=4, top_k=2, capacity_factor=1.0,

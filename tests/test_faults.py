@@ -2,28 +2,26 @@
 
 import json
 import os
-import queue
 import random
 import re
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import QUICKSTART, REPO, read_losses, short_run_overrides, subprocess_env
 from safetensors.torch import load_file
 
-from moebsr.checkpoint import list_checkpoints
 from moebsr.config import load_config
-from moebsr.runner import run_training_cli
 from moebsr.tasks import unregister_task
-from moebsr.interrupt import TrainingInterrupted
-from moebsr.train import TrainingAborted, train
-from run_helpers import QUICKSTART, REPO, read_losses, short_run_overrides, subprocess_env
+from moebsr.training.checkpoint import list_checkpoints
+from moebsr.training.interrupt import TrainingInterrupted
+from moebsr.training.loop import TrainingAborted, train
+from moebsr.training.runner import run_training_cli
 
 KILL_RUN = ["train.checkpoint_every=2", "logging.trackers=[none]", "train.keep_checkpoints=2"]
 
@@ -114,7 +112,6 @@ def test_sigterm_to_an_accelerate_launch_run_saves_and_resume_latest_equals_unin
 def test_sigterm_to_the_training_process_alone_under_accelerate_launch_saves(tmp_path):
     """``kill <pid>`` of the training process (accelerate 1.15's pass-through): one signal, the launcher untouched."""
     import psutil
-
     from run_helpers import launch_command
     output = tmp_path / "told"
     command = [*launch_command(1), *short_run_overrides(output, 400, KILL_RUN)]
@@ -175,7 +172,7 @@ def test_sigint_exits_130_and_signals_close_together_are_one_request(tmp_path):
 
 def test_a_stop_during_a_mid_run_evaluation_abandons_it_and_saves_that_step(tmp_path, monkeypatch, capsys):
     """An evaluation can outlast a launcher's grace period: a stop signal ends it at the next batch."""
-    import moebsr.train as training
+    import moebsr.training.loop as training
     evaluations = []
 
     def evaluate_with_a_signal(*args, **kwargs):
@@ -184,7 +181,7 @@ def test_a_stop_during_a_mid_run_evaluation_abandons_it_and_saves_that_step(tmp_
             signal.raise_signal(signal.SIGTERM)  # lands while the evaluation at step 4 runs
         return evaluate(*args, **kwargs)
 
-    from moebsr.evaluate import evaluate
+    from moebsr.training.evaluate import evaluate
     monkeypatch.setattr(training, "evaluate", evaluate_with_a_signal)
     output = tmp_path / "run"
     config = load_config(QUICKSTART, short_run_overrides(output, 12, [
@@ -198,7 +195,7 @@ def test_a_stop_during_a_mid_run_evaluation_abandons_it_and_saves_that_step(tmp_
 
 
 def test_eval_of_a_run_killed_mid_way_uses_its_newest_checkpoint(tmp_path):
-    from moebsr.evaluate import evaluate_run
+    from moebsr.training.evaluate import evaluate_run
     output = tmp_path / "killed"
     process = _launch(output, ["train.steps=400"])
     deadline = time.time() + 240
@@ -346,8 +343,8 @@ def test_bad_input_gets_one_line_and_keeps_saved_work(overrides, message, bad_ta
 def test_more_processes_than_samples_is_one_clear_error(bad_task_dir):
     from types import SimpleNamespace
 
-    from moebsr.run_data import RunData
     from moebsr.tasks import TaskError
+    from moebsr.training.run_data import RunData
     config = load_config(QUICKSTART, [f"data.task_dirs=[{bad_task_dir}]", "tasks=[tiny_set]", "train.batch_size=1"])
     data = RunData.from_config(config)
     four_processes = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=4)

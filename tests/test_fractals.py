@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from safetensors import safe_open
 
 from moebsr.config import load_config

@@ -4,9 +4,9 @@ over NCCL against one (skipped on a host with fewer)."""
 
 import pytest
 import torch
-
-from moebsr.profiling import autocast
 from tiny_models import distinct_experts, images, tiny_moevit
+
+from moebsr.analysis.profiling import autocast
 
 pytestmark = pytest.mark.gpu
 
@@ -55,9 +55,8 @@ def test_tutel_on_cuda_matches_the_torch_backend_on_cuda(precision):
 def test_two_gpus_over_nccl_train_like_one_gpu_with_the_same_global_batch(tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2`` on two GPUs (NCCL) against one GPU, 6 steps."""
     _needs_gpus(2)
-    from safetensors.torch import load_file
-
     from run_helpers import launch_run
+    from safetensors.torch import load_file
     same = ["token_drop.enabled=false", "logging.trackers=[none]", "train.lr=2e-3", "train.checkpoint_every=0"]
     one, two = tmp_path / "gpu1", tmp_path / "gpu2"
     launch_run(one, 1, 6, same + ["train.batch_size=16"])

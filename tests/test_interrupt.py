@@ -4,8 +4,8 @@ import signal
 
 import pytest
 
-from moebsr import interrupt
-from moebsr.interrupt import StopRequest
+from moebsr.training import interrupt
+from moebsr.training.interrupt import StopRequest
 
 
 class ExitedNow(Exception):

@@ -57,7 +57,6 @@ def test_the_lock_pins_every_package_moebsr_with_its_test_extras_needs():
 def test_the_environment_holds_the_locked_versions():
     """What CI proves: the suite ran on the locked versions (``bash scripts/setup.sh`` installs them)."""
     import torch
-
     from packaging.version import Version
     differing = []
     for name, version in locked_versions().items():

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
-from moebsr.profiling import saved_activation_bytes, synthetic_labels, training_loss
 from tiny_models import distinct_experts, images, tiny_moevit
+
+from moebsr.analysis.profiling import saved_activation_bytes, synthetic_labels, training_loss
 
 LABELS = synthetic_labels({"a": 10, "b": 3}, 8)
 
@@ -38,7 +38,7 @@ def test_recompute_experts_needs_the_torch_backend():
 
 def _frozen_model(frozen_dtype, sublayers=("attn", "router", "norm")):
     """BSR at blocks 1 and 3 with the experts frozen (the experts of trainable blocks are cast too), dropping on."""
-    from moebsr.model.precision import store_frozen_weights
+    from moebsr.model.frozen_storage import store_frozen_weights
     model = tiny_moevit(moe=dict(blocks=[1, 3], num_experts=4, top_k=2), token_drop=dict(keep_rate=0.5),
                         bsr=dict(preset="custom", trainable_blocks=[1, 3], sublayers=list(sublayers)))
     model = distinct_experts(model)
@@ -88,8 +88,8 @@ def test_frozen_weights_in_half_precision_stay_close_in_fp32_training_and_halve_
 def test_a_frozen_bf16_expert_bank_is_cast_per_matmul_and_only_the_bank_is_kept_for_backward(bias_trains):
     """The batched expert dispatch outside autocast (fp32 training, or low-precision scoring): the same outputs and
     gradients as casting the bank up front, without saving that fp32 copy (on DeiT-S's 3 mixtures, 154 MB a pass)."""
+    from moebsr.analysis.profiling import counting_saved_tensors
     from moebsr.model.experts import Experts
-    from moebsr.profiling import counting_saved_tensors
     torch.manual_seed(0)
     bank = Experts(4, 8, 16, torch.nn.GELU())
     bank.requires_grad_(False)
@@ -115,8 +115,9 @@ def test_a_frozen_bf16_expert_bank_is_cast_per_matmul_and_only_the_bank_is_kept_
 
 
 def test_frozen_dtype_is_checked():
-    from moebsr.config import ConfigError, load_config
     from run_helpers import QUICKSTART
+
+    from moebsr.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"^bsr.frozen_dtype: 'int4' is invalid; accepted: fp32, bf16, fp16$"):
         load_config(QUICKSTART, ["bsr.frozen_dtype=int4"])
 
@@ -124,11 +125,12 @@ def test_frozen_dtype_is_checked():
 def test_a_run_with_bf16_frozen_weights_exports_and_loads_back(tmp_path):
     """The export keeps the bf16 frozen weights (half the file for them), and rebuilding the run's model from its
     config casts the same layers, so the export loads strictly and evaluates to the run's own metrics."""
-    from moebsr.config import load_config
-    from moebsr.evaluate import evaluate_run
-    from moebsr.train import train
     from run_helpers import QUICKSTART, short_run_overrides
     from safetensors import safe_open
+
+    from moebsr.config import load_config
+    from moebsr.training.evaluate import evaluate_run
+    from moebsr.training.loop import train
     result = train(load_config(QUICKSTART, short_run_overrides(tmp_path / "run", 2, [
         "logging.trackers=[none]", "bsr.frozen_dtype=bf16", "tasks=[digits]", "train.sampler=round_robin"])))
     with safe_open(str(tmp_path / "run" / "model.safetensors"), "pt") as weights:
@@ -151,7 +153,7 @@ def _collapsible_pair():
 
 
 def test_collapsing_frozen_upcycled_experts_keeps_outputs_and_gradients_and_costs_less():
-    from moebsr.profiling import count_parameters, training_step_flops
+    from moebsr.analysis.profiling import count_parameters, training_step_flops
     plain, collapsed = _collapsible_pair()
     assert plain.moe_blocks == (1, 3) and collapsed.moe_blocks == (3,)
     assert collapsed.task_split_point() == plain.task_split_point() == (1, "mlp")  # the same token ranking
@@ -159,7 +161,8 @@ def test_collapsing_frozen_upcycled_experts_keeps_outputs_and_gradients_and_cost
     # without the balancing loss: a frozen router's loss still pulls block 0 towards routes that change nothing
     losses = [training_loss(model, batch, LABELS, aux_weight=0.0) for model in (plain, collapsed)]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
-    grads = [torch.autograd.grad(loss, list(model.trainable_parameters())) for loss, model in zip(losses, (plain, collapsed))]
+    grads = [torch.autograd.grad(loss, list(model.trainable_parameters()))
+             for loss, model in zip(losses, (plain, collapsed))]
     assert len(grads[0]) == len(grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -174,10 +177,11 @@ def test_collapsing_frozen_upcycled_experts_keeps_outputs_and_gradients_and_cost
 
 
 def test_collapse_frozen_is_a_config_key_that_refuses_what_it_cannot_keep_exact():
-    from moebsr.build import check_config_against_model, model_from_config
+    from run_helpers import QUICKSTART
+
     from moebsr.config import ConfigError, load_config
     from moebsr.model.frozen_experts import collapse_frozen_experts
-    from run_helpers import QUICKSTART
+    from moebsr.training.build import check_config_against_model, model_from_config
     heads = {"digits": 10}
     on, off = (model_from_config(load_config(QUICKSTART, [f"moe.collapse_frozen={value}", "model.checkpoint=null",
                                                           "tasks=[digits]"]), heads) for value in ("true", "false"))
@@ -200,11 +204,12 @@ def test_collapse_frozen_is_a_config_key_that_refuses_what_it_cannot_keep_exact(
 def test_a_run_with_collapsed_frozen_experts_saves_and_loads_back(tmp_path):
     """The run's model is rebuilt from its config with the same layers collapsed, so its weights load strictly and
     evaluate to the run's own metrics; the saved file holds one MLP for each collapsed layer."""
-    from moebsr.config import load_config
-    from moebsr.evaluate import evaluate_run
-    from moebsr.train import train
     from run_helpers import QUICKSTART, short_run_overrides
     from safetensors import safe_open
+
+    from moebsr.config import load_config
+    from moebsr.training.evaluate import evaluate_run
+    from moebsr.training.loop import train
     result = train(load_config(QUICKSTART, short_run_overrides(tmp_path / "run", 2, [
         "logging.trackers=[none]", "moe.collapse_frozen=true", "bsr.preset=custom", "bsr.trainable_blocks=[3]",
         "tasks=[digits]", "train.sampler=round_robin"])))

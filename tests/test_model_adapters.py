@@ -3,14 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from moebsr.build import model_from_config
-from moebsr.config import ConfigError, load_config
-from moebsr.deploy import extract_task
-from moebsr.model.adapters import TaskLoRALinear, apply_task_adapters
 from numerics import GRADIENTS, assert_close_at_scale
 from run_helpers import QUICKSTART, short_run_overrides
 from tiny_models import distinct_experts, images, tiny_moevit
+
+from moebsr.config import ConfigError, load_config
+from moebsr.deploy import extract_task
+from moebsr.model.adapters import TaskLoRALinear, apply_task_adapters
+from moebsr.training.build import model_from_config
 
 TASKS = {"a": 10, "b": 3, "c": 5}
 
@@ -129,7 +129,9 @@ def test_every_adapters_key_has_its_effect(tmp_path):
     plain = model_from_config(load_config(QUICKSTART, short_run_overrides(tmp_path, 1, ["model.checkpoint=null"])),
                               heads)
     assert not any(isinstance(m, TaskLoRALinear) for m in plain.modules())
-    from moebsr.recipe import describe_recipe  # the start-of-run block names what was adapted, and nothing else
+    from moebsr.training.recipe import (
+        describe_recipe,  # the start-of-run block names what was adapted, and nothing else
+    )
     config = _config(tmp_path, "model.checkpoint=null", "bsr.preset=last_k", "bsr.last_k=3")
     assert "· task adapters rank 4 on fc1, fc2, proj, qkv of blocks [1, 2, 3] ·" in describe_recipe(
         config, model_from_config(config, heads))
@@ -156,7 +158,7 @@ def test_bad_adapter_settings_are_refused_in_one_line(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             _config(tmp_path, *extra)
-    from moebsr.build import check_config_against_model
+    from moebsr.training.build import check_config_against_model
     with pytest.raises(ConfigError, match=r"adapters.blocks: an adapter in block 0's attention leaves no attention "
                                           r"every task shares to rank tokens by"):
         check_config_against_model(_config(tmp_path, "adapters.blocks=[0, 1]", "model.checkpoint=null"))

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from tiny_models import images, tiny_moevit
 
 from moebsr.model import BSRPlan
-from tiny_models import images, tiny_moevit
 
 
 def _saved_tensors_by_block(model, tasks=("a", "b")):

@@ -1,13 +1,20 @@
 import pytest
 import torch
 import torch.nn as nn
-
-from moebsr.model import (Experts, MoEMlp, TaskRouter, apply_capacity, dispatch_dense_reference, dispatch_grouped,
-                          load_balancing_loss)
-from moebsr.model.dispatch import dispatch_padded
-from moebsr.model.routing import Routing, expert_capacity
 from numerics import GRADIENTS, assert_close_at_scale
 from tiny_models import distinct_experts, images, tiny_moevit
+
+from moebsr.model import (
+    Experts,
+    MoEMlp,
+    TaskRouter,
+    apply_capacity,
+    dispatch_dense_reference,
+    dispatch_grouped,
+    load_balancing_loss,
+)
+from moebsr.model.dispatch import dispatch_padded
+from moebsr.model.routing import Routing, expert_capacity
 
 
 def _experts(num_experts: int = 6, dim: int = 16, hidden: int = 24) -> Experts:

@@ -5,14 +5,14 @@ import copy
 import pytest
 import timm
 import torch
+from numerics import GRADIENTS, assert_close_at_scale
 from timm.layers import SwiGLU
+from tiny_models import images
 
+from moebsr.errors import is_user_error
 from moebsr.model import UnsupportedModelError, create_moevit
 from moebsr.model.eva import eva_attention_with_cls_scores
 from moebsr.model.gated_experts import GatedExperts
-from moebsr.user_errors import is_user_error
-from numerics import GRADIENTS, assert_close_at_scale
-from tiny_models import images
 
 TINY_EVA = dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=2)
 # eva02_tiny: fused qkv with q/v biases, packed GluMlp (SwiGLU), class token, avg pool + fc_norm;
@@ -168,7 +168,7 @@ def test_keep_rate_one_equals_the_dense_eva():
 
 
 def test_frozen_trunk_state_carries_the_rope_rows_into_the_trainable_blocks():
-    from moebsr.trunk_cache import TrunkCache
+    from moebsr.training.trunk_cache import TrunkCache
 
     model = moe_from(tiny_eva(), bsr=dict(preset="last_k", last_k=1), token_drop=dict(blocks=[1, 2], keep_rate=0.5))
     assert model.first_grad_block() == 3
@@ -231,7 +231,7 @@ def test_eval_forward_gives_each_task_its_logits():
 
 
 def test_pruned_gated_experts_stay_exact_down_to_a_dense_swiglu():
-    from moebsr.deploy.prune import pruned_layer
+    from moebsr.model.prune import pruned_layer
 
     model = moe_from(tiny_eva("eva02_base_scale_mlp"), tasks={"a": 3})
     layer = model.blocks[1].mlp
@@ -248,7 +248,7 @@ def test_pruned_gated_experts_stay_exact_down_to_a_dense_swiglu():
 def test_an_eva02_pruned_to_one_expert_per_layer_loads_into_the_timm_model_of_its_name():
     """eva02_tiny's MLP is a packed GluMlp: a layer pruned to one expert must become one again (not a SwiGLU), or
     the exported backbone's state dict would not load into timm's eva02_tiny."""
-    from moebsr.deploy.prune import prune_experts
+    from moebsr.model.prune import prune_experts
 
     dense = tiny_eva()
     model = moe_from(dense, tasks={"a": 3})
@@ -329,8 +329,8 @@ def test_a_gradient_check_of_the_gated_experts_against_the_dense_swiglu():
 def test_a_config_names_an_eva_and_its_timm_kwargs_are_checked_against_eva():
     from pathlib import Path
 
-    from moebsr.build import check_config_against_model, check_timm_kwargs
     from moebsr.config import ConfigError, load_config
+    from moebsr.training.build import check_config_against_model, check_timm_kwargs
 
     quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
     check_config_against_model(load_config(quickstart, ["model.name=eva02_tiny_patch14_224",

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from tiny_models import images, tiny_moevit
 
 from moebsr.model.lora import apply_lora
-from tiny_models import images, tiny_moevit
 
 
 def test_lora_adapts_only_the_named_linear_layers_and_starts_as_the_identity():

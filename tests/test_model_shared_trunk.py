@@ -3,10 +3,10 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-
-from moebsr.model.token_drop import FUSED_TOKEN
 from numerics import GRADIENTS, assert_close_at_scale
 from tiny_models import distinct_experts, images, tiny_moevit
+
+from moebsr.model.token_drop import FUSED_TOKEN
 
 TASKS = {"a": 10, "b": 3, "c": 5}
 
@@ -121,7 +121,7 @@ def test_per_task_routing_in_chosen_blocks_only_keeps_the_trunk_shared_up_to_the
     joint pass still equals each task alone, and the joint pass computes less than with per-task gates everywhere."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from moebsr.profiling import unfused_attention
+    from moebsr.analysis.profiling import unfused_attention
 
     def build(task_router_blocks):
         return _dropping_model("shared", moe=dict(blocks=[1, 3], num_experts=4, top_k=2,

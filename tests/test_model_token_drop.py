@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
+from numerics import assert_close_at_scale
+from tiny_models import images, tiny_moevit, tiny_vit
 
 from moebsr.model import attention_with_cls_scores, create_moevit, select_tokens
 from moebsr.model.token_drop import TokenSelection
-from numerics import assert_close_at_scale
-from tiny_models import images, tiny_moevit, tiny_vit
 
 
 def _reference_cls_scores(attn, x):

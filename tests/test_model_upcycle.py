@@ -1,10 +1,10 @@
 import copy
 
 import torch
-
-from moebsr.model import Experts, create_moevit
 from numerics import assert_close_at_scale
 from tiny_models import images, tiny_vit
+
+from moebsr.model import Experts, create_moevit
 
 
 def test_upcycled_experts_are_copies_of_the_dense_mlp():

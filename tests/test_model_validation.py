@@ -1,8 +1,8 @@
 import pytest
 import torch
+from tiny_models import TINY_VIT, images, tiny_moevit
 
 from moebsr.model import create_moevit
-from tiny_models import TINY_VIT, images, tiny_moevit
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -60,10 +60,10 @@ def test_an_unsupported_attention_block_or_mlp_is_bad_input_in_one_line_not_a_tr
     import copy
 
     from timm.layers import Attention, Mlp
-
-    from moebsr.model import UnsupportedModelError
-    from moebsr.user_errors import is_user_error
     from tiny_models import tiny_vit
+
+    from moebsr.errors import is_user_error
+    from moebsr.model import UnsupportedModelError
 
     class OtherAttention(Attention):
         pass

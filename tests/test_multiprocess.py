@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from run_helpers import launch_command, launch_run_output, short_run_overrides, subprocess_env
 from safetensors.torch import load_file
 
-from moebsr.checkpoint import list_checkpoints, read_training_state
-from run_helpers import launch_command, launch_run_output, short_run_overrides, subprocess_env
+from moebsr.training.checkpoint import list_checkpoints, read_training_state
 
 # Token dropping off: this randomly initialised backbone's CLS attention is near-uniform (kept and dropped tokens
 # differ by ~1e-6), so the ~1e-7 rounding differences between one batch of 16 and two of 8 flip which tokens survive

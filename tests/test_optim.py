@@ -2,10 +2,10 @@
 
 import pytest
 from timm.models import group_parameters
+from tiny_models import TINY_VIT, tiny_moevit, tiny_vit
 
 from moebsr.config import TrainConfig
-from moebsr.optim import build_optimizer, build_scheduler
-from tiny_models import TINY_VIT, tiny_moevit, tiny_vit
+from moebsr.training.optim import build_optimizer, build_scheduler
 
 DEPTH = TINY_VIT["depth"]
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import distinct_experts, images, tiny_moevit
 
+from moebsr.errors import is_user_error
 from moebsr.model.bsr import BSRPlan
 from moebsr.planning import PlanError, best_plan, parse_budget, plan_units, units_plan
 from moebsr.planning.costs import Measure, measure_cost_model, synthetic_step_measure
 from moebsr.planning.importance import fisher_potential
 from moebsr.planning.search import RESOLUTION
-from moebsr.user_errors import is_user_error
-from tiny_models import distinct_experts, images, tiny_moevit
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"a": 10, "b": 3}
@@ -40,8 +40,8 @@ def tiny():
 
 @pytest.mark.parametrize("text, kind, amount, relative", [
     ("memory=600MiB", "memory", 600 * 2 ** 20, False), ("memory=0.3x", "memory", 0.3, True),
-    ("flops=2.5GFLOP", "flops", 2.5e9, False), ("flops=0.4x", "flops", 0.4, True), ("memory=1e3KB", "memory", 1e6, False),
-    ("step=80ms", "step", 0.08, False), ("step=0.4x", "step", 0.4, True),
+    ("flops=2.5GFLOP", "flops", 2.5e9, False), ("flops=0.4x", "flops", 0.4, True),
+    ("memory=1e3KB", "memory", 1e6, False), ("step=80ms", "step", 0.08, False), ("step=0.4x", "step", 0.4, True),
 ])
 def test_budgets_parse(text, kind, amount, relative):
     budget = parse_budget(text)
@@ -77,7 +77,8 @@ def test_predicted_costs_match_a_measured_step_of_the_same_plan(tiny):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert predicted.trainable_params == trainable
         for quantity in ("saved_bytes", "flops", "parameter_bytes"):
-            assert getattr(predicted, quantity) == pytest.approx(getattr(measured, quantity), rel=0.02), (units, quantity)
+            assert getattr(predicted, quantity) == pytest.approx(getattr(measured, quantity), rel=0.02), \
+                (units, quantity)
     late, early = costs.predict([(3, "attn")]), costs.predict([(0, "attn")])
     assert late.saved_bytes < early.saved_bytes and late.flops < early.flops
     assert costs.full.memory_bytes > costs.predict([u for u in costs.units]).memory_bytes * 0.99
@@ -102,7 +103,7 @@ def test_costs_measured_on_a_few_images_scale_to_the_batch_without_holding_gradi
 def test_saved_tensors_counted_without_being_kept_read_the_same_and_hold_less(precision, recompute):
     """Measuring counts what a step saves without keeping it (backward gets uninitialised tensors of the same shapes):
     the same bytes and FLOPs as a real step, while the pass holds a fraction of them."""
-    from moebsr.profiling import LiveTensorBytes, saved_activation_bytes, synthetic_labels, training_step_flops
+    from moebsr.analysis.profiling import LiveTensorBytes, saved_activation_bytes, synthetic_labels, training_step_flops
     model = tiny_moevit(TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2, recompute_experts=recompute),
                         token_drop=dict(blocks=[2], keep_rate=0.5))
     batch, labels = images(8), synthetic_labels(TASKS, 8)
@@ -248,8 +249,9 @@ def test_scores_with_bf16_frozen_weights_and_collapsed_mixtures_match_the_fp32_o
     """The low-memory scoring pass (what a tight budget gets): frozen weights in bf16, every mixture its dense MLP,
     only a stem table on the autograd path. Its scores are the fp32 pass's within bf16 rounding, and it holds less."""
     from moebsr.model.frozen_experts import collapse_frozen_experts
-    from moebsr.model.precision import store_frozen_weights
-    model = tiny_moevit(TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2), token_drop=dict(blocks=[2], keep_rate=0.5))
+    from moebsr.model.frozen_storage import store_frozen_weights
+    model = tiny_moevit(TASKS, moe=dict(blocks=[1, 3], num_experts=4, top_k=2),
+                        token_drop=dict(blocks=[2], keep_rate=0.5))
     units = plan_units(model)
     batch = {"a": [images(4, seed=1)], "b": [images(4, seed=2)]}
     labels = {"a": [torch.tensor([1, 2, 3, 4])], "b": [torch.tensor([0, 1, 2, 0])]}
@@ -269,13 +271,14 @@ def test_scores_with_bf16_frozen_weights_and_collapsed_mixtures_match_the_fp32_o
 
 def _plan_cli(tmp_path, *args, overrides=()):
     return subprocess.run([sys.executable, "-m", "moebsr", "plan", "--config", "configs/quickstart.yaml",
-                           "train.batch_size=8", *overrides, "--batches", "1", *args, "--out", str(tmp_path / "p.yaml")],
+                           "train.batch_size=8", *overrides, "--batches", "1", *args,
+                           "--out", str(tmp_path / "p.yaml")],
                           cwd=ROOT, capture_output=True, text=True)
 
 
 def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(tmp_path):
+    from moebsr.analysis.profiling import profile_config
     from moebsr.config import load_config
-    from moebsr.profiling import profile_config
     done = _plan_cli(tmp_path, "--budget", "memory=0.35x")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "p.plan.json").read_text())
@@ -349,8 +352,8 @@ def test_accumulate_splits_the_batch_into_micro_batches_where_it_buys_importance
     """``--accumulate``: the best lever setting is measured again with its batch in 2 and 4 micro-batches (their
     gradients accumulated: the same 8 images per step). At 0.2x a step of 2 images leaves room for more units; the
     written config trains that way and costs what was predicted."""
+    from moebsr.analysis.profiling import profile_config
     from moebsr.config import load_config
-    from moebsr.profiling import profile_config
     done = _plan_cli(tmp_path, "--budget", "memory=0.2x", "--accumulate")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "p.plan.json").read_text())
@@ -417,8 +420,9 @@ def test_measure_is_a_value():
 def test_unit_parameter_counts_on_an_eva_whose_layer_scales_are_bare_parameters_or_absent():
     """EVA blocks name their layer scales as bare parameters (gamma_1/gamma_2) or None: counting a unit's parameters
     through .parameters() of each sub-layer module crashed moebsr plan on every EVA model."""
-    from moebsr.planning.costs import unit_parameter_counts
     from test_model_eva import moe_from, tiny_eva
+
+    from moebsr.planning.costs import unit_parameter_counts
     for variant in ("eva02_tiny", "eva02_tiny_layer_scale"):
         model = moe_from(tiny_eva(variant))
         model.apply_bsr(units_plan([]))  # heads and final norm

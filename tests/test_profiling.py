@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
-
-from moebsr.config import load_config
-from moebsr.profiling import format_profile, profile_config
 from run_helpers import QUICKSTART, REPO, subprocess_env
+
+from moebsr.analysis.profiling import format_profile, profile_config
+from moebsr.config import load_config
 
 # 64 patch tokens: activations, not the bf16 weight copies autocast saves for backward, make up most saved bytes
 TINY = ["model.checkpoint=null", "model.img_size=32", "model.patch_size=4", "model.depth=4", "model.embed_dim=64",
@@ -32,10 +32,10 @@ def test_profile_measures_under_the_configured_autocast():
 
 def test_profile_measures_the_step_with_the_frozen_trunk_read_back():
     import torch
+    from tiny_models import images, tiny_moevit
     from torch.utils.flop_counter import FlopCounterMode
 
-    from moebsr.profiling import cached_trunk_step, synthetic_labels, training_step_flops, unfused_attention
-    from tiny_models import images, tiny_moevit
+    from moebsr.analysis.profiling import cached_trunk_step, synthetic_labels, training_step_flops, unfused_attention
 
     report = _profile("bsr.preset=last_k", "bsr.last_k=2", "moe.blocks=[3]")
     assert report["cached_from_block"] == 2 and "blocks 0-1 read back" in format_profile(report)

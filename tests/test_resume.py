@@ -3,12 +3,12 @@
 import shutil
 
 import pytest
-
-from moebsr.checkpoint import CheckpointError, list_checkpoints, resolve_resume
-from moebsr.config import load_config
-from moebsr.export import load_exported_model
-from moebsr.train import train
 from run_helpers import QUICKSTART, short_run_overrides
+
+from moebsr.config import load_config
+from moebsr.training.checkpoint import CheckpointError, list_checkpoints, resolve_resume
+from moebsr.training.export import load_exported_model
+from moebsr.training.loop import train
 
 TRAIN = ["logging.trackers=[none]", "train.keep_checkpoints=5"]
 

@@ -5,12 +5,12 @@ import json
 import shutil
 
 import pytest
+from run_helpers import QUICKSTART, read_losses, short_run_overrides
 
 from moebsr.config import ConfigError, load_config
-from moebsr.run_folder import RunFolderError, previous_run
-from moebsr.runner import run_training_cli
-from moebsr.train import train
-from run_helpers import QUICKSTART, read_losses, short_run_overrides
+from moebsr.training.loop import train
+from moebsr.training.run_folder import RunFolderError, previous_run
+from moebsr.training.runner import run_training_cli
 
 TRAIN = ["logging.trackers=[none]", "train.checkpoint_every=2"]
 
@@ -63,7 +63,7 @@ def test_overwrite_keeps_a_readme_that_is_not_a_model_card(finished, tmp_path):
     (folder / "README.md").write_text("# my project\n")
     (folder / "metrics.json").unlink()
     (folder / "model.safetensors").unlink()
-    from moebsr.run_folder import clear_run_outputs
+    from moebsr.training.run_folder import clear_run_outputs
     assert clear_run_outputs(folder) == ["checkpoints", "train_log.jsonl"]
     assert (folder / "README.md").read_text() == "# my project\n"
 

@@ -2,10 +2,11 @@
 
 import re
 
-from moebsr.config import load_config
-from moebsr.evaluate import evaluate_run
-from moebsr.train import train
 from run_helpers import REPO, short_run_overrides
+
+from moebsr.config import load_config
+from moebsr.training.evaluate import evaluate_run
+from moebsr.training.loop import train
 
 FULL = REPO / "configs" / "quickstart_full.yaml"
 

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from moebsr.sampling import TaskSampler
+from moebsr.training.sampling import TaskSampler
 
 SIZES = {"big": 8000, "mid": 2000, "small": 500}
 

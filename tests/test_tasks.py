@@ -12,14 +12,21 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from run_helpers import isolated_caches
 
 from moebsr.cli import main as cli_main
 from moebsr.data import ImageSpec, build_joint_loader, build_task_loader
 from moebsr.data.packaged import seeded_split
-from moebsr.tasks import (DatasetUnavailableError, MacroF1, TaskError, TopK, create_task, discover_tasks, list_tasks,
-                          task_source)
-
-from run_helpers import isolated_caches
+from moebsr.tasks import (
+    DatasetUnavailableError,
+    MacroF1,
+    TaskError,
+    TopK,
+    create_task,
+    discover_tasks,
+    list_tasks,
+    task_source,
+)
 
 SPEC = ImageSpec(image_size=32, in_chans=3)
 
@@ -243,7 +250,8 @@ def make_stand_in(features: dict, splits: dict[str, int], num_classes: int):
 
 
 def hub_schema(name: str) -> tuple[dict, dict[str, int]]:
-    from datasets import ClassLabel, Image as ImageFeature
+    from datasets import ClassLabel
+    from datasets import Image as ImageFeature
     image = ImageFeature()
     return {
         "cifar10": ({"img": image, "label": ClassLabel(num_classes=10)}, {"train": 12, "test": 6}),
@@ -300,7 +308,8 @@ def test_hub_tasks_offline_fail_fast_with_one_line_saying_how_to_provide_data(na
 
 
 def test_column_names_can_be_overridden_for_a_local_copy(tmp_path):
-    from datasets import ClassLabel, Image as ImageFeature
+    from datasets import ClassLabel
+    from datasets import Image as ImageFeature
     stand_in = make_stand_in({"picture": ImageFeature(), "breed": ClassLabel(num_classes=37)}, {"train": 4, "test": 4},
                              37)
     stand_in.save_to_disk(str(tmp_path / "pets"))

@@ -1,10 +1,10 @@
 """``moebsr tokens``: which examples its rows show."""
 
 import torch
-
-from moebsr.tasks import create_task, discover_tasks
-from moebsr.token_map import pick_examples, plot_kept_tokens
 from run_helpers import write_untrained_run
+
+from moebsr.analysis.token_map import pick_examples, plot_kept_tokens
+from moebsr.tasks import create_task, discover_tasks
 
 
 def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int):

@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from run_helpers import REPO, QUICKSTART, VENV_BIN, read_losses, short_run_overrides, subprocess_env
+from run_helpers import QUICKSTART, REPO, VENV_BIN, read_losses, short_run_overrides, subprocess_env
 
 
 def test_accelerate_launch_trains_saves_and_evaluates(tmp_path):

@@ -3,17 +3,17 @@ training run trains as an uncached one (exactly in fp32; hit or miss alike in bf
 
 import pytest
 import torch
+from run_helpers import QUICKSTART, short_run_overrides
+from tiny_models import distinct_experts, images, tiny_moevit
 from torch.utils.flop_counter import FlopCounterMode
 
+from moebsr.analysis.profiling import unfused_attention
 from moebsr.config import ConfigError, load_config
 from moebsr.data import build_task_loader
 from moebsr.data.image_spec import ImageSpec
-from moebsr.profiling import unfused_attention
 from moebsr.tasks import create_task
-from moebsr.train import train
-from moebsr.trunk_cache import TrunkCache, TrunkCacheError, check_cacheable
-from run_helpers import QUICKSTART, short_run_overrides
-from tiny_models import distinct_experts, images, tiny_moevit
+from moebsr.training.loop import train
+from moebsr.training.trunk_cache import TrunkCache, TrunkCacheError, check_cacheable
 
 TASKS = ["a", "b"]
 BATCHES = [torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([4, 5, 6, 7, 8, 9]), torch.tensor([9, 0, 5, 2])]

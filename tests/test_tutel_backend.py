@@ -5,11 +5,10 @@ import sys
 
 import pytest
 import torch
-
 from tiny_models import distinct_experts, images, tiny_moevit
 
 from moebsr.config import ConfigError, RunConfig, validate_against_model
-from moebsr.user_errors import is_user_error
+from moebsr.errors import is_user_error
 
 NO_TUTEL = "tutel is not installed (not on PyPI): see README, MoE backends"
 TASKS = {"a": 10, "b": 3}
@@ -73,7 +72,7 @@ def test_state_dicts_move_between_backends_both_ways(tmp_path):
     pytest.importorskip("tutel", reason=NO_TUTEL)
     from safetensors.torch import save_file
 
-    from moebsr.export import load_weights
+    from moebsr.training.export import load_weights
 
     reference, candidate = _pair(CASES["top2-raw-probabilities"])
     assert list(reference.state_dict()) == list(candidate.state_dict())

@@ -7,9 +7,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from run_helpers import launch_run
+from safetensors.torch import load_file
 
 pytest.importorskip("tutel", reason="tutel is not installed (not on PyPI): see README, MoE backends")
 

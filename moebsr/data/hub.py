@@ -15,8 +15,8 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
+from ..errors import first_line
 from ..tasks.errors import DatasetUnavailableError
-from ..user_errors import first_line
 
 PathLike = Union[str, os.PathLike]
 _TRUE = ("1", "true", "yes", "on")

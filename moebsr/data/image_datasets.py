@@ -89,7 +89,8 @@ class _PairImage:
 
 
 def _hf_columns(dataset: Any, image_column: Optional[str], label_column: Optional[str], name: str) -> tuple[str, str]:
-    from datasets import ClassLabel, Image as ImageFeature
+    from datasets import ClassLabel
+    from datasets import Image as ImageFeature
 
     features = dataset.features
     if image_column is None:

@@ -36,5 +36,5 @@ class ImageSpec:
 
     @classmethod
     def coerce(cls, spec: Union["ImageSpec", Mapping[str, Any]]) -> "ImageSpec":
-        """Accept an ``ImageSpec`` or the dict ``moebsr.build.image_spec_of`` returns."""
+        """Accept an ``ImageSpec`` or the dict ``moebsr.training.build.image_spec_of`` returns."""
         return spec if isinstance(spec, ImageSpec) else cls(**dict(spec))

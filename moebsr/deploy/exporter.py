@@ -20,17 +20,43 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import RunConfig, config_from_dict, config_to_dict
-from ..export import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, card_value, contiguous_state, find_weights, \
-    load_weights, read_run_document
 from ..model import MoEViT
-from .bundle import (FORMATS, ONNX_FILE, ExportError, check_out_dir, export_structure, human_bytes, is_plain_vit,
-                     move_into, task_config, timm_create_call, timm_state_dict)
+from ..model.prune import (
+    CRITERIA,
+    DEFAULT_CRITERION,
+    DEFAULT_THRESHOLDS,
+    choose_layer_experts,
+    measure_routing_mass,
+    moe_parameter_count,
+    prune_experts,
+)
+from ..training.export import (
+    BACKBONE_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    card_value,
+    contiguous_state,
+    find_weights,
+    load_weights,
+    read_run_document,
+)
+from .bundle import (
+    FORMATS,
+    ONNX_FILE,
+    ExportError,
+    check_out_dir,
+    export_structure,
+    human_bytes,
+    is_plain_vit,
+    move_into,
+    task_config,
+    timm_create_call,
+    timm_state_dict,
+)
 from .card import describe_layers, task_card
 from .extract import extract_task
 from .heal import DEFAULT_HEAL_LOSS, HEAL_LOSSES, heal_task_model
 from .onnx_export import DEFAULT_TOLERANCE, check_onnx, covering_images, export_onnx
-from .prune import (CRITERIA, DEFAULT_CRITERION, DEFAULT_THRESHOLDS, choose_layer_experts, measure_routing_mass,
-                    moe_parameter_count, prune_experts)
 
 ONNX_CHECK_IMAGES = 32  # images the ONNX check runs, chosen to reach every kept expert
 SAMPLE_IMAGES = 512  # training images those (and the FLOPs batch, and the trace input) come from
@@ -58,8 +84,8 @@ class ExportReport:
 
 def open_source_run(run_dir: str | os.PathLike) -> SourceRun:
     """The training run to export from; an exported task folder is refused (export from its run)."""
-    from ..build import model_for_run
-    from ..run_data import RunData
+    from ..training.build import model_for_run
+    from ..training.run_data import RunData
 
     document = read_run_document(run_dir)
     if "export" in document:
@@ -78,7 +104,7 @@ def task_images(config: RunConfig, task: str, split: str, image_spec: dict, batc
                 max_examples: Optional[int] = None) -> Iterator[torch.Tensor]:
     """``task``'s images of ``split`` as the model takes them (no augmentation), in the split's order."""
     from ..data import build_task_loader
-    from ..run_data import RunData
+    from ..training.run_data import RunData
 
     data = RunData.from_config(config_from_dict({**config_to_dict(config), "tasks": [task]}), check_data=False)
     loader = build_task_loader(data.tasks[task], split, image_spec, batch_size, train=False)
@@ -144,8 +170,8 @@ def export_task(run_dir: str | os.PathLike, task: str, out: str | os.PathLike, *
     before it is written (:mod:`moebsr.deploy.heal`; ``heal_lr`` defaults to a tenth of the run's ``train.lr``,
     ``heal_loss`` to ``distill``: towards the task model as it was before pruning; ``heal_seed`` to the run's seed).
     """
-    from ..build import image_spec_of
     from ..tasks import TaskError
+    from ..training.build import image_spec_of
 
     check_options(fmt, prune, criterion, threshold, calibration_examples, tolerance, heal_steps, heal_lr, heal_loss)
     source = open_source_run(run_dir)
@@ -194,7 +220,7 @@ def write_task_folder(folder: Path, source: SourceRun, single: MoEViT, task: str
                       fmt: str, tolerance: float) -> dict[str, Any]:
     """The weights (and timm twin, and ONNX graph checked in onnxruntime) in ``folder``; returns the ``export``
     section as far as it is known before evaluation."""
-    from ..profiling import inference_flops
+    from ..analysis.profiling import inference_flops
 
     model = source.model
     save_file(contiguous_state(single.state_dict()), str(folder / MODEL_FILE),
@@ -240,7 +266,7 @@ def measure_task_folder(folder: Path, out: Path, source: SourceRun, task: str, s
                         batch_size: int) -> dict[str, float]:
     """Evaluate the task folder's files and the multitask model on the task's test split; write the config and the
     card with what was measured. Returns the task model's metrics."""
-    from ..evaluate import evaluate_run
+    from ..training.evaluate import evaluate_run
 
     exported_config = task_config(source.config, task, out)
     document = dict(config=config_to_dict(exported_config), task_outputs={task: source.document["task_outputs"][task]},

@@ -116,7 +116,7 @@ def heal(model: MoEViT, task: Task, batches: Iterator[dict], plan: ResolvedBSRPl
     """
     from timm.optim import create_optimizer_v2
 
-    from ..optim import warmup_cosine
+    from ..training.optim import warmup_cosine
 
     if steps < 1:
         raise ValueError(f"--heal-steps: {steps} is invalid; accepted: an integer >= 1")
@@ -166,10 +166,10 @@ def heal_task_model(model: MoEViT, config: RunConfig, task: str, steps: int, lr:
     ``seed`` (default: the run's ``train.seed``) seeds the data order and the fine-tune, so a heal's spread over seeds
     can be measured.
     """
-    from ..build import image_spec_of
     from ..data import build_task_loader
     from ..data.image_datasets import TensorImageDataset
-    from ..run_data import RunData
+    from ..training.build import image_spec_of
+    from ..training.run_data import RunData
 
     lr = default_heal_lr(config) if lr is None else lr
     train = config.train

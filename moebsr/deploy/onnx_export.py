@@ -37,7 +37,7 @@ class TaskLogits(nn.Module):
 
 def static_dispatch(model: MoEViT) -> contextlib.AbstractContextManager:
     """Every MoE layer of ``model`` dispatches with static shapes (every expert on every token) meanwhile."""
-    from ..profiling import attribute_set
+    from ..analysis.profiling import attribute_set
     return attribute_set(list(model.moe_layers().values()), "dispatcher", _dense_dispatcher)
 
 

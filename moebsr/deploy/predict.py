@@ -103,9 +103,9 @@ def predict(run_dir: str, paths: Sequence[str], tasks: Optional[Sequence[str]] =
     from tqdm.auto import tqdm
 
     from ..data.batch_ops import to_model_batch
-    from ..evaluate import open_run
-    from ..export import read_run_document
     from ..tasks import TaskError
+    from ..training.evaluate import open_run
+    from ..training.export import read_run_document
 
     if top_k < 1:
         raise TaskError(f"--top-k: {top_k} is invalid; accepted: an integer >= 1")

@@ -24,7 +24,9 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.eva import EvaAttention
 
+from .errors import UnsupportedModelError
 from .moe import TaskRows
 from .spec import ADAPTED_MODULES
 
@@ -98,6 +100,14 @@ def has_task_parameters(module: nn.Module) -> bool:
     return any(isinstance(child, TaskLoRALinear) for child in module.modules())
 
 
+def check_qkv_adaptable(attn: nn.Module, key: str) -> None:
+    """Refuse an adapter on an EvaAttention's fused ``qkv`` with q/v biases: timm calls ``F.linear`` on
+    ``qkv.weight`` there, not the module, so an adapter in its place would silently never run."""
+    if isinstance(attn, EvaAttention) and attn.qkv is not None and attn.q_bias is not None:
+        raise UnsupportedModelError(f"{key}: EVA's fused qkv with q/v biases takes no adapter (timm bypasses the "
+                                    "module); accepted: modules proj, fc1, fc2 for EVA blocks")
+
+
 def apply_task_adapters(model: nn.Module, tasks: Sequence[str], blocks: Sequence[int],
                         modules: Sequence[str] = tuple(ADAPTER_MODULES), rank: int = 4, alpha: float = 8.0
                         ) -> list[str]:
@@ -119,7 +129,6 @@ def apply_task_adapters(model: nn.Module, tasks: Sequence[str], blocks: Sequence
             if type(layer) is not nn.Linear:  # fc1/fc2 of an MoE block are stacked experts: no adapter (see above)
                 continue
             if name == "qkv":
-                from .eva import check_qkv_adaptable  # eva.py imports block.py, which imports this module
                 check_qkv_adaptable(parent, "adapters.modules")
             setattr(parent, child, TaskLoRALinear(layer, tasks, rank, alpha))
             adapted.append(f"backbone.blocks.{index}.{ADAPTER_MODULES[name]}")

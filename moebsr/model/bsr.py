@@ -20,28 +20,25 @@ SUBLAYERS = ("attn", "mlp", "router", "norm")
 
 @dataclass
 class BSRPlan:
-    """Which parts of the backbone are trained; everything else is frozen. Task heads always train.
-
-    Attributes:
-        preset: ``paper`` = blocks (3, 7, 11) scaled to depth; ``last_k`` = the last ``last_k`` blocks;
-            ``all`` = full fine-tuning (embeddings too); ``none`` = heads only; ``custom`` = ``trainable_blocks``.
-        trainable_blocks: Explicit block indices; when given they override the preset's choice.
-        last_k: Block count for ``last_k``.
-        sublayers: Which parts of a trainable block train: ``attn``, ``mlp`` (experts or dense MLP),
-            ``router`` (MoE gates), ``norm``.
-        train_final_norm: Train the final norm (the paper does; defaults to False for ``none``).
-        train_embeddings: Train patch/position embeddings and the CLS token (defaults to True only for ``all``).
-        block_sublayers: Block -> the sub-layers it trains, for a choice made per block (``moebsr plan`` writes
-            one); these blocks train beside the preset's, and only the sub-layers named for them.
-    """
+    """Which parts of the backbone are trained; everything else is frozen. Task heads always train."""
 
     preset: str = "paper"
+    """``paper``: blocks (3, 7, 11) scaled to depth; ``last_k``: the last ``last_k`` blocks; ``all``: full fine-tuning
+    (embeddings too); ``none``: heads only; ``custom``: ``trainable_blocks``."""
     trainable_blocks: Optional[Sequence[int]] = None
+    """Explicit block indices; when given they override the preset's choice."""
     last_k: int = 3
+    """Block count for ``last_k``."""
     sublayers: Sequence[str] = field(default_factory=lambda: list(SUBLAYERS))
+    """Which parts of a trainable block train: ``attn``, ``mlp`` (experts or dense MLP), ``router`` (MoE gates),
+    ``norm``."""
     train_final_norm: Optional[bool] = None
+    """Train the final norm (the paper does); ``None``: True except for ``none``."""
     train_embeddings: Optional[bool] = None
+    """Train patch/position embeddings and the CLS token; ``None``: True only for ``all``."""
     block_sublayers: Optional[Mapping[int, Sequence[str]]] = None
+    """Block -> the sub-layers it trains, for a choice made per block (``moebsr plan`` writes one); these blocks
+    train beside the preset's, and only the sub-layers named for them."""
 
     def validate(self, depth: int) -> None:
         self.resolve(depth)

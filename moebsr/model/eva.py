@@ -44,14 +44,6 @@ def check_eva(backbone: Eva) -> None:
             raise UnsupportedModelError(f"model: {name} has {type(block).__name__} blocks; {ACCEPTED}")
 
 
-def check_qkv_adaptable(attn: nn.Module, key: str) -> None:
-    """Refuse an adapter on an EvaAttention's fused ``qkv`` with q/v biases: timm calls ``F.linear`` on
-    ``qkv.weight`` there, not the module, so an adapter in its place would silently never run."""
-    if isinstance(attn, EvaAttention) and attn.qkv is not None and attn.q_bias is not None:
-        raise UnsupportedModelError(f"{key}: EVA's fused qkv with q/v biases takes no adapter (timm bypasses the "
-                                    "module); accepted: modules proj, fc1, fc2 for EVA blocks")
-
-
 def embed_eva(backbone: Eva, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm's stem (patch and position embeddings, patch dropout, pre-norm) and each row's rotary table
     ``[B, P, D]`` (``None`` without rotary positions)."""

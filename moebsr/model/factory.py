@@ -11,7 +11,7 @@ import torch.nn as nn
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
-from ..user_errors import first_line
+from ..errors import first_line
 from .block import MoEViTBlock
 from .bsr import BSRPlan, as_bsr_plan
 from .errors import UnsupportedModelError

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from peft import LoraConfig, inject_adapter_in_model
 
-from .eva import check_qkv_adaptable
+from .adapters import check_qkv_adaptable
 from .moevit import MoEViT
 from .spec import ADAPTED_MODULES
 

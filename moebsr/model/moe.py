@@ -12,8 +12,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .dispatch import dispatch_grouped, dispatch_padded
 from .experts import Experts
-from .routing import (Routing, TaskRouter, apply_capacity, balancing_loss_from_statistics, expert_capacity,
-                      routing_statistics)
+from .routing import (
+    Routing,
+    TaskRouter,
+    apply_capacity,
+    balancing_loss_from_statistics,
+    expert_capacity,
+    routing_statistics,
+)
 from .spec import check_dispatch
 
 # Rows of a batch that belong to one task: (task, first row, end row). After the shared trunk the batch

@@ -35,7 +35,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from .block import MoEViTBlock
-from .bsr import ResolvedBSRPlan, SUBLAYERS, set_requires_grad
+from .bsr import SUBLAYERS, ResolvedBSRPlan, set_requires_grad
 from .eva import embed_eva, is_eva
 from .moe import MoEMlp, TaskRows
 from .spec import check_decision
@@ -309,7 +309,8 @@ class MoEViT(nn.Module):
 
     def forward_frozen_trunk(self, images: torch.Tensor, tasks: Union[str, Sequence[str]]) -> TrunkState:
         """The stream after the blocks before the first trainable one: a fixed function of the images (frozen blocks
-        run in eval mode and without autograd), which :class:`moebsr.trunk_cache.TrunkCache` stores per image."""
+        run in eval mode and without autograd), which :class:`moebsr.training.trunk_cache.TrunkCache` stores per
+        image."""
         return self.run_blocks(self.start_trunk(images, self.check_tasks(tasks)), 0, max(self.first_grad_block(), 0))
 
     def run_blocks(self, state: TrunkState, start: int, end: int) -> TrunkState:

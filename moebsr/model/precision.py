@@ -99,21 +99,12 @@ class LowPrecisionConv2d(nn.Conv2d):
         return self._conv_forward(input, self.weight.to(input.dtype), bias)
 
 
-def _frozen(module: nn.Module) -> bool:
-    parameters = list(module.parameters())
-    return bool(parameters) and not any(p.requires_grad for p in parameters)
-
-
-def _store_low(parameter: nn.Parameter, dtype: torch.dtype) -> None:
-    parameter.data = _cast(parameter.data, dtype)
-
-
 def is_broadcast(data: torch.Tensor) -> bool:
     """One value broadcast to a shape (every stride 0), as ``moebsr plan``'s hollow weights are."""
     return data.numel() > 1 and not any(data.stride())
 
 
-def _cast(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def cast_storage(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``data.to(dtype)``; a broadcast value stays one (casting would write out every element)."""
     if is_broadcast(data):
         return data[(0,) * data.dim()].to(dtype).expand(data.shape)
@@ -121,8 +112,9 @@ def _cast(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def restore_full_precision(model: nn.Module) -> None:
-    """Undo :func:`store_frozen_weights`: every parameter in fp32 again and the layers plain ``nn.Linear``/
-    ``nn.Conv2d`` (``moebsr plan`` sets one model up for plan after plan; the values keep their rounding)."""
+    """Undo :func:`~moebsr.model.frozen_storage.store_frozen_weights`: every parameter in fp32 again and the layers
+    plain ``nn.Linear``/``nn.Conv2d`` (``moebsr plan`` sets one model up for plan after plan; the values keep their
+    rounding)."""
     for module in model.modules():
         if type(module) is LowPrecisionLinear:
             module.__class__ = nn.Linear
@@ -130,34 +122,4 @@ def restore_full_precision(model: nn.Module) -> None:
             module.__class__ = nn.Conv2d
     for parameter in model.parameters():
         if parameter.dtype != torch.float32:
-            parameter.data = _cast(parameter.data, torch.float32)
-
-
-def store_frozen_weights(model: nn.Module, dtype_name: str) -> list[str]:
-    """Store the frozen matmul weights of ``model`` in ``dtype_name`` (``bf16``/``fp16``; ``fp32``: nothing).
-
-    Call after everything that decides what trains (BSR, LoRA). Returns the names of the modules changed."""
-    if dtype_name not in FROZEN_DTYPES:
-        raise ValueError(f"bsr.frozen_dtype: {dtype_name!r} is invalid; accepted: {', '.join(FROZEN_DTYPES)}")
-    dtype: Optional[torch.dtype] = FROZEN_DTYPES[dtype_name]
-    if dtype is None:
-        return []
-    from .experts import Experts
-    from .routing import TaskRouter
-    routers = {id(m) for router in model.modules() if isinstance(router, TaskRouter) for m in router.modules()}
-    changed = []
-    for name, module in model.named_modules():
-        if id(module) in routers or not _frozen(module):
-            continue
-        if isinstance(module, Experts):
-            _store_low(module.fc1_weight, dtype)  # forward_expert goes through frozen_linear
-            _store_low(module.fc2_weight, dtype)
-            if getattr(module, "fc1_gate_weight", None) is not None:  # gated experts (EVA-02's SwiGLU)
-                _store_low(module.fc1_gate_weight, dtype)
-        elif type(module) in (nn.Linear, nn.Conv2d):
-            _store_low(module.weight, dtype)
-            module.__class__ = LowPrecisionLinear if type(module) is nn.Linear else LowPrecisionConv2d
-        else:
-            continue
-        changed.append(name)
-    return changed
+            parameter.data = cast_storage(parameter.data, torch.float32)

@@ -48,49 +48,41 @@ def check_block_indices(key: str, indices: Sequence[int], depth: int) -> tuple[i
 
 @dataclass
 class MoESpec:
-    """Where and how the dense MLPs become mixtures of experts.
-
-    Attributes:
-        blocks: Blocks whose MLP becomes MoE; ``None`` = the paper's (3, 7, 11) scaled to depth; ``()`` = none.
-        num_experts: Experts per MoE layer.
-        top_k: Experts each token is sent to.
-        hidden_features: Expert hidden width; ``None`` = the dense MLP's, which allows exact upcycling.
-        router: ``task`` = one gate per task (M³ViT multi-gate), ``shared`` = one gate for all tasks.
-        task_router_blocks: With ``router: task``, the MoE blocks that route per task; the others share one gate.
-            ``None`` = every MoE block. The task streams of a joint batch split at the first per-task block, so
-            per-task routing in the last MoE block only keeps the trunk shared up to there (T tasks on one image
-            batch then cost little more than one).
-        renormalize: Rescale the top-k gate weights to sum to 1. With it, an upcycled MoE layer equals the
-            dense MLP at step 0; without it (the paper's choice) the raw softmax probabilities are used.
-        capacity_factor: Cap on tokens per expert, ``top_k * floor(factor * ceil(tokens / num_experts))`` (tutel's
-            formula, for both backends); ``None`` is dropless. Assignments over the cap are dropped
-            first-choice-first (GShard order).
-        backend: ``torch`` (built in) or ``tutel`` (optional; shards the experts across processes).
-        dispatch: How the torch backend runs the experts. ``grouped``: each expert on exactly its tokens, whose
-            count is read back from the device once per MoE layer (a host sync on a GPU); ``padded``: every expert on
-            its full capacity (needs ``capacity_factor``; empty slots cost FLOPs), with no read from the device.
-        recompute_experts: Keep only each MoE layer's input, routing and gate weights for backward and run the
-            experts again there (activation checkpointing of the expert MLPs; torch backend). The top-k expert
-            hidden states (``top_k x hidden`` per token) are then not stored; backward costs one more expert
-            forward. Results are identical.
-        collapse_frozen: Run an MoE layer whose experts and router are all frozen as the one dense MLP its upcycled
-            experts are copies of (see ``model/frozen_experts.py``): 1/num_experts of its weights, 1/top_k of its
-            FLOPs and saved hidden states, the same outputs. Needs exact upcycling (``hidden_features: null``),
-            renormalised gates, no capacity cap and the torch backend.
-    """
+    """Where and how the dense MLPs become mixtures of experts (each field's docstring says what it does)."""
 
     blocks: Optional[List[int]] = None  # List, not Sequence: the config subclasses this for OmegaConf
+    """Blocks whose MLP becomes MoE; ``null``: the paper's (3, 7, 11) scaled to depth; ``[]``: none."""
     num_experts: int = 16
+    """Experts per MoE layer, >= 1, each upcycled as a copy of the dense MLP."""
     top_k: int = 4
+    """Experts each token is sent to, 1..num_experts."""
     hidden_features: Optional[int] = None
+    """Expert hidden width; ``null``: the dense MLP's, which allows exact upcycling."""
     router: str = "task"
+    """``task``: one gate per task (M³ViT multi-gate); ``shared``: one gate for all tasks."""
     task_router_blocks: Optional[List[int]] = None
+    """With ``router: task``, the MoE blocks that route per task (the others share one gate); ``null``: every MoE
+    block. The task streams of a joint batch split at the first per-task block, so per-task routing in the last MoE
+    block only keeps the trunk shared up to there."""
     renormalize: bool = True
+    """Rescale the top-k gate weights to sum to 1, so an upcycled MoE layer equals the dense MLP at step 0; false
+    uses the raw softmax probabilities (the paper's choice)."""
     capacity_factor: Optional[float] = None
+    """Cap on tokens per expert, ``top_k * floor(factor * ceil(tokens / num_experts))`` slots (tutel's formula, both
+    backends), > 0; assignments over the cap are dropped first-choice-first (GShard order); ``null``: dropless."""
     backend: str = "torch"
+    """``torch`` (built in) or ``tutel`` (optional install; shards the experts across processes)."""
     dispatch: str = "grouped"
+    """How the torch backend runs the experts: ``grouped``: each expert on exactly its tokens, their counts read back
+    from the device once per MoE layer; ``padded``: every expert on its full capacity (needs ``capacity_factor``;
+    empty slots cost FLOPs), with no read from the device."""
     recompute_experts: bool = False
+    """Keep only each MoE layer's input, routing and gate weights for backward and run the experts again there
+    (torch backend): the same results, fewer bytes saved, one more expert forward per step."""
     collapse_frozen: bool = False
+    """Run an MoE layer whose experts and router are all frozen as the one dense MLP its upcycled experts copy
+    (``model/frozen_experts.py``): the same outputs at 1/num_experts of its weights. Needs ``hidden_features: null``,
+    renormalised gates, no capacity cap and the torch backend."""
 
     def resolve_blocks(self, depth: int) -> tuple[int, ...]:
         if self.blocks is None:
@@ -138,7 +130,7 @@ class MoESpec:
         if self.collapse_frozen:
             self._check_collapsible()
         if self.backend == "tutel":
-            from .tutel_backend import require_tutel
+            from .tutel_install import require_tutel
             require_tutel()
 
     def _check_collapsible(self) -> None:
@@ -166,21 +158,18 @@ def check_dispatch(dispatch: str, capacity_factor: Optional[float]) -> str:
 
 @dataclass
 class TokenDropSpec:
-    """EViT-style token dropping by the CLS attention of the block, between its attention and its MLP.
-
-    Attributes:
-        blocks: Blocks that drop tokens; ``None`` = the paper's (3, 6, 9) scaled to depth; ``()`` = none.
-        keep_rate: Fraction of patch tokens kept, in (0, 1]; ``ceil(keep_rate * (N - 1))`` survive.
-        fuse: Fold the dropped tokens into one extra token, their CLS-attention-weighted sum (EViT).
-        decision: ``shared`` = one ranking per image, made by the CLS attention of the last block all tasks
-            share, decides every later stage, so an image keeps the same tokens for every task; ``per_task`` =
-            after the per-task split each stage ranks by its own task's CLS attention.
-    """
+    """EViT-style token dropping by the CLS attention of the block, between its attention and its MLP."""
 
     blocks: Optional[List[int]] = None
+    """Blocks that drop tokens; ``null``: the paper's (3, 6, 9) scaled to depth; ``[]``: none."""
     keep_rate: float = 0.5
+    """Fraction of patch tokens kept at each dropping block, in (0, 1]; ``ceil(keep_rate * (N - 1))`` survive."""
     fuse: bool = True
+    """Fold the dropped tokens into one extra token, their CLS-attention-weighted sum (EViT); false discards them."""
     decision: str = "shared"
+    """``shared``: one ranking per image, made by the CLS attention of the last block all tasks share, decides every
+    later stage, so an image keeps the same tokens for every task; ``per_task``: after the per-task split each stage
+    ranks by its own task's attention."""
 
     def resolve_blocks(self, depth: int) -> tuple[int, ...]:
         if self.blocks is None:

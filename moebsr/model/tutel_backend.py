@@ -19,7 +19,6 @@ Expert parallelism, when the model is built in a job of W processes (``torch.dis
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,8 +30,8 @@ from .errors import UnsupportedModelError
 from .experts import Experts
 from .moe import MoEMlp, TaskRows
 from .routing import Fp32Gate, TaskRouter
+from .tutel_install import TUTEL_INSTALL, TutelBackendError, require_tutel  # noqa: F401 (re-exported)
 
-TUTEL_INSTALL = 'pip install --no-build-isolation "git+https://github.com/microsoft/tutel@v0.3.2"'
 SHARD_ATTR = "moebsr_expert_shard"  # set on every expert parameter this backend shards, to an ExpertShard
 
 
@@ -44,19 +43,6 @@ class ExpertShard:
     rank: int
     world_size: int
     experts: slice
-
-
-class TutelBackendError(ValueError):
-    """tutel is missing, or the job cannot shard the experts as asked; the message says what to change."""
-
-
-def require_tutel() -> Any:
-    """tutel's ``moe`` module, or a one-line error saying how to install it."""
-    try:
-        return importlib.import_module("tutel.moe")
-    except ImportError as error:
-        raise TutelBackendError(f"moe.backend: 'tutel' is selected but tutel cannot be imported ({error}); "
-                                f"accepted: torch, or install tutel first: {TUTEL_INSTALL}") from None
 
 
 def process_group_size(group: Optional[dist.ProcessGroup] = None) -> tuple[int, int]:

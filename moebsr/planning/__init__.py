@@ -4,5 +4,5 @@ from .budget import BUDGET_KINDS, Budget, PlanError, parse_budget
 from .costs import CostModel, PlanCost, plan_units, units_plan
 from .search import best_plan, frontier
 
-__all__ = ["BUDGET_KINDS", "Budget", "CostModel", "PlanError", "PlanCost", "best_plan", "frontier", "parse_budget", "plan_units",
-           "units_plan"]
+__all__ = ["BUDGET_KINDS", "Budget", "CostModel", "PlanError", "PlanCost", "best_plan", "frontier", "parse_budget",
+           "plan_units", "units_plan"]

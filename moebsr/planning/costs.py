@@ -179,7 +179,7 @@ def measure_cost_model(build: Callable[[ResolvedBSRPlan], MoEViT], step_measure:
         optimizer_state_per_param: Optimizer-state bytes per trainable parameter (AdamW 8, SGD with momentum 4).
         full_plan: Full fine-tuning, for relative budgets.
     """
-    from ..profiling import count_parameters
+    from ..analysis.profiling import count_parameters
     start = time.perf_counter()
     timings: list[tuple[float, int, float]] = []  # (FLOPs, trainable parameters, seconds): the step-time fit's points
 
@@ -283,15 +283,21 @@ def synthetic_step_measure(task_outputs: Mapping[str, int], batch_size: int, pre
     (they are per image); so are bytes saved for backward in fp32, while under autocast each trainable weight's
     low-precision copy is saved once per step whatever the batch: there they are measured on that many images and on
     twice as many and extrapolated along the line through both. Saved tensors are counted, not kept
-    (``counting_saved_tensors(keep=False)``) and parameter gradients are dropped as backward produces them, so
-    measuring holds the weights and what a forward of a few images keeps alive (``step_measure.peak_bytes``, counted
-    by :class:`~moebsr.profiling.LiveTensorBytes`), not a step's saved activations, gradients or optimizer state.
+    (``counting_saved_tensors(keep=False)``) and parameter gradients are dropped as backward produces them, so measuring
+    holds the weights and what a forward of a few images keeps alive (``step_measure.peak_bytes``, counted by
+    :class:`~moebsr.analysis.profiling.LiveTensorBytes`), not a step's saved activations, gradients or optimizer state.
 
     With ``timed_steps``, also the median time of that many whole steps (forward, backward, ``make_optimizer``'s
     step) after one untimed: CPU time of this process on CPU (run it with one thread; another job on the machine
     does not inflate it as it does the wall clock), wall time on CUDA."""
-    from ..profiling import (LiveTensorBytes, saved_activation_bytes, synthetic_labels, timed_calls, training_loss,
-                             training_step_flops)
+    from ..analysis.profiling import (
+        LiveTensorBytes,
+        saved_activation_bytes,
+        synthetic_labels,
+        timed_calls,
+        training_loss,
+        training_step_flops,
+    )
 
     def step_measure(model: MoEViT) -> Measure:
         model.train()

@@ -79,7 +79,7 @@ def fisher_potential(model: MoEViT, batches: Mapping[str, Iterable[torch.Tensor]
     autograd path; a stem parameter alone does that and leaves every weight frozen (frozen weights stored in low
     precision need it). The marks are restored afterwards.
     """
-    from ..profiling import counting_saved_tensors
+    from ..analysis.profiling import counting_saved_tensors
     start = time.perf_counter()
     outputs_of = _unit_outputs(model, units)
     captured: dict[Unit, list[torch.Tensor]] = {unit: [] for unit in units}
@@ -145,7 +145,7 @@ def scoring_bytes(model: MoEViT, images: torch.Tensor, task: str,
     """What :func:`fisher_potential`'s pass saves beyond the weights, ``(per image, per pass)`` (weight copies a
     low-precision layer casts are saved once a pass): read off a forward of one image and one of two, counted
     without being kept, so probing fits wherever the weights do."""
-    from ..profiling import counting_saved_tensors
+    from ..analysis.profiling import counting_saved_tensors
     sizes = []
     with _path_opened(model, on_path):
         for count in (1, 2):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -19,8 +20,19 @@ from ..config import RunConfig, save_config
 from ..model import MoEViT
 from ..model.bsr import SUBLAYERS, ResolvedBSRPlan
 from .budget import Budget, PlanError, format_amount
-from .costs import (CostModel, PlanCost, Unit, held_bytes, hollow_parameters, measure_cost_model, plan_units,
-                    synthetic_step_measure, unit_parameter_counts, units_by_block, units_plan)
+from .costs import (
+    CostModel,
+    PlanCost,
+    Unit,
+    held_bytes,
+    hollow_parameters,
+    measure_cost_model,
+    plan_units,
+    synthetic_step_measure,
+    unit_parameter_counts,
+    units_by_block,
+    units_plan,
+)
 from .importance import Importance, fisher_potential, scoring_bytes
 from .search import Choice, best_plan, frontier
 
@@ -42,8 +54,8 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
     """Measure the cost model on the configured model, its weights random and, without timing, hollow (costs do
     not depend on their values), built as ``moebsr profile`` builds it, at the configured batch and precision; with
     ``timed_steps``, step times too (the configured optimizer included)."""
-    from ..optim import build_optimizer
-    from ..build import model_from_config
+    from ..training.build import model_from_config
+    from ..training.optim import build_optimizer
     measured = copy.deepcopy(config)
     measured.model.pretrained, measured.model.checkpoint = False, None
     measured.bsr.frozen_dtype, measured.moe.collapse_frozen = "fp32", False
@@ -55,8 +67,9 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
     full = ResolvedBSRPlan(tuple(range(base.depth)), frozenset(SUBLAYERS), True, True)
     batch = config.train.batch_size
     step_measure = synthetic_step_measure({name: task_outputs[name] for name in step_tasks}, batch,
-                                          config.train.mixed_precision, lambda model: build_optimizer(model, config.train),
-                                          timed_steps, measure_batch=batch if timed_steps else min(batch, MEASURE_BATCH))
+                                          config.train.mixed_precision,
+                                          lambda model: build_optimizer(model, config.train), timed_steps,
+                                          measure_batch=batch if timed_steps else min(batch, MEASURE_BATCH))
     costs = measure_cost_model(build, step_measure, OPTIMIZER_STATE_BYTES[config.train.optimizer], full)
     if config.moe.collapse_frozen:  # a unit (b, mlp) of an MoE block trains its experts and router (see with_routers)
         for block in moe_blocks:
@@ -72,7 +85,8 @@ def plan_builder(model: MoEViT, frozen_dtype: str, collapse: bool, hollow: bool)
     not values) and measuring holds almost no weights. Step times need real ones (a broadcast weight is copied into
     every matmul)."""
     from ..model.frozen_experts import collapse_frozen_experts
-    from ..model.precision import restore_full_precision, store_frozen_weights
+    from ..model.frozen_storage import store_frozen_weights
+    from ..model.precision import restore_full_precision
     mixtures = {index: block.mlp for index, block in enumerate(model.blocks) if block.is_moe}
     if hollow:
         hollow_parameters(model)
@@ -204,7 +218,7 @@ def _scoring_model(config: RunConfig, data: Any, low: bool) -> tuple[MoEViT, Opt
     embedding's weight (every model has one) opens the path."""
     from accelerate import Accelerator
 
-    from ..build import image_spec_of, model_from_config
+    from ..training.build import image_spec_of, model_from_config
     scored = copy.deepcopy(config)
     scored.bsr.frozen_dtype, scored.moe.collapse_frozen = "fp32", False  # every mixture as it is, routers scored
     if low:
@@ -220,7 +234,7 @@ def _scoring_model(config: RunConfig, data: Any, low: bool) -> tuple[MoEViT, Opt
 
 def scoring_weight_bytes(config: RunConfig, data: Any) -> float:
     """The fp32 weights of the configured model (scoring's in full precision), counted on a weightless build."""
-    from ..build import model_from_config
+    from ..training.build import model_from_config
     counted = copy.deepcopy(config)
     counted.model.pretrained, counted.model.checkpoint = False, None
     with torch.device("meta"):
@@ -288,7 +302,11 @@ def write_outputs(out: Path, config: RunConfig, model: CostModel, importance: Im
         measured_steps=model.measured_steps)
     plan_json = out.with_suffix(".plan.json")
     plan_json.write_text(json.dumps(report, indent=2))
-    plot_frontier(out.with_suffix(".frontier.png"), report, budget.kind)
+    plot = out.with_suffix(".frontier.png")
+    if importlib.util.find_spec("matplotlib") is None:  # the plan and its table are whole without the picture
+        print(f"moebsr plan: {plot.name} not drawn: matplotlib is not installed (pip install 'moebsr[plots]')")
+    else:
+        plot_frontier(plot, report, budget.kind)
     return report
 
 
@@ -319,8 +337,8 @@ TIMED_STEPS = 3  # per measured plan, after one untimed, for a step-time budget
 def measure_costs(config: RunConfig, timed: bool = False) -> tuple[Any, CostModel]:
     """The run's tasks (their data checked) and the cost model of the step its sampler draws first (with step times
     when ``timed``)."""
-    from ..build import check_config_against_model
-    from ..run_data import RunData
+    from ..training.build import check_config_against_model
+    from ..training.run_data import RunData
     check_plannable(config)
     check_config_against_model(config)
     data = RunData.from_config(config)
@@ -328,7 +346,7 @@ def measure_costs(config: RunConfig, timed: bool = False) -> tuple[Any, CostMode
 
 
 def _step_tasks(config: RunConfig, data: Any) -> list[str]:
-    from ..run_data import group_by_shared_dataset
+    from ..training.run_data import group_by_shared_dataset
     if config.train.sampler == "joint":
         return group_by_shared_dataset(data.tasks, config.tasks)[0]
     return [config.tasks[0]]
@@ -402,9 +420,9 @@ def _candidates(options: list[tuple[RunConfig, CostModel]], importance: Importan
     return sorted(candidates, key=lambda item: item[0], reverse=True)
 
 
-def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measured: Optional[tuple[Any, CostModel]] = None,
-             importance: Optional[Importance] = None, levers: str = "config", accumulate: bool = False
-             ) -> dict[str, Any]:
+def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path,
+             measured: Optional[tuple[Any, CostModel]] = None, importance: Optional[Importance] = None,
+             levers: str = "config", accumulate: bool = False) -> dict[str, Any]:
     """Plan, then write the config and its report. ``measured`` (:func:`measure_costs`) and ``importance`` may come
     from an earlier call on the same config (a benchmark planning several budgets). ``levers="auto"`` also plans
     with every other setting of the memory levers (each measured) and keeps the setting whose plan scores highest;
@@ -436,7 +454,8 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path, measure
     _, chosen_config, chosen_costs, choice = candidates[0]
     report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, costs.full)
     report["levers"] = levers_of(chosen_config)
-    report["planning_memory_bytes"] = max([importance.peak_bytes, *(option.planning_peak_bytes for _, option in options)])
+    report["planning_memory_bytes"] = max([importance.peak_bytes,
+                                           *(option.planning_peak_bytes for _, option in options)])
     report["planning_memory"] = dict(measuring=max(option.planning_peak_bytes for _, option in options),
                                      scoring=importance.peak_bytes, scoring_low_precision=importance.low_precision)
     report["planning_fits_budget"] = report["planning_memory_bytes"] <= limit if budget.kind == "memory" else None

@@ -2,9 +2,9 @@
 
 Exact over the whole space, which is small (a 12-block MoE-ViT has 4 units per block, 48 in all): for each choice of
 first trainable block ``f``, every non-empty subset of block ``f``'s units is tried (their cost was measured as a
-whole, see :mod:`.costs`), and the best set of later units is a 0/1 knapsack solved by dynamic programming over costs discretised to
-``RESOLUTION`` steps of the budget (each unit's cost rounded *up*, so a chosen plan never exceeds its budget by
-rounding). Ties go to the cheaper plan, then to the earlier units: the same inputs always give the same plan.
+whole, see :mod:`.costs`), and the best set of later units is a 0/1 knapsack solved by dynamic programming over costs
+discretised to ``RESOLUTION`` steps of the budget (each unit's cost rounded *up*, so a chosen plan never exceeds its
+budget by rounding). Ties go to the cheaper plan, then to the earlier units: the same inputs always give the same plan.
 """
 
 from __future__ import annotations

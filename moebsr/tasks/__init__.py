@@ -3,8 +3,7 @@
 from .discovery import builtin_task_dir, discover_tasks, import_task_file, task_dirs
 from .errors import DatasetUnavailableError, TaskError
 from .metrics import MacroF1, Metric, TopK
-from .registry import (COMMON_OPTIONS, create_task, create_tasks, list_tasks, register_task, task_source,
-                       unregister_task)
+from .registry import COMMON_OPTIONS, create_task, create_tasks, list_tasks, register_task, task_source, unregister_task
 from .spec import SPLITS, BatchAugment, Task
 
 __all__ = [

@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from .config import ConfigError
-from .model.moevit import MoEViT, TrunkState
-from .model.token_drop import TokenSelection
+from ..config import ConfigError
+from ..model.moevit import MoEViT, TrunkState
+from ..model.token_drop import TokenSelection
 from .run_folder import TRUNK_CACHE_FOLDER
 
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -22,8 +22,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..model import Experts, MoEMlp, MoEViT, Routing, TaskRouter
-from ..model.routing import gate_logits
+from . import Experts, MoEMlp, MoEViT, Routing, TaskRouter
+from .routing import gate_logits
 
 CRITERIA = ("share", "coverage", "budget")
 # share / coverage: from bench/deploy.py's sweep on the quickstart's validation runs, the largest share (smallest

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import ConfigError, RunConfig, load_config
+from ..config import ConfigError, RunConfig, load_config
+from ..errors import is_user_error
 from .interrupt import TrainingInterrupted
-from .user_errors import is_user_error
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _world_size() -> int:
@@ -41,7 +41,7 @@ def run_training_cli(config_path: str, overrides: Sequence[str]) -> int:
     try:
         config = load_config(config_path, overrides)
         ensure_backbone(config)
-        from .train import train
+        from .loop import train
         train(config)
     except TrainingInterrupted as error:  # a signal: the checkpoint is saved, the message says how to resume
         if int(os.environ.get("RANK", "0")) == 0:  # every process agreed on the step: one line says it

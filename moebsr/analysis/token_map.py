@@ -9,7 +9,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-from .model.token_drop import FUSED_TOKEN
+from ..errors import require_extra
+from ..model.token_drop import FUSED_TOKEN
 
 # how many examples past the first ``num_images`` the picker reads, per image asked for, looking for unseen classes
 SCAN_PER_IMAGE = 64
@@ -72,12 +73,13 @@ def plot_kept_tokens(run_dir: str, out: str | os.PathLike, task: Optional[str] =
     """Draw ``num_images`` images of ``task``'s ``split`` (see :func:`pick_examples` for which) and, per dropping
     block, the patches it kept (dropped patches greyed out); each row is labelled with its example's index in the
     split and its class."""
+    require_extra("plots", "moebsr tokens", "matplotlib")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .evaluate import open_run
-    from .tasks import TaskError
+    from ..tasks import TaskError
+    from ..training.evaluate import open_run
 
     accelerator, model, data = open_run(run_dir, [task] if task else None)
     network = accelerator.unwrap_model(model).eval()

@@ -105,12 +105,12 @@ def open_run(run_dir: str, tasks: Optional[Sequence[str]] = None, keep_rate: Opt
     """
     from pathlib import Path
 
+    from ..config import config_from_dict
+    from ..model.spec import check_keep_rate
+    from ..tasks import TaskError
     from .build import image_spec_of, model_for_run
-    from .config import config_from_dict
     from .export import find_weights, load_weights, read_run_document
-    from .model.spec import check_keep_rate
     from .run_data import RunData
-    from .tasks import TaskError
 
     document = read_run_document(run_dir)
     config = config_from_dict(document["config"])
@@ -148,7 +148,7 @@ def evaluate_run(run_dir: str, tasks: Optional[Sequence[str]] = None, split: str
                  keep_rate: Optional[float] = None, max_examples: Optional[int] = None,
                  batch_size: Optional[int] = None, weights: Optional[str] = None) -> dict[str, dict[str, float]]:
     """Load an exported (or checkpointed) run and evaluate it (see :func:`open_run` for the options)."""
-    from .tasks import SPLITS, TaskError
+    from ..tasks import SPLITS, TaskError
 
     if split not in SPLITS:
         raise TaskError(f"--split: unknown split {split!r}; accepted: {', '.join(SPLITS)}")

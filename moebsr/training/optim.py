@@ -8,8 +8,8 @@ from functools import partial
 import torch
 from timm.optim import create_optimizer_v2
 
-from .config import TrainConfig
-from .model import MoEViT
+from ..config import TrainConfig
+from ..model import MoEViT
 
 
 def build_optimizer(model: MoEViT, train: TrainConfig) -> torch.optim.Optimizer:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Optional
 
 if TYPE_CHECKING:
-    from .config import RunConfig
-    from .model import MoEViT
+    from ..config import RunConfig
+    from ..model import MoEViT
 
 
 def describe_recipe(config: "RunConfig", model: "MoEViT", task_sizes: Optional[Mapping[str, Optional[int]]] = None,
@@ -36,7 +36,7 @@ def describe_recipe(config: "RunConfig", model: "MoEViT", task_sizes: Optional[M
     if config.lora.enabled:
         trained += f" · LoRA rank {config.lora.rank} on {', '.join(config.lora.modules)}"
     if config.adapters.enabled:
-        from .model.adapters import TaskLoRALinear
+        from ..model.adapters import TaskLoRALinear
         adapted = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                           if isinstance(module, TaskLoRALinear)})
         trained += (f" · task adapters rank {config.adapters.rank} on {', '.join(adapted)} of blocks "

@@ -11,9 +11,9 @@ import contextlib
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
-import statistics
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -21,17 +21,17 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Se
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from timm.layers import Attention
 from timm.models.eva import EvaAttention
-import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import MoEViT
-from .model.moevit import TrunkState
+from ..model import MoEViT
+from ..model.moevit import TrunkState
 
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from ..config import RunConfig
 
 
 @contextlib.contextmanager
@@ -382,9 +382,9 @@ def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device:
     cost grows with the number of tasks sharing the trunk). On CPU, ``cpu_peak_command`` (the same profile with
     ``--peak-only``) is run in a child process with glibc's mmap threshold fixed, for the peak-memory reading.
     """
-    from .build import check_config_against_model, model_from_config
-    from .optim import build_optimizer
-    from .run_data import RunData, group_by_shared_dataset
+    from ..training.build import check_config_against_model, model_from_config
+    from ..training.optim import build_optimizer
+    from ..training.run_data import RunData, group_by_shared_dataset
 
     check_config_against_model(config)
     tasks = RunData.from_config(config, check_data=False).tasks  # the run's own tasks, options and checks
@@ -411,7 +411,7 @@ def profile_config(config: "RunConfig", steps: int = 5, warmup: int = 2, device:
                                env={**os.environ, MMAP_THRESHOLD_VARIABLE: "65536"})
         if child.returncode == 0:
             report.update(json.loads(child.stdout.strip().splitlines()[-1]))
-    from .recipe import describe_recipe
+    from ..training.recipe import describe_recipe
     report.update(recipe=describe_recipe(config, model, task_outputs={n: t.num_outputs for n, t in tasks.items()}),
                   model=config.model.name, moe_blocks=list(model.moe_blocks),
                   trainable_blocks=list(config.bsr.plan().resolve(model.depth).trainable_blocks),

@@ -13,9 +13,9 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 from accelerate import Accelerator
 
-from .config import RunConfig
-from .data import BatchLoader, ImageSpec, build_joint_loader, build_task_loader
-from .tasks import Task, TaskError, create_tasks, discover_tasks
+from ..config import RunConfig
+from ..data import BatchLoader, ImageSpec, build_joint_loader, build_task_loader
+from ..tasks import Task, TaskError, create_tasks, discover_tasks
 
 
 def group_by_shared_dataset(tasks: Mapping[str, Task], names: Sequence[str]) -> list[list[str]]:

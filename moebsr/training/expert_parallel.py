@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from accelerate import Accelerator
 
-from .config import ConfigError
-from .model.tutel_backend import SHARD_ATTR, ExpertShard, gather_along_experts
+from ..config import ConfigError
+from ..model.tutel_backend import SHARD_ATTR, ExpertShard, gather_along_experts
 
 
 def shard_of(parameter: torch.Tensor) -> Optional[ExpertShard]:

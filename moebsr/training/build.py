@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import timm
 import torch
 
-from .config import ConfigError, ModelConfig, RunConfig, validate_against_model
-from .model import MoEViT, create_moevit
-from .model.factory import check_model_name
-from .model.moevit import HeadFactory
-from .model.precision import store_frozen_weights
+from ..config import ConfigError, ModelConfig, RunConfig, validate_against_model
+from ..model import MoEViT, create_moevit
+from ..model.factory import check_model_name
+from ..model.frozen_storage import store_frozen_weights
+from ..model.moevit import HeadFactory
+from ..model.prune import prune_experts
+from .checkpoint import CheckpointError
 
 
 def backbone_depth(config: RunConfig) -> int:
@@ -67,18 +69,18 @@ def model_from_config(config: RunConfig, heads: Mapping[str, HeadFactory], load_
         **model_config.create_kwargs(),
     )
     if config.lora.enabled:
-        from .model.lora import apply_lora
-        from .model.spec import PAPER_MOE_BLOCKS, scale_block_indices
+        from ..model.lora import apply_lora
+        from ..model.spec import PAPER_MOE_BLOCKS, scale_block_indices
         lora = config.lora
         blocks = lora.blocks if lora.blocks is not None else scale_block_indices(PAPER_MOE_BLOCKS, model.depth)
         apply_lora(model, blocks, lora.modules, lora.rank, lora.alpha, lora.dropout)
     if config.adapters.enabled:
-        from .model.adapters import apply_task_adapters
+        from ..model.adapters import apply_task_adapters
         adapters = config.adapters
         apply_task_adapters(model, list(heads), config.adapters_blocks(model.depth), adapters.modules, adapters.rank,
                             adapters.alpha)
     if config.moe.collapse_frozen:
-        from .model.frozen_experts import collapse_frozen_experts
+        from ..model.frozen_experts import collapse_frozen_experts
         collapse_frozen_experts(model)
     store_frozen_weights(model, config.bsr.frozen_dtype)  # after everything that decides what trains
     return model
@@ -89,8 +91,19 @@ def model_for_run(config: RunConfig, heads: Mapping[str, HeadFactory], document:
     ``moebsr export`` (its ``export`` section says which experts each MoE layer kept)."""
     model = model_from_config(config, heads, load_weights=False)
     if "export" in document:
-        from .deploy.bundle import apply_export_structure
         apply_export_structure(model, document["export"])
+    return model
+
+
+def apply_export_structure(model: MoEViT, export: Mapping[str, Any]) -> MoEViT:
+    """Give a model freshly built from a task folder's config the structure its weights have (before loading)."""
+    try:
+        kept = {int(block): [int(e) for e in experts] for block, experts in export["kept_experts"].items()}
+        prune_experts(model, kept)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"config.json: its export section does not describe this model ({error})") from None
+    split = export.get("split_point")
+    model.origin_split_point = None if split is None else (int(split[0]), str(split[1]))
     return model
 
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch.nn as nn
 
-from .model import MoEMlp
+from ..model import MoEMlp
 
 
 def task_parameters(model: nn.Module, tasks: Sequence[str]) -> dict[str, list[str]]:

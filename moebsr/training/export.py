@@ -11,10 +11,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..config import RunConfig, config_from_dict, config_to_dict
+from ..model import MoEViT
 from .checkpoint import CheckpointError, list_checkpoints
-from .config import RunConfig, config_from_dict, config_to_dict
 from .expert_parallel import parameter_count
-from .model import MoEViT
 
 MODEL_FILE = "model.safetensors"
 BACKBONE_FILE = "backbone.safetensors"

@@ -1,0 +1,1 @@
+"""Looking at a model or a run without training it: cost profiles (memory, FLOPs, time) and token maps."""
