@@ -1,17 +1,17 @@
 """Accuracy of fine-tuning recipes on real offline data, from a backbone that never saw any of it.
 
-Protocol (no pretrained weights can be downloaded here; README "Accuracy on real data"):
+Protocol (no pretrained weights can be downloaded here; docs/results/accuracy.md):
 1. The backbone is ``backbones/formula_vit_6x128_28px.safetensors``: the quickstart's dense ViT pretrained by
    ``configs/pretrain.yaml`` on formula-driven contours and fractals only, so every shipped real task is downstream.
 2. Each recipe upcycles it into the same MoE-ViT (16 experts, top-4, one gate per task, blocks scaled from the
    paper's) and fine-tunes all five offline tasks at once (``mnist``, ``mnist_parity``, ``digits``, ``digits_parity``,
    ``animals``) with the quickstart's batch (64), warm-up + cosine schedule and joint sampler, and the same steps
-   for every recipe (the quickstart's 1,200 by default; the README's table ran 600 to fit the 2-core budget).
+   for every recipe (the quickstart's 1,200 by default; the published table ran 600 to fit the 2-core budget).
 3. Learning rate: per recipe, the best of a small grid on a validation split carved from the training data
    (``validation_fraction``, seed 0); never the test split.
 4. At that rate, ``--seeds`` runs on the test split; top-1 mean and standard deviation per task and over tasks.
 
-    python bench/accuracy.py train.steps=600                   # the README's table: every recipe, 3 seeds (~1.5 h)
+    python bench/accuracy.py train.steps=600                   # docs/results/accuracy.md: all recipes, 3 seeds (~1.5 h)
     python bench/accuracy.py                                   # the same at the quickstart's 1,200 steps (~3 h)
     python bench/accuracy.py --recipes full paper_bsr --seeds 0 1 2
     python bench/accuracy.py --size formula12 train.steps=600 --recipes full paper_bsr lean   # the 12-block backbone

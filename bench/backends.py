@@ -9,7 +9,7 @@ P processes (``torchrun``, gloo on CPU / NCCL on GPU), same global batch: the to
 in every process and all-reduces their gradients (DDP); tutel keeps E/P experts per process and moves tokens
 all-to-all. Reported per process: parameter and optimizer-state bytes (what expert parallelism saves), step time.
 Both use the paper's recipe (MoE and BSR at 3/7/11, dropping at 3/6/9, 16 experts, top-4), scaled to depth.
-Needs tutel installed (see README). Writes ``<out>/backends_<size>.json`` and ``.md``.
+Needs tutel installed (see docs/expert-parallel.md). Writes ``<out>/backends_<size>.json`` and ``.md``.
 """
 
 from __future__ import annotations

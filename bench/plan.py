@@ -17,7 +17,7 @@
    from ``bench/results/accuracy_<size>.json`` (same protocol, same overrides).
 4. Each plan's predicted memory is checked against a real profile of it.
 
-    python bench/plan.py train.steps=600          # the README's figures (38 runs, ~70 min on 2 CPU cores, 2 at a time)
+    python bench/plan.py train.steps=600          # docs/results: 38 runs, ~70 min on 2 CPU cores, 2 at a time
     python bench/plan.py --size formula12 train.steps=600   # the same on the 12-block backbone
 
 Writes ``bench/results/plan_<size>.{json,md}`` and each plan's config, report and frontier under

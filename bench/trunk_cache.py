@@ -13,7 +13,7 @@ an epoch after every loader's first one (the cache full for ``views0``), the sha
 top-1. Times are the run's CPU seconds (one thread: another job on the machine does not inflate them, as it does the
 wall clock, shown beside them).
 
-    python bench/trunk_cache.py train.steps=600                       # the README's table (~1 h on 2 CPU cores)
+    python bench/trunk_cache.py train.steps=600                       # docs/results (~1 h on 2 CPU cores)
     python bench/trunk_cache.py train.steps=600 --recipes lean         # one recipe: its rows replace, others stay
 """
 

@@ -22,7 +22,8 @@ SHORT_RUN = [
 
 
 def launch_command(processes: int) -> list[str]:
-    """``accelerate launch`` for P CPU processes (gloo DDP), with the flags accelerate 1.15/1.16 need (see README)."""
+    """``accelerate launch`` for P CPU processes (gloo DDP), with the flags accelerate 1.15/1.16 need (see
+    docs/training.md, "Several processes")."""
     flags = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
     return [str(VENV_BIN / "accelerate"), "launch", "--num_machines", "1", "--mixed_precision", "no",
             "--dynamo_backend", "no", *flags, str(REPO / "launch" / "multitask.py"), "--config", str(QUICKSTART)]

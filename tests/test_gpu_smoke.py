@@ -43,7 +43,7 @@ def _needs_gpus(count: int) -> None:
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_tutel_on_cuda_matches_the_torch_backend_on_cuda(precision):
-    pytest.importorskip("tutel", reason="tutel is not installed (not on PyPI): see README, MoE backends")
+    pytest.importorskip("tutel", reason="tutel is not installed (not on PyPI): see docs/expert-parallel.md")
     reference = distinct_experts(tiny_moevit(moe=dict(num_experts=4, top_k=2))).cuda()
     candidate = tiny_moevit(moe=dict(num_experts=4, top_k=2, backend="tutel")).cuda()
     candidate.load_state_dict(reference.state_dict())

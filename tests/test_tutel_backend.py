@@ -1,5 +1,6 @@
 """``moe.backend: tutel`` in one process: same weights give the torch backend's outputs, losses and gradients, and
-state dicts move between the backends. Skipped when tutel is not installed (it is not on PyPI; see README)."""
+state dicts move between the backends. Skipped when tutel is not installed (it is not on PyPI; see
+docs/expert-parallel.md)."""
 
 import sys
 
@@ -10,7 +11,7 @@ from tiny_models import distinct_experts, images, tiny_moevit
 from moebsr.config import ConfigError, RunConfig, validate_against_model
 from moebsr.errors import is_user_error
 
-NO_TUTEL = "tutel is not installed (not on PyPI): see README, MoE backends"
+NO_TUTEL = "tutel is not installed (not on PyPI): see docs/expert-parallel.md"
 TASKS = {"a": 10, "b": 3}
 CASES = {
     "top2-renormalised": dict(moe=dict(num_experts=4, top_k=2)),

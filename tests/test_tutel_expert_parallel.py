@@ -1,6 +1,6 @@
 """Expert parallelism with the tutel backend: two CPU processes (gloo, all-to-all) each holding half of the experts
 train exactly like one torch-backend process with the same global batch, and resume exactly from a checkpoint.
-Skipped when tutel is not installed (it is not on PyPI; see README)."""
+Skipped when tutel is not installed (it is not on PyPI; see docs/expert-parallel.md)."""
 
 import json
 import shutil
@@ -10,7 +10,7 @@ import torch
 from run_helpers import launch_run
 from safetensors.torch import load_file
 
-pytest.importorskip("tutel", reason="tutel is not installed (not on PyPI): see README, MoE backends")
+pytest.importorskip("tutel", reason="tutel is not installed (not on PyPI): see docs/expert-parallel.md")
 
 # SGD, not AdamW: Adam's update is nearly blind to a gradient's scale, SGD shows an expert gradient off by W at once
 # (gap 1e-2 instead of 2e-8). A clip that always bites: clipping each process by its own norm gives a 3e-4 gap.
