@@ -35,7 +35,7 @@ from .model.spec import (
 OPTIMIZERS = ("adamw", "sgd")
 SAMPLERS = ("round_robin", "proportional", "temperature", "joint")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-TRACKERS = ("tensorboard", "csv", "none")
+TRACKERS = ("tensorboard", "none")
 
 
 class ConfigError(ValueError):
@@ -298,8 +298,8 @@ class LoggingConfig:
     """Write the losses, learning rate and images/s to the trackers every N steps, >= 1 (``train_log.jsonl`` gets
     every step)."""
     trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
-    """Accelerate trackers: ``tensorboard`` (event files under ``<output_dir>/moebsr``) or ``none``. ``csv`` passes
-    the config check but accelerate has no such tracker and refuses it when the run starts."""
+    """Accelerate trackers: ``tensorboard`` (event files under ``<output_dir>/moebsr``; the ``[tensorboard]`` extra) or
+    ``none``; any other name is refused when the config is read."""
     progress: bool = True
     """Show a tqdm progress bar (on the local main process)."""
 

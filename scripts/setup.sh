@@ -6,19 +6,21 @@
 # build) importable for timm.
 #   MOEBSR_VENV=DIR          the environment to make (default .venv)
 #   MOEBSR_CONSTRAINTS=FILE  install against FILE instead of the lock (scripts/update_lock.sh uses it)
+#   MOEBSR_SPEC=SPEC         what to install (default: -e .[dev]; scripts/check_core_install.sh: . alone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${MOEBSR_VENV:-.venv}
 CONSTRAINTS=${MOEBSR_CONSTRAINTS:-constraints.txt}
+read -r -a SPEC <<< "${MOEBSR_SPEC:--e .[dev]}"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.moebsr-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$CONSTRAINTS" -nt "$stamp" ] \
-    || [ "$(cat "$stamp")" != "$(realpath "$CONSTRAINTS")" ]; then
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" -e ".[dev]"
-  realpath "$CONSTRAINTS" > "$stamp"
+    || [ "$(cat "$stamp")" != "$(realpath "$CONSTRAINTS") ${SPEC[*]}" ]; then
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "${SPEC[@]}"
+  echo "$(realpath "$CONSTRAINTS") ${SPEC[*]}" > "$stamp"
 fi
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp scripts/cpu_torchvision_fix.py "$site/_moebsr_cpu_torchvision.py"

@@ -82,7 +82,7 @@ def test_model_timm_kwargs_reach_timm_and_unknown_or_doubled_keys_are_one_line()
     assert not isinstance(backbone.blocks[0].attn.q_norm, torch.nn.Identity)
     with pytest.raises(ConfigError, match=r"^model.timm_kwargs: unknown key 'class_tokens'; accepted: global_pool, "
                                           r"mlp_ratio, .*class_token"):
-        backbone_depth(load_config(CONFIGS / "quickstart.yaml", ["model.timm_kwargs.class_tokens=false"]))
+        backbone_depth(load_config(CONFIGS / "quickstart.yaml", ["model.timm_kwargs.class_tokens=false"]).model)
     with pytest.raises(ConfigError, match=r"^model.timm_kwargs.depth: set model.depth instead"):
         load_config(CONFIGS / "quickstart.yaml", ["model.timm_kwargs.depth=4"])
 
@@ -131,6 +131,7 @@ def test_mixed_precision_no_means_no_although_yaml_reads_it_as_false(tmp_path):
     ("moe.dispatch=padded", r"^moe.dispatch: 'padded' needs moe.capacity_factor \(the slots per expert\); accepted: "
                             r"a moe.capacity_factor > 0, or moe.dispatch=grouped$"),
     ("train.steps", r"expected key=value"),
+    ("logging.trackers=[csv]", r"^logging.trackers: 'csv' is invalid; accepted: tensorboard, none$"),  # no such tracker
 ])
 def test_bad_values_are_rejected_naming_key_and_value(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..config import RunConfig, config_from_dict, config_to_dict
+from ..config import ModelConfig, RunConfig, config_from_dict, config_to_dict
 from ..model import MoEViT
 from ..training.export import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, contiguous_state
 
@@ -71,12 +71,12 @@ def timm_state_dict(model: MoEViT) -> dict[str, torch.Tensor]:
     return contiguous_state({**model.backbone.state_dict(), **{f"head.{k}": v for k, v in head.state_dict().items()}})
 
 
-def timm_create_call(config: RunConfig, num_classes: int, file: str = BACKBONE_FILE) -> str:
+def timm_create_call(model_config: ModelConfig, num_classes: int, file: str = BACKBONE_FILE) -> str:
     """The ``timm.create_model`` call that loads ``backbone.safetensors`` with its head. ``num_classes`` goes into
     the overlay too: timm keeps a file's head only when the pretrained config's class count matches."""
-    arch = {k: v for k, v in config.model.create_kwargs().items() if k != "drop_path_rate"}
+    arch = {k: v for k, v in model_config.create_kwargs().items() if k != "drop_path_rate"}
     arguments = ", ".join(f"{k}={v!r}" for k, v in arch.items())
-    return (f"timm.create_model({config.model.name!r}, pretrained=True, num_classes={num_classes}, {arguments}, "
+    return (f"timm.create_model({model_config.name!r}, pretrained=True, num_classes={num_classes}, {arguments}, "
             f"pretrained_cfg_overlay=dict(file={file!r}, num_classes={num_classes}))")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
-from ..config import RunConfig
+from ..config import RunConfig, TokenDropConfig
 from ..training.export import MODEL_FILE, card_value, format_class_names
 from .bundle import BACKBONE_FILE, CARD_TITLE, ONNX_FILE, human_bytes
 
@@ -57,7 +57,7 @@ def task_card(config: RunConfig, section: Mapping[str, Any], metrics: Mapping[st
         lines.append("- pruning: none (every expert kept)")
     if section.get("heal"):
         lines.append(_heal_line(section["heal"]))
-    lines.append(_dropping_line(config, section))
+    lines.append(_dropping_line(config.token_drop, section))
     lines += ["", "| | multitask model | this model | multitask / this |", "|---|---|---|---|",
               f"| parameters | {parameters['multitask']:,} | {parameters['task_model']:,} | "
               f"{_ratio(parameters['multitask'], parameters['task_model'])} |",
@@ -105,11 +105,10 @@ def _heal_line(heal: Mapping[str, Any]) -> str:
             "was measured before the heal).")
 
 
-def _dropping_line(config: RunConfig, section: Mapping[str, Any]) -> str:
-    drop = config.token_drop
-    if not drop.enabled:
+def _dropping_line(token_drop: TokenDropConfig, section: Mapping[str, Any]) -> str:
+    if not token_drop.enabled:
         return "- token dropping: off"
-    return (f"- token dropping (as trained): blocks {section['token_drop_blocks']}, keep rate {drop.keep_rate}, "
-            f"fuse {drop.fuse}, decision `{drop.decision}`"
+    return (f"- token dropping (as trained): blocks {section['token_drop_blocks']}, keep rate {token_drop.keep_rate}, "
+            f"fuse {token_drop.fuse}, decision `{token_drop.decision}`"
             + (f", ranked by block {section['ranking_block']}'s attention as in the multitask model"
                if section.get("ranking_block") is not None else ""))

@@ -254,7 +254,8 @@ def write_task_folder(folder: Path, source: SourceRun, single: MoEViT, task: str
             "multitask": inference_flops(model, flops_images, task) / flops_images.shape[0],
             "task_model": inference_flops(single, flops_images, task) / flops_images.shape[0]},
         "onnx": onnx_check,
-        "timm": {"file": BACKBONE_FILE, "create": timm_create_call(source.config, single.heads[task].out_features),
+        "timm": {"file": BACKBONE_FILE,
+                 "create": timm_create_call(source.config.model, single.heads[task].out_features),
                  "token_dropping": bool(single.token_drop_blocks)} if plain else None,
         "bytes": {"multitask": source.weights.stat().st_size,
                   **{name: (folder / name).stat().st_size for name in (MODEL_FILE, BACKBONE_FILE, ONNX_FILE)

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import RunConfig
+from ..config import BSRConfig, RunConfig, TrainConfig
 from ..model import MoEViT
 from ..model.bsr import ResolvedBSRPlan
 from ..tasks import Task
@@ -80,9 +80,9 @@ class HealReport:
         return asdict(self)
 
 
-def default_heal_lr(config: RunConfig) -> float:
-    """The heal LR when none is given: ``DEFAULT_LR_SCALE`` of the run's peak LR."""
-    return DEFAULT_LR_SCALE * config.train.lr
+def default_heal_lr(train_config: TrainConfig) -> float:
+    """The heal LR when none is given: ``DEFAULT_LR_SCALE`` of the run's peak LR (``train_config.lr``)."""
+    return DEFAULT_LR_SCALE * train_config.lr
 
 
 def unfreeze_for_heal(model: MoEViT, plan: ResolvedBSRPlan) -> list[nn.Parameter]:
@@ -171,7 +171,7 @@ def heal_task_model(model: MoEViT, config: RunConfig, task: str, steps: int, lr:
     from ..training.build import image_spec_of
     from ..training.run_data import RunData
 
-    lr = default_heal_lr(config) if lr is None else lr
+    lr = default_heal_lr(config.train) if lr is None else lr
     train = config.train
     seed = train.seed if seed is None else seed
     data = RunData.from_config(config, check_data=False)
@@ -200,14 +200,14 @@ def heal_task_model(model: MoEViT, config: RunConfig, task: str, steps: int, lr:
             "the run's: timm's training transform"
     return HealReport(steps=steps, lr=lr, batch_size=loader.batch_size, weight_decay=train.weight_decay,
                       grad_clip=train.grad_clip, seed=seed, split="train", augmentation=augmentation,
-                      trainable_parameters=trainable_count(model, config),
+                      trainable_parameters=trainable_count(model, config.bsr),
                       loss_first=sum(losses[:window]) / window, loss_last=sum(losses[-window:]) / window,
                       loss="task" if teacher is None else "distill")
 
 
-def trainable_count(model: MoEViT, config: RunConfig) -> int:
-    """Parameters a heal trains in ``model``, counted without leaving them trainable."""
-    count = sum(p.numel() for p in unfreeze_for_heal(model, config.bsr.plan().resolve(model.depth)))
+def trainable_count(model: MoEViT, bsr: BSRConfig) -> int:
+    """Parameters a heal trains in ``model`` (those ``bsr``'s plan trains), counted without leaving them trainable."""
+    count = sum(p.numel() for p in unfreeze_for_heal(model, bsr.plan().resolve(model.depth)))
     model.requires_grad_(False)
     return count
 

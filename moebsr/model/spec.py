@@ -63,7 +63,7 @@ class MoESpec:
     task_router_blocks: Optional[List[int]] = None
     """With ``router: task``, the MoE blocks that route per task (the others share one gate); ``null``: every MoE
     block. The task streams of a joint batch split at the first per-task block, so per-task routing in the last MoE
-    block only keeps the trunk shared up to there."""
+    block only keeps the trunk shared up to there (T tasks on one image batch then cost little more than one)."""
     renormalize: bool = True
     """Rescale the top-k gate weights to sum to 1, so an upcycled MoE layer equals the dense MLP at step 0; false
     uses the raw softmax probabilities (the paper's choice)."""
@@ -78,7 +78,8 @@ class MoESpec:
     empty slots cost FLOPs), with no read from the device."""
     recompute_experts: bool = False
     """Keep only each MoE layer's input, routing and gate weights for backward and run the experts again there
-    (torch backend): the same results, fewer bytes saved, one more expert forward per step."""
+    (activation checkpointing of the expert MLPs; torch backend): the top-k expert hidden states (``top_k x hidden``
+    per token) are not stored, backward costs one more expert forward, and results are identical."""
     collapse_frozen: bool = False
     """Run an MoE layer whose experts and router are all frozen as the one dense MLP its upcycled experts copy
     (``model/frozen_experts.py``): the same outputs at 1/num_experts of its weights. Needs ``hidden_features: null``,

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import RunConfig, save_config
+from ..config import BSRConfig, MoEConfig, RunConfig, save_config
 from ..model import MoEViT
 from ..model.bsr import SUBLAYERS, ResolvedBSRPlan
 from .budget import Budget, PlanError, format_amount
@@ -120,18 +120,19 @@ def with_routers(plan: ResolvedBSRPlan, moe_blocks: tuple[int, ...]) -> Resolved
                                                            for block, names in sorted(per_block.items())))
 
 
-def trained_units(config: RunConfig, units: tuple[Unit, ...], moe_blocks: tuple[int, ...]) -> tuple[Unit, ...]:
-    """The units a plan's config trains: with ``moe.collapse_frozen``, an MoE block's router with its experts."""
-    if not config.moe.collapse_frozen:
+def trained_units(moe: MoEConfig, units: tuple[Unit, ...], moe_blocks: tuple[int, ...]) -> tuple[Unit, ...]:
+    """The units a plan's config (its MoE section ``moe``) trains: with ``moe.collapse_frozen``, an MoE block's
+    router with its experts."""
+    if not moe.collapse_frozen:
         return units
     plan = with_routers(units_plan(units), moe_blocks)
     return tuple(sorted((block, sublayer) for block in plan.trainable_blocks for sublayer in plan.sublayers_of(block)))
 
 
-def option_scores(config: RunConfig, scores: dict[Unit, float], moe_blocks: tuple[int, ...]) -> dict[Unit, float]:
-    """Unit scores as a lever setting's units stand: with ``moe.collapse_frozen`` an MoE block's ``mlp`` unit is its
-    experts and router together, and scores as both."""
-    if not config.moe.collapse_frozen:
+def option_scores(moe: MoEConfig, scores: dict[Unit, float], moe_blocks: tuple[int, ...]) -> dict[Unit, float]:
+    """Unit scores as a lever setting's units stand (its MoE section ``moe``): with ``moe.collapse_frozen`` an MoE
+    block's ``mlp`` unit is its experts and router together, and scores as both."""
+    if not moe.collapse_frozen:
         return scores
     merged = {unit: value for unit, value in scores.items() if unit[1] != "router"}
     for block in moe_blocks:
@@ -139,9 +140,9 @@ def option_scores(config: RunConfig, scores: dict[Unit, float], moe_blocks: tupl
     return merged
 
 
-def preset_units(config: RunConfig, model: CostModel, preset: str) -> tuple[Unit, ...]:
-    bsr = dataclasses.replace(config.bsr, preset=preset, trainable_blocks=None, block_sublayers=None)
-    resolved = bsr.plan().resolve(model.depth)
+def preset_units(bsr: BSRConfig, model: CostModel, preset: str) -> tuple[Unit, ...]:
+    resolved = dataclasses.replace(bsr, preset=preset, trainable_blocks=None,
+                                   block_sublayers=None).plan().resolve(model.depth)
     return tuple(unit for unit in model.units if unit[1] in resolved.sublayers_of(unit[0]))
 
 
@@ -188,7 +189,7 @@ def importance_for(config: RunConfig, data: Any, batches: int, micro_batch: int,
                                       on_path=on_path))
         del images, labels
     importance = Importance.merged(parts)
-    if low and collapsible(config):  # the mixtures ran as their dense MLPs: no router's gate changed anything
+    if low and collapsible(config.moe):  # the mixtures ran as their dense MLPs: no router's gate changed anything
         for block in config.moe.resolve_blocks(model.depth):
             for table in (importance.scores, *importance.per_task.values(), *importance.raw_per_task.values()):
                 table[(block, "router")] = 0.0
@@ -224,7 +225,7 @@ def _scoring_model(config: RunConfig, data: Any, low: bool) -> tuple[MoEViT, Opt
     if low:
         scored.bsr = dataclasses.replace(scored.bsr, preset="none", trainable_blocks=None, block_sublayers=None,
                                          frozen_dtype="bf16")
-        scored.moe.collapse_frozen = collapsible(config)
+        scored.moe.collapse_frozen = collapsible(config.moe)
     torch.manual_seed(config.train.seed)
     model = model_from_config(scored, data.heads())
     data.attach_image_spec(image_spec_of(model), Accelerator(cpu=not torch.cuda.is_available()), build_train=False)
@@ -274,10 +275,10 @@ def write_outputs(out: Path, config: RunConfig, model: CostModel, importance: Im
     full = reference or model.full
     out.parent.mkdir(parents=True, exist_ok=True)
     moe_blocks = config.moe.resolve_blocks(model.depth)
-    trained = trained_units(config, choice.units, moe_blocks)
+    trained = trained_units(config.moe, choice.units, moe_blocks)
     save_config(planned_config(config, trained), out, relative_paths=True)
-    scores = option_scores(config, importance.scores, moe_blocks)
-    presets = {preset: preset_units(config, model, preset) for preset in PRESETS}
+    scores = option_scores(config.moe, importance.scores, moe_blocks)
+    presets = {preset: preset_units(config.bsr, model, preset) for preset in PRESETS}
     points = frontier(model, scores, budget.kind)
     report = dict(
         budget=budget.text, budget_kind=budget.kind, budget_value=limit, plan=describe(trained),
@@ -361,7 +362,7 @@ def lever_variants(config: RunConfig, has_experts: bool) -> list[RunConfig]:
     where the MoE settings allow it (``moe.collapse_frozen``: exact, and it only removes costs, so it is not tried
     off). The config's own setting comes first and is not repeated."""
     own = tuple(levers_of(config).values())
-    collapse = True if has_experts and collapsible(config) else config.moe.collapse_frozen
+    collapse = True if has_experts and collapsible(config.moe) else config.moe.collapse_frozen
     settings = itertools.product((False, True) if has_experts else (config.moe.recompute_experts,), ("fp32", "bf16"),
                                  (collapse,))
     variants = []
@@ -373,10 +374,10 @@ def lever_variants(config: RunConfig, has_experts: bool) -> list[RunConfig]:
     return variants
 
 
-def collapsible(config: RunConfig) -> bool:
-    """Whether ``moe.collapse_frozen`` is exact with these MoE settings (its own check, without raising)."""
+def collapsible(moe: MoEConfig) -> bool:
+    """Whether ``moe.collapse_frozen`` is exact with the MoE settings ``moe`` (its own check, without raising)."""
     try:
-        dataclasses.replace(config.moe.spec(), collapse_frozen=True)._check_collapsible()
+        dataclasses.replace(moe.spec(), collapse_frozen=True)._check_collapsible()
     except ValueError:
         return False
     return True
@@ -412,7 +413,8 @@ def _candidates(options: list[tuple[RunConfig, CostModel]], importance: Importan
     ``first_index`` is the first option's place in that list)."""
     candidates = []
     for index, (option_config, option_costs) in enumerate(options, start=first_index):
-        scores = option_scores(option_config, importance.scores, option_config.moe.resolve_blocks(option_costs.depth))
+        scores = option_scores(option_config.moe, importance.scores,
+                               option_config.moe.resolve_blocks(option_costs.depth))
         choice = best_plan(option_costs, scores, budget.kind, limit)
         if choice is not None:
             candidates.append(((choice.score, -option_config.train.grad_accum_steps, -choice.cost.value(budget.kind),
@@ -462,7 +464,7 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path,
     report["measured_steps"] = sum(option_costs.measured_steps for _, option_costs in options)
     report["measure_seconds"] = sum(option_costs.measure_seconds for _, option_costs in options)
     report["lever_options"] = [dict(levers=levers_of(option_config), plan=describe(trained_units(
-                                        option_config, option_choice.units, option_config.moe.resolve_blocks(
+                                        option_config.moe, option_choice.units, option_config.moe.resolve_blocks(
                                             option_costs.depth))),
                                     score=option_choice.score, predicted=cost_row(budget.kind, option_choice.cost,
                                                                                   costs.full))

@@ -21,9 +21,14 @@ _IMPORTED: set[Path] = set()
 
 
 def builtin_task_dir() -> Path:
-    """The repository's top-level ``tasks/`` folder (present in a source checkout / editable install)."""
+    """The built-in task files: the repository's top-level ``tasks/`` in a source checkout (an editable install),
+    where users drop their own too; in an installed wheel, its copy inside the package (``moebsr/_builtin_tasks``)."""
     import moebsr
-    return Path(moebsr.__file__).resolve().parents[1] / "tasks"
+    package = Path(moebsr.__file__).resolve().parent
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "tasks").is_dir():
+        return checkout / "tasks"
+    return package / "_builtin_tasks"
 
 
 def task_dirs(extra_dirs: Sequence[PathLike] = ()) -> list[Path]:

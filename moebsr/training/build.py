@@ -16,22 +16,23 @@ from ..model.prune import prune_experts
 from .checkpoint import CheckpointError
 
 
-def backbone_depth(config: RunConfig) -> int:
-    """Depth of the configured backbone, from a build on the meta device (no memory, no weights, no network)."""
+def backbone_depth(model_config: ModelConfig) -> int:
+    """Depth of the backbone ``model_config`` configures, from a build on the meta device (no memory, no weights,
+    no network)."""
     try:
-        check_model_name(config.model.name)
+        check_model_name(model_config.name)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    check_timm_kwargs(config.model.timm_kwargs, config.model.name)
-    kwargs = config.model.create_kwargs()
+    check_timm_kwargs(model_config.timm_kwargs, model_config.name)
+    kwargs = model_config.create_kwargs()
     try:
         with torch.device("meta"):
-            backbone = timm.create_model(config.model.name, pretrained=False, num_classes=0, **kwargs)
+            backbone = timm.create_model(model_config.name, pretrained=False, num_classes=0, **kwargs)
     except (TypeError, ValueError, AssertionError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"model: {config.model.name} cannot be built with {kwargs}: {first_line}") from None
+        raise ConfigError(f"model: {model_config.name} cannot be built with {kwargs}: {first_line}") from None
     if not hasattr(backbone, "blocks"):
-        raise ConfigError(f"model.name: {config.model.name!r} is not a ViT; accepted: timm vit_*/deit_*/eva02_* models")
+        raise ConfigError(f"model.name: {model_config.name!r} is not a ViT; accepted: timm vit_*/deit_*/eva02_* models")
     return len(backbone.blocks)
 
 
@@ -52,7 +53,7 @@ def check_timm_kwargs(timm_kwargs: Mapping[str, object], model_name: str = "") -
 
 
 def check_config_against_model(config: RunConfig) -> None:
-    validate_against_model(config, backbone_depth(config))
+    validate_against_model(config, backbone_depth(config.model))
 
 
 def model_from_config(config: RunConfig, heads: Mapping[str, HeadFactory], load_weights: bool = True) -> MoEViT:

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from ..config import EvalConfig, RunConfig, TrainConfig, config_to_dict, save_config
+from ..config import EvalConfig, LoggingConfig, RunConfig, TrainConfig, config_to_dict, save_config
 from ..errors import require_extra
 from ..model import MoEViT
 from .build import check_config_against_model, image_spec_of, model_from_config
@@ -72,10 +72,8 @@ class TrainResult:
 def make_accelerator(config: RunConfig) -> Accelerator:
     """CPU-aware Accelerator: ``cpu=True`` without CUDA makes ``--multi_gpu`` launches real gloo DDP. Whether DDP
     looks for unused parameters is decided later, from the model (:func:`use_ddp_unused_search`)."""
+    check_trackers(config.logging)
     trackers = [t for t in config.logging.trackers if t != "none"]
-    if "tensorboard" in trackers:  # accelerate would drop a tracker it cannot import with a warning: no logs at all
-        require_extra("tensorboard", "logging.trackers: tensorboard", "tensorboard",
-                      otherwise="logging.trackers=[none]")
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
@@ -86,6 +84,13 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         # stepped num_processes times per step (accelerate assumes per-process epochs), running P times too fast
         step_scheduler_with_optimizer=False,
     )
+
+
+def check_trackers(logging_config: LoggingConfig) -> None:
+    """Refuse a tracker whose package is missing: accelerate would drop it with a warning, and log nothing."""
+    if "tensorboard" in logging_config.trackers:
+        require_extra("tensorboard", "logging.trackers: tensorboard", "tensorboard",
+                      otherwise="logging.trackers=[none]")
 
 
 def _flat_hparams(config: RunConfig) -> dict[str, Any]:
@@ -188,6 +193,7 @@ def set_up_run(config: RunConfig, accelerator: Optional[Accelerator] = None) -> 
     """Every check of the input first, then the run folder, the model, optimizer and data prepared, the resumed
     state, the trackers and the log: the steps start from what this returns."""
     check_config_against_model(config)  # block indices, top-k, presets: before any data or weights
+    check_trackers(config.logging)
     data = RunData.from_config(config)  # tasks resolved (unknown names fail here), datasets checked
     accelerator = accelerator or make_accelerator(config)
     set_seed(config.train.seed, device_specific=False)

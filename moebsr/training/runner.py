@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..config import ConfigError, RunConfig, load_config
+from ..config import ConfigError, ModelConfig, load_config
 from ..errors import is_user_error
 from .interrupt import TrainingInterrupted
 
@@ -19,9 +19,9 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def ensure_backbone(config: RunConfig) -> None:
+def ensure_backbone(model_config: ModelConfig) -> None:
     """Build the local backbone checkpoint with ``model.pretrain_config`` when it is missing (first run)."""
-    checkpoint, pretrain = config.model.checkpoint, config.model.pretrain_config
+    checkpoint, pretrain = model_config.checkpoint, model_config.pretrain_config
     if checkpoint is None or Path(checkpoint).is_file() or pretrain is None:
         return
     command = [sys.executable, str(REPO_ROOT / "launch" / "multitask.py"), "--config", pretrain]
@@ -40,7 +40,7 @@ def run_training_cli(config_path: str, overrides: Sequence[str]) -> int:
     exit_code = 0
     try:
         config = load_config(config_path, overrides)
-        ensure_backbone(config)
+        ensure_backbone(config.model)
         from .loop import train
         train(config)
     except TrainingInterrupted as error:  # a signal: the checkpoint is saved, the message says how to resume
