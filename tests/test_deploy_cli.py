@@ -123,8 +123,8 @@ def test_onnx_without_the_deploy_extra_is_refused_in_one_line(run_dir, tmp_path,
                         find_spec(name, *rest))
     code, printed, error = _cli(capsys, "export", "--run", run_dir, "--task", "digits", "--out", tmp_path / "x",
                                 "--format", "onnx")
-    assert (code, printed, error) == (2, "", "error: --format onnx: needs onnxruntime, not installed; accepted: pip "
-                                             "install 'moebsr[deploy]' (or -e '.[deploy]'), or --format safetensors\n")
+    assert (code, printed, error) == (2, "", "error: --format onnx needs onnxruntime, not installed; accepted: pip "
+                                             "install 'moebsr[deploy]', or --format safetensors\n")
     assert not (tmp_path / "x").exists()
 
 

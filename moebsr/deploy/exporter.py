@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import RunConfig, config_from_dict, config_to_dict
+from ..errors import require_extra
 from ..model import MoEViT
 from ..model.prune import (
     CRITERIA,
@@ -124,11 +125,7 @@ def check_options(fmt: str, prune: bool, criterion: Optional[str], threshold: Op
     if fmt not in FORMATS:
         raise ExportError(f"--format: {fmt!r} is invalid; accepted: {', '.join(FORMATS)}")
     if fmt == "onnx":
-        import importlib.util
-        missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
-        if missing:
-            raise ExportError(f"--format onnx: needs {', '.join(missing)}, not installed; accepted: pip install "
-                              "'moebsr[deploy]' (or -e '.[deploy]'), or --format safetensors")
+        require_extra("deploy", "--format onnx", "onnx", "onnxscript", "onnxruntime", otherwise="--format safetensors")
     if not prune and (criterion is not None or threshold is not None or calibration_examples is not None):
         raise ExportError("--criterion/--threshold/--calibration-examples: do nothing without --prune; accepted: add "
                           "--prune, or leave them out")
