@@ -453,13 +453,8 @@ def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: {value!r} is invalid; accepted: {accepted}")
 
 
-def validate_config(config: RunConfig) -> None:
-    """Checks that need no model or data. Model-shape checks run in :func:`validate_against_model`."""
-    if not config.tasks:
-        raise ConfigError("tasks: empty; accepted: a list of task names (see `moebsr tasks`)")
-    if len(set(config.tasks)) != len(config.tasks):
-        raise ConfigError(f"tasks: duplicate names in {config.tasks}")
-    train = config.train
+def _validate_train(train: TrainConfig) -> None:
+    """The ``train`` section's own checks: choices, ranges, and the pairs of keys that contradict each other."""
     _choice("train.optimizer", train.optimizer, OPTIMIZERS)
     _choice("train.sampler", train.sampler, SAMPLERS)
     if train.mixed_precision == "False":  # YAML 1.1 reads a bare `no` as false, which OmegaConf stores as "False"
@@ -487,6 +482,15 @@ def validate_config(config: RunConfig) -> None:
         raise ConfigError(f"train.layer_decay: {train.layer_decay!r} is invalid; accepted: (0, 1] or null")
     if not 0 <= train.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing: {train.label_smoothing!r} is invalid; accepted: [0, 1)")
+
+
+def validate_config(config: RunConfig) -> None:
+    """Checks that need no model or data. Model-shape checks run in :func:`validate_against_model`."""
+    if not config.tasks:
+        raise ConfigError("tasks: empty; accepted: a list of task names (see `moebsr tasks`)")
+    if len(set(config.tasks)) != len(config.tasks):
+        raise ConfigError(f"tasks: duplicate names in {config.tasks}")
+    _validate_train(config.train)
     clashes = sorted(set(config.model.timm_kwargs) & set(ModelConfig.ARCHITECTURE_FIELDS))
     if clashes:
         raise ConfigError(f"model.timm_kwargs.{clashes[0]}: set model.{clashes[0]} instead (it has its own key)")

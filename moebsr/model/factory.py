@@ -116,6 +116,30 @@ def _build_head(task: str, head: HeadFactory, num_features: int) -> nn.Module:
     return head(num_features)
 
 
+def _check_backend(moe_spec: MoESpec, backbone: nn.Module) -> None:
+    if moe_spec.backend == "tutel" and (moe_spec.blocks is None or len(moe_spec.blocks)) and any(
+            is_gated_mlp(getattr(block, "mlp", None)) for block in backbone.blocks):
+        raise UnsupportedModelError("moe.backend: tutel cannot run GatedExperts (experts upcycled from a gated MLP, "
+                                    "EVA-02's SwiGLU); accepted: moe.backend=torch for them")
+
+
+def upcycled_moe_layer(mlp: nn.Module, moe_spec: MoESpec, index: int, embed_dim: int, task_names: list[str]
+                       ) -> nn.Module:
+    """Block ``index``'s MoE layer: experts copied from its dense ``mlp``, a router (per task or shared, as the spec
+    says for this block) and the configured backend's layer around them."""
+    experts = upcycle_experts(mlp, moe_spec.num_experts, moe_spec.hidden_features)
+    router = TaskRouter(embed_dim, moe_spec.num_experts, moe_spec.top_k, task_names,
+                        mode=moe_spec.router_mode(index), renormalize=moe_spec.renormalize)
+    if moe_spec.backend == "tutel":
+        from .tutel_backend import TutelMoEMlp
+        layer = TutelMoEMlp(router.to(experts.fc1_weight.device), experts, moe_spec.capacity_factor)
+    else:
+        layer = MoEMlp(router.to(experts.fc1_weight.device), experts, moe_spec.capacity_factor,
+                       dispatch=moe_spec.dispatch)
+    layer.recompute_experts = moe_spec.recompute_experts
+    return layer
+
+
 def create_moevit(
         model: Union[str, nn.Module],
         tasks: Mapping[str, HeadFactory],
@@ -150,18 +174,11 @@ def create_moevit(
 
     backbone = build_backbone(model, pretrained=pretrained, checkpoint_path=checkpoint_path, **timm_kwargs)
     depth = len(backbone.blocks)
-    if moe_spec.backend == "tutel" and (moe_spec.blocks is None or len(moe_spec.blocks)) and any(
-            is_gated_mlp(getattr(block, "mlp", None)) for block in backbone.blocks):
-        raise UnsupportedModelError("moe.backend: tutel cannot run GatedExperts (experts upcycled from a gated MLP, "
-                                    "EVA-02's SwiGLU); accepted: moe.backend=torch for them")
+    _check_backend(moe_spec, backbone)
     moe_spec.validate(depth)
     if drop_spec is not None:
         drop_spec.validate(depth)
     resolved_plan = plan.resolve(depth)
-    moe_layer_type = MoEMlp
-    if moe_spec.backend == "tutel":
-        from .tutel_backend import TutelMoEMlp
-        moe_layer_type = TutelMoEMlp
 
     moe_blocks = set(moe_spec.resolve_blocks(depth))
     drop_blocks = set(drop_spec.resolve_blocks(depth)) if drop_spec is not None else set()
@@ -175,13 +192,7 @@ def create_moevit(
         moe_block = block_type(block, None, keep_rate, fuse, backbone.num_prefix_tokens,
                                class_token=getattr(backbone, "cls_token", None) is not None)
         if index in moe_blocks:
-            experts = upcycle_experts(moe_block.mlp, moe_spec.num_experts, moe_spec.hidden_features)
-            router = TaskRouter(backbone.embed_dim, moe_spec.num_experts, moe_spec.top_k, task_names,
-                                mode=moe_spec.router_mode(index), renormalize=moe_spec.renormalize)
-            dispatch = dict(dispatch=moe_spec.dispatch) if moe_spec.backend == "torch" else {}
-            mlp = moe_layer_type(router.to(experts.fc1_weight.device), experts, moe_spec.capacity_factor, **dispatch)
-            mlp.recompute_experts = moe_spec.recompute_experts
-            moe_block.mlp = mlp
+            moe_block.mlp = upcycled_moe_layer(moe_block.mlp, moe_spec, index, backbone.embed_dim, task_names)
         blocks.append(moe_block)
     backbone.blocks = nn.Sequential(*blocks)
 
