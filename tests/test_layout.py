@@ -125,6 +125,13 @@ def test_the_public_api_resolves_and_the_version_is_the_packages():
     assert version("moebsr") == moebsr.__version__
 
 
+def test_importing_moebsr_and_its_cli_loads_no_torch():
+    """The public names are imported on first use: ``moebsr --version`` or ``moebsr tasks`` do not wait for torch."""
+    code = "import sys, moebsr, moebsr.cli; print(sorted({'torch', 'timm', 'accelerate'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
 def _without_extras(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """``code`` in a fresh interpreter where no install extra's module can be imported (``sys.modules[name] =
     None``: ``import`` fails and ``find_spec`` says not installed, as in a core install)."""
