@@ -294,8 +294,9 @@ def add_plan_command(commands: argparse._SubParsersAction) -> None:
                           help="memory=600MiB, memory=0.3x, flops=2GFLOP or flops=0.4x (x: of full fine-tuning)")
     planning.add_argument("--batches", type=POSITIVE_INT, default=2, help="batches of every task to score units on")
     planning.add_argument("--levers", choices=("auto", "config"), default="auto",
-                          help="auto: also plan with the other settings of moe.recompute_experts and bsr.frozen_dtype "
-                               "(frozen mixtures collapsed where exact) and keep the best; config: the config's own")
+                          help="auto: also plan with the setting of moe.recompute_experts, bsr.frozen_dtype and "
+                               "moe.collapse_frozen that costs least (every setting for a step budget), keep the "
+                               "better plan, set back levers that change nothing for it; config: the config's own")
     planning.add_argument("--accumulate", action="store_true",
                           help="memory budgets: also split the batch into 2 or 4 micro-batches with their gradients "
                                "accumulated (train.grad_accum_steps; same images per step), where it buys importance")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import subprocess
@@ -303,21 +304,64 @@ def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(t
     assert predicted["trainable_params"] == measured["trainable_params"]
     first = min(block for block, _ in units)
     assert f"blocks {first}: {'+'.join(sorted(s for b, s in units if b == first))}" in measured["recipe"]
-    # --levers auto (the default) measured the config as given and the 4 settings of the two other memory levers with
-    # the frozen mixtures collapsed, and kept the best plan; here it collapses them (the profile above covers that)
+    # --levers auto (the default) measured the config as given and the setting that costs least for every plan
+    # (recomputed experts, bf16 frozen weights, collapsed frozen mixtures), kept the better plan, and set back the
+    # levers that change nothing for it; here it collapses the frozen mixtures (the profile above covers that)
     options = report["lever_options"]
-    assert len(options) == 5 and report["score"] == max(option["score"] for option in options)
-    assert sorted(tuple(option["levers"].values())[:3] for option in options) == sorted(
-        [(False, "fp32", False), *itertools.product((False, True), ("fp32", "bf16"), (True,))])
+    assert len(options) == 2 and report["score"] == max(option["score"] for option in options)
+    assert sorted(tuple(option["levers"].values())[:3] for option in options) == [(False, "fp32", False),
+                                                                                  (True, "bf16", True)]
     assert all(tuple(option["levers"].values())[3:] == (8, 1) for option in options)  # no micro-batches unasked
     levers = (config.moe.recompute_experts, config.bsr.frozen_dtype, config.moe.collapse_frozen)
     assert levers == tuple(report["levers"].values())[:3] and config.moe.collapse_frozen
     as_given = next(option for option in options if tuple(option["levers"].values())[:3] == (False, "fp32", False))
     assert report["score"] > as_given["score"]  # the levers buy importance at the same memory
-    tied = [option for option in options if option["score"] == report["score"]]  # ties: the cheapest, then the first
-    cheapest = min(option["predicted"]["memory_bytes"] for option in tied)
-    assert report["levers"] == next(option for option in tied if option["predicted"]["memory_bytes"] == cheapest)[
-        "levers"]
+    for key in ("moe.recompute_experts", "bsr.frozen_dtype"):  # each lever kept costs memory set back, each set back
+        section, name = key.split(".")                         # none
+        back = copy.deepcopy(config)
+        setattr(getattr(back, section), name, {"moe.recompute_experts": False, "bsr.frozen_dtype": "fp32"}[key])
+        if back == config:
+            continue
+        memory = profile_config(back, steps=1, warmup=1)["train_memory_bytes"]
+        assert (memory == measured["train_memory_bytes"]) == (key in report["levers_set_back"]), key
+        assert memory >= measured["train_memory_bytes"], key
+
+
+@pytest.fixture(scope="module")
+def every_lever_setting():
+    """The cost model of every memory-lever setting ``--levers auto`` could choose, on a 3-block quickstart model under
+    bf16 autocast (where cast copies of weights are saved too)."""
+    from moebsr.config import load_config
+    from moebsr.planning.plan import cost_model_for, lever_variants, levers_of
+    config = load_config(ROOT / "configs" / "quickstart.yaml", ["train.batch_size=4", "train.mixed_precision=bf16",
+                                                                "model.depth=3", "moe.num_experts=4"])
+    settings = [config, *lever_variants(config, True)]
+    return config, {tuple(levers_of(variant).values()): cost_model_for(variant, {"mnist": 10}, ["mnist"])
+                    for variant in settings}
+
+
+@pytest.mark.parametrize("kind", ["memory", "flops"])
+def test_the_cheapest_lever_setting_costs_no_more_than_any_other_for_every_plan(every_lever_setting, kind):
+    """For memory and FLOPs budgets --levers auto measures only the config as given and :func:`cheapest_levers`: exact
+    only if no other setting makes any plan cheaper. Checked against every setting, every plan of one or two units
+    (with collapsed mixtures an MoE block's mlp unit trains its router too, so plans train both or neither)."""
+    from moebsr.planning.plan import cheapest_levers, levers_of
+    config, costs = every_lever_setting
+    cheapest = cheapest_levers(config, True, kind)
+    cheapest_costs = costs[tuple(levers_of(cheapest).values())]
+    assert cheapest.moe.collapse_frozen and cheapest.moe.recompute_experts == (kind == "memory")
+    units = [unit for unit in cheapest_costs.units if unit[1] != "router"]
+    moe_blocks = {block for other in costs.values() for block, sublayer in other.units if sublayer == "router"}
+    assert moe_blocks  # (a collapsed model's frozen mixtures are dense MLPs: its units list no router)
+    compared = 0
+    for plan in [(unit,) for unit in units] + list(itertools.combinations(units, 2)):
+        with_routers = tuple(sorted(plan + tuple((block, "router") for block, sublayer in plan
+                                                 if sublayer == "mlp" and block in moe_blocks)))
+        for setting, other in costs.items():
+            as_set = plan if setting[2] else with_routers  # setting[2]: moe.collapse_frozen
+            assert cheapest_costs.predict(plan).value(kind) <= other.predict(as_set).value(kind), (setting, plan)
+            compared += 1
+    assert compared > 100
 
 
 def test_a_tight_budget_scores_in_low_precision_and_the_planning_pass_fits_it(tmp_path):

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -37,7 +38,8 @@ from .importance import Importance, fisher_potential, scoring_bytes
 from .search import Choice, best_plan, frontier
 
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4}
-MEASURE_BATCH = 4  # images per measured step for memory and FLOPs budgets (scaled to the batch; see costs.py)
+MEASURE_BATCH = 4  # images per measured step for memory and FLOPs budgets at most (scaled to the batch; costs.py)
+MEASURE_TOKENS = 256  # ... and fewer (2 at least) where that many tokens fill fewer images (DeiT-S: 197 per image)
 PRESETS = ("paper", "last_k", "none")
 
 
@@ -54,6 +56,21 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
     """Measure the cost model on the configured model, its weights random and, without timing, hollow (costs do
     not depend on their values), built as ``moebsr profile`` builds it, at the configured batch and precision; with
     ``timed_steps``, step times too (the configured optimizer included)."""
+    base, build, step_measure = _measuring_setup(config, task_outputs, step_tasks, timed_steps)
+    moe_blocks = base.moe_blocks
+    mixture_params = unit_parameter_counts(base, [(block, name) for block in moe_blocks for name in ("mlp", "router")])
+    full = ResolvedBSRPlan(tuple(range(base.depth)), frozenset(SUBLAYERS), True, True)
+    costs = measure_cost_model(build, step_measure, OPTIMIZER_STATE_BYTES[config.train.optimizer], full)
+    if config.moe.collapse_frozen:  # a unit (b, mlp) of an MoE block trains its experts and router (see with_routers)
+        for block in moe_blocks:
+            costs.unit_params[(block, "mlp")] = mixture_params[(block, "mlp")] + mixture_params[(block, "router")]
+        costs.full = costs.compose_full([unit for unit in costs.units if unit[1] != "router"])
+    return costs
+
+
+def _measuring_setup(config: RunConfig, task_outputs: dict[str, int], step_tasks: list[str], timed_steps: int = 0
+                     ) -> tuple[MoEViT, Callable[[ResolvedBSRPlan], MoEViT], Callable[[MoEViT], Any]]:
+    """The model measuring sets up plan after plan, its builder and the step measure (see :func:`cost_model_for`)."""
     from ..training.build import model_from_config
     from ..training.optim import build_optimizer
     measured = copy.deepcopy(config)
@@ -61,21 +78,21 @@ def cost_model_for(config: RunConfig, task_outputs: dict[str, int], step_tasks: 
     measured.bsr.frozen_dtype, measured.moe.collapse_frozen = "fp32", False
     torch.manual_seed(config.train.seed)
     base = model_from_config(measured, dict(task_outputs))
-    moe_blocks = base.moe_blocks
-    mixture_params = unit_parameter_counts(base, [(block, name) for block in moe_blocks for name in ("mlp", "router")])
     build = plan_builder(base, config.bsr.frozen_dtype, config.moe.collapse_frozen, hollow=not timed_steps)
-    full = ResolvedBSRPlan(tuple(range(base.depth)), frozenset(SUBLAYERS), True, True)
     batch = config.train.batch_size
     step_measure = synthetic_step_measure({name: task_outputs[name] for name in step_tasks}, batch,
                                           config.train.mixed_precision,
                                           lambda model: build_optimizer(model, config.train), timed_steps,
-                                          measure_batch=batch if timed_steps else min(batch, MEASURE_BATCH))
-    costs = measure_cost_model(build, step_measure, OPTIMIZER_STATE_BYTES[config.train.optimizer], full)
-    if config.moe.collapse_frozen:  # a unit (b, mlp) of an MoE block trains its experts and router (see with_routers)
-        for block in moe_blocks:
-            costs.unit_params[(block, "mlp")] = mixture_params[(block, "mlp")] + mixture_params[(block, "router")]
-        costs.full = costs.compose_full([unit for unit in costs.units if unit[1] != "router"])
-    return costs
+                                          measure_batch=batch if timed_steps else measure_batch(base, batch))
+    return base, build, step_measure
+
+
+def measure_batch(model: MoEViT, batch: int) -> int:
+    """Images per measured step: ``MEASURE_TOKENS`` tokens' worth, 2 to ``MEASURE_BATCH`` images (never more than
+    the batch). Bytes and FLOPs are per image but for the weights' cast copies, measured on the line through this
+    many images and twice as many; enough tokens reach every expert at both."""
+    tokens = model.backbone.patch_embed.num_patches + model.backbone.num_prefix_tokens
+    return min(batch, MEASURE_BATCH, max(2, -(-MEASURE_TOKENS // tokens)))
 
 
 def plan_builder(model: MoEViT, frozen_dtype: str, collapse: bool, hollow: bool) -> Callable[[ResolvedBSRPlan], MoEViT]:
@@ -374,6 +391,59 @@ def lever_variants(config: RunConfig, has_experts: bool) -> list[RunConfig]:
     return variants
 
 
+def cheapest_levers(config: RunConfig, has_experts: bool, kind: str) -> RunConfig:
+    """The lever setting that costs least for every plan under a ``memory`` or ``flops`` budget, so the only other
+    one ``--levers auto`` needs to measure besides the config's own (the scores do not depend on the levers; their
+    costs are measured, and ``tests/test_planning.py`` checks this order against every setting):
+
+    - memory: experts recomputed (backward keeps a mixture's inputs, not its insides), frozen weights in bf16 (half
+      their bytes; under autocast no cast copy is saved either) and frozen mixtures collapsed;
+    - FLOPs: experts not recomputed (that runs their forward twice), frozen mixtures collapsed (1/top_k of their
+      FLOPs), frozen weights as configured (their dtype changes no FLOP count).
+
+    Where a lever changes nothing for the plan chosen, :func:`without_idle_levers` sets it back."""
+    cheapest = copy.deepcopy(config)
+    if has_experts and collapsible(config.moe):
+        cheapest.moe.collapse_frozen = True
+    if kind == "memory":
+        cheapest.moe.recompute_experts = has_experts or config.moe.recompute_experts
+        cheapest.bsr.frozen_dtype = "bf16" if config.bsr.frozen_dtype == "fp32" else config.bsr.frozen_dtype
+    else:
+        cheapest.moe.recompute_experts = False
+    return cheapest
+
+
+IDLE_LEVER_CHECKS = ("moe.recompute_experts", "bsr.frozen_dtype")  # collapse only removes costs: never set back
+
+
+def without_idle_levers(given: RunConfig, chosen: RunConfig, units: tuple[Unit, ...], kind: str,
+                        task_outputs: dict[str, int], step_tasks: list[str]) -> tuple[RunConfig, list[str], int]:
+    """``chosen`` with each lever it changed from ``given`` set back where the plan ``units`` then costs exactly the
+    same (one measured step of the plan with and one without it: e.g. recomputing experts when no mixture the plan
+    trains through is left uncollapsed), so the written config changes only what buys something. Returns the config,
+    the levers set back and the steps measured."""
+    measured = []
+
+    def plan_cost(setting: RunConfig) -> float:  # what differs between two settings of the same plan
+        _, build, step_measure = _measuring_setup(setting, task_outputs, step_tasks)
+        measure = step_measure(build(units_plan(units)))
+        measured.append(measure)
+        return measure.flops if kind == "flops" else measure.parameter_bytes + measure.saved_bytes
+
+    reverted: list[str] = []
+    cost = None
+    for key in IDLE_LEVER_CHECKS:
+        section, name = key.split(".")
+        if getattr(getattr(chosen, section), name) == getattr(getattr(given, section), name):
+            continue
+        trial = copy.deepcopy(chosen)
+        setattr(getattr(trial, section), name, getattr(getattr(given, section), name))
+        cost = plan_cost(chosen) if cost is None else cost
+        if plan_cost(trial) == cost:
+            chosen, reverted = trial, reverted + [key]
+    return chosen, reverted, len(measured)
+
+
 def collapsible(moe: MoEConfig) -> bool:
     """Whether ``moe.collapse_frozen`` is exact with the MoE settings ``moe`` (its own check, without raising)."""
     try:
@@ -427,21 +497,25 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path,
              levers: str = "config", accumulate: bool = False) -> dict[str, Any]:
     """Plan, then write the config and its report. ``measured`` (:func:`measure_costs`) and ``importance`` may come
     from an earlier call on the same config (a benchmark planning several budgets). ``levers="auto"`` also plans
-    with every other setting of the memory levers (each measured) and keeps the setting whose plan scores highest;
-    relative budgets stay relative to full fine-tuning of the config as given. With ``accumulate`` (memory budgets),
-    the best setting is also measured with its batch in 2 and 4 micro-batches (:func:`accumulated_variants`): more
-    steps of less memory each, taken only where it buys importance."""
+    with the lever setting that costs least (:func:`cheapest_levers`; for a step budget with every other setting, each
+    timed), keeps the setting whose plan scores highest and sets back the levers that change nothing for that plan
+    (:func:`without_idle_levers`); relative budgets stay relative to full fine-tuning of the config as given. With
+    ``accumulate`` (memory budgets), the best setting is also measured with its batch in 2 and 4 micro-batches
+    (:func:`accumulated_variants`): more steps of less memory each, taken only where it buys importance."""
     if levers not in LEVER_CHOICES:
         raise PlanError(f"--levers: {levers!r} is invalid; accepted: {', '.join(LEVER_CHOICES)}")
     timed = budget.kind == "step"
     data, costs = measured or measure_costs(config, timed=timed)
     limit = budget.resolve(costs.full.value(budget.kind))
     options = [(config, costs)]
-    if levers == "auto":
-        has_experts = bool(config.moe.resolve_blocks(costs.depth))
+    has_experts = bool(config.moe.resolve_blocks(costs.depth))
+    if levers == "auto":  # a step budget's costs are timed, not ordered: every setting is measured
+        variants = lever_variants(config, has_experts) if timed else [
+            variant for variant in [cheapest_levers(config, has_experts, budget.kind)]
+            if levers_of(variant) != levers_of(config)]
         options += [(variant, cost_model_for(variant, data.task_outputs(), _step_tasks(variant, data),
                                              TIMED_STEPS if timed else 0))
-                    for variant in lever_variants(config, has_experts)]
+                    for variant in variants]
     check_reachable([option_costs for _, option_costs in options], budget, limit)  # before the data is read
     if importance is None:
         fit = budget.kind == "memory"
@@ -454,15 +528,23 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path,
                             key=lambda item: item[0], reverse=True)
         options += split
     _, chosen_config, chosen_costs, choice = candidates[0]
+    idle: list[str] = []
+    idle_check = (0, 0.0)  # steps measured, seconds
+    if levers == "auto" and not timed:
+        started = time.perf_counter()
+        chosen_config, idle, steps = without_idle_levers(config, chosen_config, choice.units, budget.kind,
+                                                         data.task_outputs(), _step_tasks(chosen_config, data))
+        idle_check = (steps, time.perf_counter() - started)
     report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, costs.full)
     report["levers"] = levers_of(chosen_config)
+    report["levers_set_back"] = idle  # changed in the cheapest setting, but they change nothing for this plan
     report["planning_memory_bytes"] = max([importance.peak_bytes,
                                            *(option.planning_peak_bytes for _, option in options)])
     report["planning_memory"] = dict(measuring=max(option.planning_peak_bytes for _, option in options),
                                      scoring=importance.peak_bytes, scoring_low_precision=importance.low_precision)
     report["planning_fits_budget"] = report["planning_memory_bytes"] <= limit if budget.kind == "memory" else None
-    report["measured_steps"] = sum(option_costs.measured_steps for _, option_costs in options)
-    report["measure_seconds"] = sum(option_costs.measure_seconds for _, option_costs in options)
+    report["measured_steps"] = sum(option_costs.measured_steps for _, option_costs in options) + idle_check[0]
+    report["measure_seconds"] = sum(option_costs.measure_seconds for _, option_costs in options) + idle_check[1]
     report["lever_options"] = [dict(levers=levers_of(option_config), plan=describe(trained_units(
                                         option_config.moe, option_choice.units, option_config.moe.resolve_blocks(
                                             option_costs.depth))),
