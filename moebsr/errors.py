@@ -40,13 +40,14 @@ class MissingExtraError(RuntimeError):
 def require_extra(extra: str, needed_for: str, *modules: str, otherwise: str = "") -> None:
     """Refuse ``needed_for`` in one line when any of ``modules`` cannot be imported, naming the extra that brings
     them and ``otherwise`` (another accepted choice); checked with ``find_spec``, before any work."""
-    missing = [module for module in modules if not _importable(module)]
+    missing = [module for module in modules if not importable(module)]
     if missing:
         raise MissingExtraError(f"{needed_for} needs {', '.join(missing)}, not installed; accepted: "
                                 f"pip install 'moebsr[{extra}]'{f', or {otherwise}' if otherwise else ''}")
 
 
-def _importable(module: str) -> bool:
+def importable(module: str) -> bool:
+    """Whether ``module`` can be imported (found, not imported)."""
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a dotted name whose parent is missing

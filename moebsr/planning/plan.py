@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import itertools
 import json
 import time
@@ -18,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import BSRConfig, MoEConfig, RunConfig, save_config
+from ..errors import importable
 from ..model import MoEViT
 from ..model.bsr import SUBLAYERS, ResolvedBSRPlan
 from .budget import Budget, PlanError, format_amount
@@ -321,7 +321,7 @@ def write_outputs(out: Path, config: RunConfig, model: CostModel, importance: Im
     plan_json = out.with_suffix(".plan.json")
     plan_json.write_text(json.dumps(report, indent=2))
     plot = out.with_suffix(".frontier.png")
-    if importlib.util.find_spec("matplotlib") is None:  # the plan and its table are whole without the picture
+    if not importable("matplotlib"):  # the plan and its table are whole without the picture
         print(f"moebsr plan: {plot.name} not drawn: matplotlib is not installed (pip install 'moebsr[plots]')")
     else:
         plot_frontier(plot, report, budget.kind)
