@@ -316,6 +316,7 @@ def test_plan_writes_a_config_that_trains_the_plan_and_costs_what_it_predicted(t
     assert levers == tuple(report["levers"].values())[:3] and config.moe.collapse_frozen
     as_given = next(option for option in options if tuple(option["levers"].values())[:3] == (False, "fp32", False))
     assert report["score"] > as_given["score"]  # the levers buy importance at the same memory
+    assert ("set back: no change for this plan" in done.stdout) == bool(report["levers_set_back"])
     for key in ("moe.recompute_experts", "bsr.frozen_dtype"):  # each lever kept costs memory set back, each set back
         section, name = key.split(".")                         # none
         back = copy.deepcopy(config)

@@ -566,7 +566,9 @@ def format_report(report: dict[str, Any], out: Optional[Path] = None) -> str:
            if "step_seconds" in predicted else "") + f"; importance kept {report['score']:.3f}",
         "presets: " + "; ".join(f"{name} {p['memory_ratio']:.3f}x memory, {p['flops_ratio']:.3f}x FLOPs, importance "
                                 f"{p['score']:.3f}" for name, p in report["presets"].items()),
-        f"levers: {', '.join(f'{key}={value}' for key, value in report.get('levers', {}).items())}",
+        f"levers: {', '.join(f'{key}={value}' for key, value in report.get('levers', {}).items())}"
+        + (f" ({', '.join(report['levers_set_back'])} set back: no change for this plan)"
+           if report.get("levers_set_back") else ""),
         f"planning pass: {report['planning_memory_bytes'] / 2 ** 20:.2f} MiB at most (measured: weights held + what "
         f"measuring's passes kept alive, or scoring's saved tensors)"
         + ("" if report.get("planning_fits_budget") is None else
