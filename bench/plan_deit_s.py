@@ -40,6 +40,11 @@ def overrides(args: argparse.Namespace) -> list[str]:
             f"train.mixed_precision={args.precision}", "logging.trackers=[none]", "data.num_workers=0", *args.overrides]
 
 
+def share_value(key: str) -> float:
+    """The share a results key names ("0.154x" -> 0.154)."""
+    return float(key.rstrip("x"))
+
+
 def breakdown(profile: dict) -> dict:
     return {"parameters": profile["parameter_bytes"], "gradients": profile["gradient_bytes"],
             "optimizer_state": profile["optimizer_state_bytes"],
@@ -77,7 +82,7 @@ def main() -> None:
             raise SystemExit(f"--merge: {name}.json was made with {earlier['config']} {earlier['overrides']}; "
                              f"this run has {results['config']} {results['overrides']}")
         results["plans"] = {share: plan for share, plan in earlier["plans"].items()
-                            if float(share.rstrip("x")) not in args.shares}
+                            if share_value(share) not in args.shares}
     for share in args.shares:
         started = time.process_time()
         report = run_plan(load_config(args.config, overrides(args)), parse_budget(f"memory={share}x"), 2,
@@ -102,7 +107,7 @@ def main() -> None:
                 "flops": predicted["flops"] / (profiled["train_flops_per_image"] * profiled["batch_size"])},
             "profiled_memory_ratio_to_full": profiled["train_memory_bytes"] / full["train_memory_bytes"]}
         print(json.dumps(results["plans"][f"{share:g}x"], indent=1), flush=True)
-        results["plans"] = dict(sorted(results["plans"].items(), key=lambda item: float(item[0].rstrip("x"))))
+        results["plans"] = dict(sorted(results["plans"].items(), key=lambda item: share_value(item[0])))
         (out / f"{name}.json").write_text(json.dumps(results, indent=2))  # after each share: a long benchmark
         (out / f"{name}.md").write_text(format_table(results) + "\n")
     print(format_table(results))

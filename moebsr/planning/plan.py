@@ -83,11 +83,11 @@ def _measuring_setup(config: RunConfig, task_outputs: dict[str, int], step_tasks
     step_measure = synthetic_step_measure({name: task_outputs[name] for name in step_tasks}, batch,
                                           config.train.mixed_precision,
                                           lambda model: build_optimizer(model, config.train), timed_steps,
-                                          measure_batch=batch if timed_steps else measure_batch(base, batch))
+                                          measure_batch=batch if timed_steps else images_per_measured_step(base, batch))
     return base, build, step_measure
 
 
-def measure_batch(model: MoEViT, batch: int) -> int:
+def images_per_measured_step(model: MoEViT, batch: int) -> int:
     """Images per measured step: ``MEASURE_TOKENS`` tokens' worth, 2 to ``MEASURE_BATCH`` images (never more than
     the batch). Bytes and FLOPs are per image but for the weights' cast copies, measured on the line through this
     many images and twice as many; enough tokens reach every expert at both."""
@@ -432,12 +432,13 @@ def without_idle_levers(given: RunConfig, chosen: RunConfig, units: tuple[Unit, 
 
     reverted: list[str] = []
     cost = None
+    given_levers = levers_of(given)
     for key in IDLE_LEVER_CHECKS:
-        section, name = key.split(".")
-        if getattr(getattr(chosen, section), name) == getattr(getattr(given, section), name):
+        if levers_of(chosen)[key] == given_levers[key]:
             continue
         trial = copy.deepcopy(chosen)
-        setattr(getattr(trial, section), name, getattr(getattr(given, section), name))
+        section, name = key.split(".")
+        setattr(getattr(trial, section), name, given_levers[key])
         cost = plan_cost(chosen) if cost is None else cost
         if plan_cost(trial) == cost:
             chosen, reverted = trial, reverted + [key]
@@ -508,8 +509,8 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path,
     data, costs = measured or measure_costs(config, timed=timed)
     limit = budget.resolve(costs.full.value(budget.kind))
     options = [(config, costs)]
-    has_experts = bool(config.moe.resolve_blocks(costs.depth))
     if levers == "auto":  # a step budget's costs are timed, not ordered: every setting is measured
+        has_experts = bool(config.moe.resolve_blocks(costs.depth))
         variants = lever_variants(config, has_experts) if timed else [
             variant for variant in [cheapest_levers(config, has_experts, budget.kind)]
             if levers_of(variant) != levers_of(config)]
