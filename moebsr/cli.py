@@ -106,13 +106,23 @@ def command_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import load_config
-    from .planning import parse_budget
+    from .planning import PlanError, parse_budget
+    from .planning.keep_rates import format_keep_rates, plan_keep_rates
     from .planning.plan import format_report, run_plan
     budget = parse_budget(args.budget)  # before the config and the model: a typo costs nothing
+    if args.validate_steps and args.keep_rates is None:
+        raise PlanError(f"--validate-steps: {args.validate_steps} steps of what? it compares the plans of several "
+                        "--keep-rates; accepted: --keep-rates R1 R2 ... with it, or no --validate-steps")
     out = Path(args.out)
-    report = run_plan(load_config(args.config, args.overrides), budget, args.batches, out, levers=args.levers,
-                      accumulate=args.accumulate)
+    config = load_config(args.config, args.overrides)
+    if args.keep_rates is None:
+        report = run_plan(config, budget, args.batches, out, levers=args.levers, accumulate=args.accumulate)
+        print(format_report(report, out))
+        return 0
+    report = plan_keep_rates(config, budget, args.batches, out, args.keep_rates, args.validate_steps,
+                             levers=args.levers, accumulate=args.accumulate)
     print(format_report(report, out))
+    print(format_keep_rates(report))
     return 0
 
 
@@ -300,6 +310,12 @@ def add_plan_command(commands: argparse._SubParsersAction) -> None:
     planning.add_argument("--accumulate", action="store_true",
                           help="memory budgets: also split the batch into 2 or 4 micro-batches with their gradients "
                                "accumulated (train.grad_accum_steps; same images per step), where it buys importance")
+    planning.add_argument("--keep-rates", type=float, nargs="+", default=None, metavar="R",
+                          help="plan once per token keep rate at the config's dropping blocks (1: no dropping), "
+                               "each to P.keep<R>.yaml; with several, train each plan --validate-steps steps on a "
+                               "held-out share of the training data and write the best to P.yaml")
+    planning.add_argument("--validate-steps", type=POSITIVE_INT, default=None, metavar="N",
+                          help="steps of each keep rate's short run on held-out data (--keep-rates)")
     planning.add_argument("--out", required=True, help="the config to write (P.plan.json, P.frontier.png beside it)")
     planning.set_defaults(handler=command_plan)
 

@@ -12,6 +12,7 @@ MEMORY_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2 ** 10, "MiB": 
 FLOP_UNITS = {"FLOP": 1, "KFLOP": 1e3, "MFLOP": 1e6, "GFLOP": 1e9, "TFLOP": 1e12}
 TIME_UNITS = {"s": 1.0, "ms": 1e-3}
 UNITS = {"memory": MEMORY_UNITS, "flops": FLOP_UNITS, "step": TIME_UNITS}
+COST_KEYS = {"memory": "memory_bytes", "flops": "flops", "step": "step_seconds"}  # a report's cost row, per kind
 ACCEPTED = ("accepted: memory=<number><unit> (units B, KB, MB, GB, KiB, MiB, GiB), flops=<number><unit> (units FLOP, "
             "KFLOP, MFLOP, GFLOP, TFLOP; per training step), step=<number><unit> (units s, ms; CPU time on CPU), or "
             "any of them as <number>x of full fine-tuning")

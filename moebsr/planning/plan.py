@@ -20,7 +20,7 @@ from ..config import BSRConfig, MoEConfig, RunConfig, save_config
 from ..errors import importable
 from ..model import MoEViT
 from ..model.bsr import SUBLAYERS, ResolvedBSRPlan
-from .budget import Budget, PlanError, format_amount
+from .budget import COST_KEYS, Budget, PlanError, format_amount
 from .costs import (
     CostModel,
     PlanCost,
@@ -275,11 +275,13 @@ def cost_row(kind: str, cost: PlanCost, full: PlanCost) -> dict[str, Any]:
     return row
 
 
-def check_reachable(models: list[CostModel], budget: Budget, limit: float) -> None:
-    """Refused in one line when not even heads alone fit ``limit`` with any of the lever settings measured."""
+def check_reachable(models: list[CostModel], budget: Budget, limit: float, reference: Optional[PlanCost] = None
+                    ) -> None:
+    """Refused in one line when not even heads alone fit ``limit`` with any of the lever settings measured
+    (``reference``: full fine-tuning the minimum is stated against; default: the first model's)."""
     minimum = min(model.predict(()).value(budget.kind) for model in models)
     if minimum > limit:
-        full = models[0].full.value(budget.kind)
+        full = (reference or models[0].full).value(budget.kind)
         raise PlanError(f"--budget: {budget.text} ({format_amount(budget.kind, limit)}) is below the cheapest plan, "
                         f"heads only: {format_amount(budget.kind, minimum)} ({minimum / full:.3f}x of full "
                         "fine-tuning); accepted: at least that")
@@ -339,7 +341,7 @@ def plot_frontier(path: Path, report: dict[str, Any], kind: str) -> None:
     for name, preset in report["presets"].items():
         axes.plot(preset[ratio], preset["score"], "s", label=f"preset {name}")
     axes.plot(report["predicted"][ratio], report["score"], "*", markersize=14, label="this plan")
-    full = report["full_finetuning"][{"memory": "memory_bytes", "flops": "flops", "step": "step_seconds"}[kind]]
+    full = report["full_finetuning"][COST_KEYS[kind]]
     axes.axvline(report["budget_value"] / full, linestyle=":", color="grey", label="budget")
     axes.set_xlabel(f"predicted training {kind} / full fine-tuning")
     axes.set_ylabel("importance kept (Fisher potential, sum over tasks)")
@@ -495,19 +497,23 @@ def _candidates(options: list[tuple[RunConfig, CostModel]], importance: Importan
 
 def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path,
              measured: Optional[tuple[Any, CostModel]] = None, importance: Optional[Importance] = None,
-             levers: str = "config", accumulate: bool = False) -> dict[str, Any]:
+             levers: str = "config", accumulate: bool = False, reference: Optional[PlanCost] = None
+             ) -> dict[str, Any]:
     """Plan, then write the config and its report. ``measured`` (:func:`measure_costs`) and ``importance`` may come
     from an earlier call on the same config (a benchmark planning several budgets). ``levers="auto"`` also plans
     with the lever setting that costs least (:func:`cheapest_levers`; for a step budget with every other setting, each
     timed), keeps the setting whose plan scores highest and sets back the levers that change nothing for that plan
     (:func:`without_idle_levers`); relative budgets stay relative to full fine-tuning of the config as given. With
     ``accumulate`` (memory budgets), the best setting is also measured with its batch in 2 and 4 micro-batches
-    (:func:`accumulated_variants`): more steps of less memory each, taken only where it buys importance."""
+    (:func:`accumulated_variants`): more steps of less memory each, taken only where it buys importance.
+    ``reference``: the full fine-tuning relative budgets and ratios are of (default: the config's own; another keep
+    rate's plans are still against the config as given, see :mod:`.keep_rates`)."""
     if levers not in LEVER_CHOICES:
         raise PlanError(f"--levers: {levers!r} is invalid; accepted: {', '.join(LEVER_CHOICES)}")
     timed = budget.kind == "step"
     data, costs = measured or measure_costs(config, timed=timed)
-    limit = budget.resolve(costs.full.value(budget.kind))
+    reference = reference or costs.full
+    limit = budget.resolve(reference.value(budget.kind))
     options = [(config, costs)]
     if levers == "auto":  # a step budget's costs are timed, not ordered: every setting is measured
         has_experts = bool(config.moe.resolve_blocks(costs.depth))
@@ -517,7 +523,7 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path,
         options += [(variant, cost_model_for(variant, data.task_outputs(), _step_tasks(variant, data),
                                              TIMED_STEPS if timed else 0))
                     for variant in variants]
-    check_reachable([option_costs for _, option_costs in options], budget, limit)  # before the data is read
+    check_reachable([option_costs for _, option_costs in options], budget, limit, reference)  # before the data
     if importance is None:
         fit = budget.kind == "memory"
         importance = importance_for(config, data, batches, config.train.batch_size, limit if fit else None)
@@ -536,7 +542,7 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path,
         chosen_config, idle, steps = without_idle_levers(config, chosen_config, choice.units, budget.kind,
                                                          data.task_outputs(), _step_tasks(chosen_config, data))
         idle_check = (steps, time.perf_counter() - started)
-    report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, costs.full)
+    report = write_outputs(out, chosen_config, chosen_costs, importance, budget, limit, choice, reference)
     report["levers"] = levers_of(chosen_config)
     report["levers_set_back"] = idle  # changed in the cheapest setting, but they change nothing for this plan
     report["planning_memory_bytes"] = max([importance.peak_bytes,
@@ -550,7 +556,7 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path,
                                         option_config.moe, option_choice.units, option_config.moe.resolve_blocks(
                                             option_costs.depth))),
                                     score=option_choice.score, predicted=cost_row(budget.kind, option_choice.cost,
-                                                                                  costs.full))
+                                                                                  reference))
                                for _, option_config, option_costs, option_choice in candidates]
     out.with_suffix(".plan.json").write_text(json.dumps(report, indent=2))
     return report

@@ -1,0 +1,123 @@
+"""moebsr plan --keep-rates: one plan per keep rate, compared by short runs on held-out training data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moebsr.config import load_config
+from moebsr.planning.keep_rates import VALIDATION_FRACTION, validate, validation_config
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def _plan(tmp_path, *args, overrides=()):
+    return subprocess.run([sys.executable, "-m", "moebsr", "plan", "--config", str(QUICKSTART), "train.batch_size=8",
+                           *overrides, "--batches", "1", *args, "--out", str(tmp_path / "p.yaml")],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_each_keep_rate_is_planned_validated_on_held_out_data_and_the_best_written(tmp_path):
+    done = _plan(tmp_path, "--budget", "memory=0.3x", "--levers", "config", "--keep-rates", "1", "0.5",
+                 "--validate-steps", "3")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "p.plan.json").read_text())
+    options = {option["keep_rate"]: option for option in report["keep_rate_options"]}
+    assert set(options) == {1.0, 0.5} and report["validate_steps"] == 3
+    assert report["validation_fraction"] == VALIDATION_FRACTION and report["validation_seconds"] > 0
+    for rate, option in options.items():
+        written = load_config(tmp_path / option["config"])
+        assert written.token_drop.enabled == (rate < 1) and (rate == 1 or written.token_drop.keep_rate == rate)
+        assert option["predicted"]["memory_bytes"] <= report["budget_value"]
+        tasks = set(option["validation"])
+        assert tasks == {"mnist", "mnist_parity", "digits", "animals"}
+        mean_top1 = sum(option["validation"][task]["top1"] for task in tasks) / len(tasks)
+        assert option["validation_headline"] == pytest.approx(mean_top1)
+        own = json.loads((tmp_path / option["config"]).with_suffix(".plan.json").read_text())
+        assert own["plan"] == option["plan"] and own["predicted"] == option["predicted"]
+    own = {rate: json.loads((tmp_path / option["config"]).with_suffix(".plan.json").read_text())
+           for rate, option in options.items()}
+    # both against full fine-tuning of the config as given (it drops at 0.5): one reference, one budget
+    assert own[1.0]["full_finetuning"] == own[0.5]["full_finetuning"]
+    # each measured with its own dropping: the same units (the paper preset) save more without it
+    assert own[1.0]["presets"]["paper"]["saved_bytes"] > 1.5 * own[0.5]["presets"]["paper"]["saved_bytes"]
+    best = max(options.values(), key=lambda option: (option["validation_headline"],
+                                                     -option["predicted"]["memory_bytes"]))
+    assert report["keep_rate"] == best["keep_rate"]
+    assert (tmp_path / "p.yaml").read_text() == (tmp_path / best["config"]).read_text()
+    assert report["plan"] == best["plan"]
+    assert f"-> {best['config']}  <- written" in done.stdout and "keep rates: planned in " in done.stdout
+    # the same short run again gives the same held-out figures (seeded, one thread here)
+    metrics, headline, _ = validate(tmp_path / best["config"], 3)
+    assert metrics == best["validation"] and headline == best["validation_headline"]
+
+
+def test_the_short_run_holds_out_a_share_of_training_data_and_shortens_its_schedule(tmp_path):
+    from moebsr.training.run_data import RunData
+    planned = load_config(QUICKSTART)  # 1,200 steps, 60 of warm-up
+    short = validation_config(planned, 100, tmp_path / "run")
+    assert (short.train.steps, short.train.warmup_steps) == (100, 5)
+    assert validation_config(planned, 1, tmp_path).train.warmup_steps == 0
+    assert short.eval.split == "test" and short.train.checkpoint_every == 0 and short.logging.trackers == ["none"]
+    assert planned.data.task_options == {} and planned.train.steps == 1200  # the plan itself is left alone
+    given, held = (RunData.from_config(config, check_data=False).tasks["digits"] for config in (planned, short))
+    train, validation = held.build_dataset("train"), held.build_dataset("test")
+    full_train = given.build_dataset("train")
+    assert len(validation) == pytest.approx(VALIDATION_FRACTION * len(full_train), abs=10)
+    assert len(train) + len(validation) == len(full_train)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--keep-rates", "0", "0.5", "--validate-steps", "2"],
+     "--keep-rates: 0.0 is invalid; accepted: a number in (0, 1]"),
+    (["--keep-rates", "1.5"], "--keep-rates: 1.5 is invalid; accepted: a number in (0, 1]"),
+    (["--keep-rates", "1", "0.5"], "--keep-rates: 2 keep rates are compared by short runs on held-out data, but "
+                                   "--validate-steps is not set; accepted: --validate-steps N (N >= 1), or one keep "
+                                   "rate"),
+    (["--keep-rates", "0.5", "--validate-steps", "4"], "--validate-steps: 4 steps would compare one keep rate with "
+                                                       "nothing; accepted: two or more --keep-rates, or no "
+                                                       "--validate-steps"),
+    (["--validate-steps", "4"], "--validate-steps: 4 steps of what? it compares the plans of several --keep-rates; "
+                                "accepted: --keep-rates R1 R2 ... with it, or no --validate-steps"),
+])
+def test_bad_keep_rate_requests_are_one_line_and_write_nothing(tmp_path, args, message):
+    done = _plan(tmp_path, "--budget", "memory=0.3x", *args)
+    assert done.returncode == 2 and done.stderr == f"error: {message}\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_keep_rates_need_blocks_that_drop_tokens(tmp_path):
+    done = _plan(tmp_path, "--budget", "memory=0.3x", "--keep-rates", "0.5", overrides=["token_drop.blocks=[]"])
+    assert done.returncode == 2 and done.stderr.startswith("error: --keep-rates: token_drop.blocks is [] (no block "
+                                                           "drops tokens); accepted: ")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_keep_rate_whose_cheapest_plan_exceeds_the_budget_is_left_out_and_said_so(tmp_path):
+    """A budget between the heads-only plans of dropping at 0.5 and of not dropping: only 0.5 is planned (nothing
+    is left to compare, so nothing is validated) and the printout says why 1 is not."""
+    from moebsr.planning.keep_rates import with_keep_rate
+    from moebsr.planning.plan import _step_tasks, cost_model_for, measure_costs
+    small = ["model.checkpoint=null", "model.depth=3", "model.embed_dim=64", "model.num_heads=2", "moe.num_experts=4"]
+    config = load_config(QUICKSTART, ["train.batch_size=8", *small])
+    data, dropping = measure_costs(config)
+    every_token = with_keep_rate(config, 1.0)
+    not_dropping = cost_model_for(every_token, data.task_outputs(), _step_tasks(every_token, data))
+    low, high = dropping.predict(()).memory_bytes, not_dropping.predict(()).memory_bytes
+    assert low < high
+    done = _plan(tmp_path, "--budget", f"memory={(low + high) / 2:.0f}B", "--levers", "config", "--keep-rates", "1",
+                 "0.5", "--validate-steps", "2", overrides=small)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "p.plan.json").read_text())
+    assert [option["keep_rate"] for option in report["keep_rate_options"]] == [0.5] and report["keep_rate"] == 0.5
+    assert list(report["keep_rates_refused"]) == ["1"]
+    assert "below the cheapest plan" in report["keep_rates_refused"]["1"]
+    assert report["validate_steps"] == 0 and report["keep_rate_options"][0]["validation"] is None
+    assert not (tmp_path / "p.keep1.yaml").exists()
+    assert (tmp_path / "p.yaml").read_text() == (tmp_path / "p.keep0.5.yaml").read_text()
+    assert "  1: no plan fits (--budget: " in done.stdout
