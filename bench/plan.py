@@ -72,8 +72,8 @@ def plan_overrides(units: list[list], levers: dict) -> list[str]:
             *(f"{key}={str(value).lower()}" for key, value in levers.items())]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options this benchmark and ``bench/plan_dropping.py`` share."""
     parser.add_argument("--size", choices=["quickstart", "formula12"], default="quickstart",
                         help="the backbone (bench/accuracy.py --size): 6 blocks (quickstart) or 12 (formula12)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
@@ -83,6 +83,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plan-only", action="store_true", help="plan and print the plans, train nothing")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (e.g. train.steps=600)")
+
+
+def train_recipes(names: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Each recipe through the accuracy protocol (learning rate picked on validation from its grid, then every seed
+    on test), ``args.jobs`` runs at a time."""
+    rows = {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for name in names:
+            grid = accuracy.LR_GRID[name]
+            sweep_runs = {lr: pool.submit(accuracy.run, name, lr, 0, True, args) for lr in grid}
+            sweep = {lr: accuracy.mean(list(run.result().values())) for lr, run in sweep_runs.items()}
+            best = max(sweep, key=sweep.get)
+            per_seed = [run.result() for run in [pool.submit(accuracy.run, name, best, seed, False, args)
+                                                  for seed in args.seeds]]
+            rows[name] = {"lr_sweep_validation_mean_top1": sweep, "lr": best, "per_seed": per_seed,
+                          "summary": accuracy.summarise(per_seed)}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
     args = parser.parse_args()
     from moebsr.planning.budget import Budget
     from moebsr.planning.plan import importance_for, levers_of, measure_costs, run_plan
@@ -118,17 +140,7 @@ def main() -> None:
 
     check_same_protocol(accuracy_file, args, required=False)  # before training, when the presets' rows exist already
     args.out = str(out)
-    rows = {}
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for name in TARGETS:
-            grid = accuracy.LR_GRID[name]
-            sweep_runs = {lr: pool.submit(accuracy.run, name, lr, 0, True, args) for lr in grid}
-            sweep = {lr: accuracy.mean(list(run.result().values())) for lr, run in sweep_runs.items()}
-            best = max(sweep, key=sweep.get)
-            per_seed = [run.result() for run in [pool.submit(accuracy.run, name, best, seed, False, args)
-                                                  for seed in args.seeds]]
-            rows[name] = {"lr_sweep_validation_mean_top1": sweep, "lr": best, "per_seed": per_seed,
-                          "summary": accuracy.summarise(per_seed)}
+    rows = train_recipes(list(TARGETS), args)
     checks = {name: profile_plan(name, args) for name in TARGETS}
     earlier = check_same_protocol(accuracy_file, args, required=True)
     results = {"protocol": __doc__.split("\n\n")[1], "overrides": args.overrides, "seeds": args.seeds,

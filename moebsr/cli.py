@@ -107,22 +107,24 @@ def command_plan(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .planning import PlanError, parse_budget
-    from .planning.keep_rates import format_keep_rates, plan_keep_rates
+    from .planning.dropping import format_droppings, plan_droppings
     from .planning.plan import format_report, run_plan
     budget = parse_budget(args.budget)  # before the config and the model: a typo costs nothing
-    if args.validate_steps and args.keep_rates is None:
+    droppings = args.keep_rates is not None or args.drop_blocks is not None
+    if args.validate_steps and not droppings:
         raise PlanError(f"--validate-steps: {args.validate_steps} steps of what? it compares the plans of several "
-                        "--keep-rates; accepted: --keep-rates R1 R2 ... with it, or no --validate-steps")
+                        "droppings; accepted: --keep-rates R1 R2 ... or --drop-blocks B1,B2 ... with it, or no "
+                        "--validate-steps")
     out = Path(args.out)
     config = load_config(args.config, args.overrides)
-    if args.keep_rates is None:
+    if not droppings:
         report = run_plan(config, budget, args.batches, out, levers=args.levers, accumulate=args.accumulate)
         print(format_report(report, out))
         return 0
-    report = plan_keep_rates(config, budget, args.batches, out, args.keep_rates, args.validate_steps,
-                             levers=args.levers, accumulate=args.accumulate)
+    report = plan_droppings(config, budget, args.batches, out, args.keep_rates, args.drop_blocks,
+                            args.validate_steps, levers=args.levers, accumulate=args.accumulate)
     print(format_report(report, out))
-    print(format_keep_rates(report))
+    print(format_droppings(report))
     return 0
 
 
@@ -193,6 +195,8 @@ def bounded(kind: Callable[[str], Any], accepted: str, check: Callable[[Any], bo
 POSITIVE_INT = bounded(int, "an integer >= 1", lambda value: value >= 1)
 COUNT = bounded(int, "an integer >= 0", lambda value: value >= 0)
 KEEP_RATE = bounded(float, "a number in (0, 1]", lambda value: 0 < value <= 1)
+BLOCK_LIST = bounded(lambda text: [int(part) for part in text.split(",")],
+                     "comma-separated block indices, e.g. 3,6,9", lambda value: True)  # ranges: against the depth
 
 
 def add_tasks_command(commands: argparse._SubParsersAction) -> None:
@@ -311,11 +315,14 @@ def add_plan_command(commands: argparse._SubParsersAction) -> None:
                           help="memory budgets: also split the batch into 2 or 4 micro-batches with their gradients "
                                "accumulated (train.grad_accum_steps; same images per step), where it buys importance")
     planning.add_argument("--keep-rates", type=float, nargs="+", default=None, metavar="R",
-                          help="plan once per token keep rate at the config's dropping blocks (1: no dropping), "
-                               "each to P.keep<R>.yaml; with several, train each plan --validate-steps steps on a "
-                               "held-out share of the training data and write the best to P.yaml")
+                          help="plan once per token keep rate (1: no dropping), each to P.keep<R>.yaml; with "
+                               "several, train each plan --validate-steps steps on a held-out share of the training "
+                               "data and write the best to P.yaml (default: the config's keep rate)")
+    planning.add_argument("--drop-blocks", type=BLOCK_LIST, nargs="+", default=None, metavar="B1,B2",
+                          help="sets of dropping blocks to plan with, each keep rate at each (default: the config's "
+                               "token_drop.blocks)")
     planning.add_argument("--validate-steps", type=POSITIVE_INT, default=None, metavar="N",
-                          help="steps of each keep rate's short run on held-out data (--keep-rates)")
+                          help="steps of each candidate's short run on held-out data (--keep-rates, --drop-blocks)")
     planning.add_argument("--out", required=True, help="the config to write (P.plan.json, P.frontier.png beside it)")
     planning.set_defaults(handler=command_plan)
 

@@ -1,4 +1,4 @@
-"""moebsr plan --keep-rates: one plan per keep rate, compared by short runs on held-out training data."""
+"""moebsr plan --keep-rates/--drop-blocks: one plan per dropping, compared by short runs on held-out training data."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from moebsr.config import load_config
-from moebsr.planning.keep_rates import VALIDATION_FRACTION, validate, validation_config
+from moebsr.planning.dropping import VALIDATION_FRACTION, validate, validation_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+SMALL = ["model.checkpoint=null", "model.depth=4", "model.embed_dim=64", "model.num_heads=2", "moe.num_experts=4"]
 
 
 def _plan(tmp_path, *args, overrides=()):
@@ -22,36 +23,41 @@ def _plan(tmp_path, *args, overrides=()):
                           cwd=ROOT, capture_output=True, text=True)
 
 
-def test_each_keep_rate_is_planned_validated_on_held_out_data_and_the_best_written(tmp_path):
+def test_each_dropping_is_planned_validated_on_held_out_data_and_the_best_written(tmp_path):
+    """On a 4-block model dropping at (0, 1, 2): no dropping, and 0.5 there and at later blocks (1, 2): three plans,
+    three short runs."""
     done = _plan(tmp_path, "--budget", "memory=0.3x", "--levers", "config", "--keep-rates", "1", "0.5",
-                 "--validate-steps", "3")
+                 "--drop-blocks", "0,1,2", "1,2", "--validate-steps", "3", overrides=SMALL)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "p.plan.json").read_text())
-    options = {option["keep_rate"]: option for option in report["keep_rate_options"]}
-    assert set(options) == {1.0, 0.5} and report["validate_steps"] == 3
+    options = {(option["keep_rate"], tuple(option["drop_blocks"])): option for option in report["dropping_options"]}
+    assert list(options) == [(1.0, ()), (0.5, (0, 1, 2)), (0.5, (1, 2))] and report["validate_steps"] == 3
+    assert [option["config"] for option in options.values()] == ["p.keep1.yaml", "p.keep0.5.drop0-1-2.yaml",
+                                                                 "p.keep0.5.drop1-2.yaml"]
     assert report["validation_fraction"] == VALIDATION_FRACTION and report["validation_seconds"] > 0
-    for rate, option in options.items():
+    own = {}
+    for (rate, blocks), option in options.items():
         written = load_config(tmp_path / option["config"])
-        assert written.token_drop.enabled == (rate < 1) and (rate == 1 or written.token_drop.keep_rate == rate)
+        assert written.token_drop.enabled == (rate < 1)
+        assert rate == 1 or (written.token_drop.keep_rate, tuple(written.token_drop.blocks)) == (rate, blocks)
         assert option["predicted"]["memory_bytes"] <= report["budget_value"]
         tasks = set(option["validation"])
         assert tasks == {"mnist", "mnist_parity", "digits", "animals"}
         mean_top1 = sum(option["validation"][task]["top1"] for task in tasks) / len(tasks)
         assert option["validation_headline"] == pytest.approx(mean_top1)
-        own = json.loads((tmp_path / option["config"]).with_suffix(".plan.json").read_text())
-        assert own["plan"] == option["plan"] and own["predicted"] == option["predicted"]
-    own = {rate: json.loads((tmp_path / option["config"]).with_suffix(".plan.json").read_text())
-           for rate, option in options.items()}
-    # both against full fine-tuning of the config as given (it drops at 0.5): one reference, one budget
-    assert own[1.0]["full_finetuning"] == own[0.5]["full_finetuning"]
-    # each measured with its own dropping: the same units (the paper preset) save more without it
-    assert own[1.0]["presets"]["paper"]["saved_bytes"] > 1.5 * own[0.5]["presets"]["paper"]["saved_bytes"]
+        own[rate, blocks] = json.loads((tmp_path / option["config"]).with_suffix(".plan.json").read_text())
+        assert own[rate, blocks]["plan"] == option["plan"] and own[rate, blocks]["predicted"] == option["predicted"]
+    # all against full fine-tuning of the config as given (it drops at 0.5): one reference, one budget
+    assert len({json.dumps(plan["full_finetuning"]) for plan in own.values()}) == 1
+    # each measured with its own dropping: the same units (the paper preset) save more the later tokens drop
+    saved = [plan["presets"]["paper"]["saved_bytes"] for plan in own.values()]
+    assert saved[0] > saved[2] > saved[1], saved
     best = max(options.values(), key=lambda option: (option["validation_headline"],
                                                      -option["predicted"]["memory_bytes"]))
-    assert report["keep_rate"] == best["keep_rate"]
+    assert (report["keep_rate"], report["drop_blocks"]) == (best["keep_rate"], best["drop_blocks"])
     assert (tmp_path / "p.yaml").read_text() == (tmp_path / best["config"]).read_text()
     assert report["plan"] == best["plan"]
-    assert f"-> {best['config']}  <- written" in done.stdout and "keep rates: planned in " in done.stdout
+    assert f"-> {best['config']}  <- written" in done.stdout and "droppings: planned in " in done.stdout
     # the same short run again gives the same held-out figures (seeded, one thread here)
     metrics, headline, _ = validate(tmp_path / best["config"], 3)
     assert metrics == best["validation"] and headline == best["validation_headline"]
@@ -76,16 +82,21 @@ def test_the_short_run_holds_out_a_share_of_training_data_and_shortens_its_sched
     (["--keep-rates", "0", "0.5", "--validate-steps", "2"],
      "--keep-rates: 0.0 is invalid; accepted: a number in (0, 1]"),
     (["--keep-rates", "1.5"], "--keep-rates: 1.5 is invalid; accepted: a number in (0, 1]"),
-    (["--keep-rates", "1", "0.5"], "--keep-rates: 2 keep rates are compared by short runs on held-out data, but "
-                                   "--validate-steps is not set; accepted: --validate-steps N (N >= 1), or one keep "
-                                   "rate"),
-    (["--keep-rates", "0.5", "--validate-steps", "4"], "--validate-steps: 4 steps would compare one keep rate with "
-                                                       "nothing; accepted: two or more --keep-rates, or no "
-                                                       "--validate-steps"),
-    (["--validate-steps", "4"], "--validate-steps: 4 steps of what? it compares the plans of several --keep-rates; "
-                                "accepted: --keep-rates R1 R2 ... with it, or no --validate-steps"),
+    (["--drop-blocks", "1,3", "2,9", "--validate-steps", "2"],
+     "--drop-blocks: block index 9 out of range; accepted: 0..5 (depth 6)"),
+    (["--drop-blocks", "1;3"],
+     "moebsr plan: argument --drop-blocks: '1;3' is invalid; accepted: comma-separated block indices, e.g. 3,6,9"),
+    (["--keep-rates", "1", "0.5"], "--keep-rates/--drop-blocks: 2 droppings are compared by short runs on held-out "
+                                   "data, but --validate-steps is not set; accepted: --validate-steps N (N >= 1), or "
+                                   "one keep rate at one set of blocks"),
+    (["--keep-rates", "0.5", "--validate-steps", "4"], "--validate-steps: 4 steps would compare one dropping with "
+                                                       "nothing; accepted: two or more --keep-rates or --drop-blocks, "
+                                                       "or no --validate-steps"),
+    (["--validate-steps", "4"], "--validate-steps: 4 steps of what? it compares the plans of several droppings; "
+                                "accepted: --keep-rates R1 R2 ... or --drop-blocks B1,B2 ... with it, or no "
+                                "--validate-steps"),
 ])
-def test_bad_keep_rate_requests_are_one_line_and_write_nothing(tmp_path, args, message):
+def test_bad_dropping_requests_are_one_line_and_write_nothing(tmp_path, args, message):
     done = _plan(tmp_path, "--budget", "memory=0.3x", *args)
     assert done.returncode == 2 and done.stderr == f"error: {message}\n"
     assert not list(tmp_path.iterdir())
@@ -93,31 +104,31 @@ def test_bad_keep_rate_requests_are_one_line_and_write_nothing(tmp_path, args, m
 
 def test_keep_rates_need_blocks_that_drop_tokens(tmp_path):
     done = _plan(tmp_path, "--budget", "memory=0.3x", "--keep-rates", "0.5", overrides=["token_drop.blocks=[]"])
-    assert done.returncode == 2 and done.stderr.startswith("error: --keep-rates: token_drop.blocks is [] (no block "
-                                                           "drops tokens); accepted: ")
+    assert done.returncode == 2 and done.stderr.startswith("error: --keep-rates: 0.5 drops tokens, but "
+                                                           "token_drop.blocks is [] (no block drops them); accepted: "
+                                                           "--drop-blocks B1,B2,..., or ")
     assert not list(tmp_path.iterdir())
 
 
 def test_a_keep_rate_whose_cheapest_plan_exceeds_the_budget_is_left_out_and_said_so(tmp_path):
     """A budget between the heads-only plans of dropping at 0.5 and of not dropping: only 0.5 is planned (nothing
     is left to compare, so nothing is validated) and the printout says why 1 is not."""
-    from moebsr.planning.keep_rates import with_keep_rate
+    from moebsr.planning.dropping import Dropping, with_dropping
     from moebsr.planning.plan import _step_tasks, cost_model_for, measure_costs
-    small = ["model.checkpoint=null", "model.depth=3", "model.embed_dim=64", "model.num_heads=2", "moe.num_experts=4"]
-    config = load_config(QUICKSTART, ["train.batch_size=8", *small])
+    config = load_config(QUICKSTART, ["train.batch_size=8", *SMALL])
     data, dropping = measure_costs(config)
-    every_token = with_keep_rate(config, 1.0)
+    every_token = with_dropping(config, Dropping(1.0, ()))
     not_dropping = cost_model_for(every_token, data.task_outputs(), _step_tasks(every_token, data))
     low, high = dropping.predict(()).memory_bytes, not_dropping.predict(()).memory_bytes
     assert low < high
     done = _plan(tmp_path, "--budget", f"memory={(low + high) / 2:.0f}B", "--levers", "config", "--keep-rates", "1",
-                 "0.5", "--validate-steps", "2", overrides=small)
+                 "0.5", "--validate-steps", "2", overrides=SMALL)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "p.plan.json").read_text())
-    assert [option["keep_rate"] for option in report["keep_rate_options"]] == [0.5] and report["keep_rate"] == 0.5
-    assert list(report["keep_rates_refused"]) == ["1"]
-    assert "below the cheapest plan" in report["keep_rates_refused"]["1"]
-    assert report["validate_steps"] == 0 and report["keep_rate_options"][0]["validation"] is None
+    assert [option["keep_rate"] for option in report["dropping_options"]] == [0.5] and report["keep_rate"] == 0.5
+    assert list(report["dropping_refused"]) == ["no dropping"]
+    assert "below the cheapest plan" in report["dropping_refused"]["no dropping"]
+    assert report["validate_steps"] == 0 and report["dropping_options"][0]["validation"] is None
     assert not (tmp_path / "p.keep1.yaml").exists()
     assert (tmp_path / "p.yaml").read_text() == (tmp_path / "p.keep0.5.yaml").read_text()
-    assert "  1: no plan fits (--budget: " in done.stdout
+    assert "  no dropping: no plan fits (--budget: " in done.stdout
