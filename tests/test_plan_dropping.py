@@ -96,17 +96,23 @@ def test_the_short_run_holds_out_a_share_of_training_data_and_shortens_its_sched
                                 "accepted: --keep-rates R1 R2 ... or --drop-blocks B1,B2 ... with it, or no "
                                 "--validate-steps"),
 ])
-def test_bad_dropping_requests_are_one_line_and_write_nothing(tmp_path, args, message):
-    done = _plan(tmp_path, "--budget", "memory=0.3x", *args)
-    assert done.returncode == 2 and done.stderr == f"error: {message}\n"
+def test_bad_dropping_requests_are_one_line_and_write_nothing(tmp_path, capsys, args, message):
+    from moebsr.cli import main
+    argv = ["plan", "--config", str(QUICKSTART), "--budget", "memory=0.3x", *args, "--out", str(tmp_path / "p.yaml")]
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own refusal
+        code = exit.code
+    assert code == 2 and capsys.readouterr().err == f"error: {message}\n"
     assert not list(tmp_path.iterdir())
 
 
-def test_keep_rates_need_blocks_that_drop_tokens(tmp_path):
-    done = _plan(tmp_path, "--budget", "memory=0.3x", "--keep-rates", "0.5", overrides=["token_drop.blocks=[]"])
-    assert done.returncode == 2 and done.stderr.startswith("error: --keep-rates: 0.5 drops tokens, but "
-                                                           "token_drop.blocks is [] (no block drops them); accepted: "
-                                                           "--drop-blocks B1,B2,..., or ")
+def test_keep_rates_need_blocks_that_drop_tokens(tmp_path, capsys):
+    from moebsr.cli import main
+    assert main(["plan", "--config", str(QUICKSTART), "token_drop.blocks=[]", "--budget", "memory=0.3x",
+                 "--keep-rates", "0.5", "--out", str(tmp_path / "p.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("error: --keep-rates: 0.5 drops tokens, but token_drop.blocks is [] "
+                                              "(no block drops them); accepted: --drop-blocks B1,B2,..., or ")
     assert not list(tmp_path.iterdir())
 
 
@@ -115,14 +121,15 @@ def test_a_keep_rate_whose_cheapest_plan_exceeds_the_budget_is_left_out_and_said
     is left to compare, so nothing is validated) and the printout says why 1 is not."""
     from moebsr.planning.dropping import Dropping, with_dropping
     from moebsr.planning.plan import _step_tasks, cost_model_for, measure_costs
-    config = load_config(QUICKSTART, ["train.batch_size=8", *SMALL])
+    smaller = [*SMALL, "model.depth=3"]
+    config = load_config(QUICKSTART, ["train.batch_size=8", *smaller])
     data, dropping = measure_costs(config)
     every_token = with_dropping(config, Dropping(1.0, ()))
     not_dropping = cost_model_for(every_token, data.task_outputs(), _step_tasks(every_token, data))
     low, high = dropping.predict(()).memory_bytes, not_dropping.predict(()).memory_bytes
     assert low < high
     done = _plan(tmp_path, "--budget", f"memory={(low + high) / 2:.0f}B", "--levers", "config", "--keep-rates", "1",
-                 "0.5", "--validate-steps", "2", overrides=SMALL)
+                 "0.5", "--validate-steps", "2", overrides=smaller)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "p.plan.json").read_text())
     assert [option["keep_rate"] for option in report["dropping_options"]] == [0.5] and report["keep_rate"] == 0.5
