@@ -39,9 +39,8 @@ TARGETS = {"dropping_at_lean_memory_auto": "plan_at_lean_memory_auto",
 
 def drop_block_sets(config) -> list[list[int]]:
     """The config's dropping blocks (the paper's, scaled), and the same without the first: fewer tokens drop."""
-    from moebsr.model.spec import PAPER_TOKEN_DROP_BLOCKS, scale_block_indices
-    paper = list(scale_block_indices(PAPER_TOKEN_DROP_BLOCKS, config.model.depth))
-    return [paper, paper[1:]]
+    blocks = list(config.token_drop.resolve_blocks(config.model.depth))
+    return [blocks, blocks[1:]]
 
 
 def main() -> None:

@@ -115,7 +115,7 @@ def check_validation_split(config: RunConfig) -> None:
             raise
         raise PlanError(f"--validate-steps: the tasks cannot all hold out a validation share of their training data "
                         f"({error}); accepted: tasks whose factory takes validation_fraction (the packaged ones), "
-                        "or one keep rate") from None
+                        "or one dropping") from None
 
 
 def headline(data: Any, metrics: dict[str, dict[str, float]]) -> float:
@@ -141,18 +141,6 @@ def validate(config_path: Path, steps: int) -> tuple[dict[str, dict[str, float]]
     return result.metrics, score, time.perf_counter() - started
 
 
-def load_depth(config: RunConfig) -> int:
-    """The configured model's depth, read off a weightless build."""
-    import torch
-
-    from ..training.build import model_from_config
-    from ..training.run_data import RunData
-    counted = copy.deepcopy(config)
-    counted.model.pretrained, counted.model.checkpoint = False, None
-    with torch.device("meta"):
-        return model_from_config(counted, RunData.from_config(config, check_data=False).heads()).depth
-
-
 def candidate_path(out: Path, dropping: Dropping, name_blocks: bool) -> Path:
     """``P.keep<R>.yaml`` (``P.keep<R>.drop<B1-B2>.yaml`` when several sets of blocks are compared) beside ``P``."""
     blocks = f".drop{'-'.join(map(str, dropping.blocks))}" if name_blocks and dropping.blocks else ""
@@ -166,11 +154,11 @@ def plan_droppings(config: RunConfig, budget: Budget, batches: int, out: Path, k
     report and frontier beside it), each trained ``validate_steps`` steps on held-out data when there are several;
     the best is written to ``out`` too. Returns the chosen plan's report with every candidate's plan, cost, score and
     validation figures."""
-    from ..training.build import check_config_against_model
+    from ..training.build import backbone_depth, check_config_against_model
     from .plan import TIMED_STEPS, cost_model_for, measure_costs, run_plan
     from .plan import _step_tasks as step_tasks
     timed = budget.kind == "step"
-    candidates = dropping_candidates(config, keep_rates, drop_blocks, validate_steps, load_depth(config))
+    candidates = dropping_candidates(config, keep_rates, drop_blocks, validate_steps, backbone_depth(config.model))
     name_blocks = drop_blocks is not None and len({tuple(blocks) for blocks in drop_blocks}) > 1
     paths = {dropping: candidate_path(out, dropping, name_blocks) for dropping in candidates}
     variants = {dropping: with_dropping(config, dropping) for dropping in candidates}
