@@ -42,7 +42,8 @@ DEFAULT_RECIPES = ["full", "full_drop", "paper_bsr", "paper_bsr_per_task", "bsr_
 # recipes that train few parameters get a grid shifted up (every BSR variant picked the default grid's top, 3e-3)
 HIGH_GRID = [1e-3, 3e-3, 1e-2]
 LR_GRID = {"default": [3e-4, 1e-3, 3e-3], "head_only": HIGH_GRID, "lora_paper_blocks": HIGH_GRID,
-           "last_3_moe_drop": HIGH_GRID, "lean": HIGH_GRID}
+           "last_3_moe_drop": HIGH_GRID, "lean": HIGH_GRID, "paper_bsr_low_rank": HIGH_GRID,
+           "lean_low_rank": HIGH_GRID}
 VALIDATION_FRACTION = 0.15
 
 

@@ -87,6 +87,9 @@ RECIPES: dict[str, Union[list[str], Callable[[int], list[str]]]] = {
     "paper_bsr_last_task_gate": last_moe_block_routes_per_task("bsr.preset=paper", *DROP),
     "last_3_moe_drop": last_blocks_moe(*LAST_3, *DROP),
     "lean": last_blocks_moe(*LAST_3, *DROP, "moe.recompute_experts=true"),
+    # each with one change: the experts as rank-8 deltas of their one frozen upcycled MLP (moe.expert_rank)
+    "paper_bsr_low_rank": ["bsr.preset=paper", *DROP, "moe.expert_rank=8"],
+    "lean_low_rank": last_blocks_moe(*LAST_3, *DROP, "moe.recompute_experts=true", "moe.expert_rank=8"),
 }
 
 

@@ -110,13 +110,17 @@ def as_bsr_plan(plan: "BSRPlan | str | dict | None") -> BSRPlan:
 
 
 def parameters_of(items: Sequence[nn.Module | nn.Parameter | None]) -> list[nn.Parameter]:
-    """The distinct parameters of modules and bare parameters alike (what :func:`set_requires_grad` marks)."""
+    """The distinct parameters of modules and bare parameters alike that :func:`set_requires_grad` marks: not those a
+    module keeps frozen whatever it is told (its ``FROZEN_PARAMETERS``, e.g. low-rank experts' shared weights)."""
     found: dict[int, nn.Parameter] = {}
+    kept_frozen: set[int] = set()
     for item in items:
         if item is not None:  # a module has parameters; a bare parameter is one (no torch import here: see above)
+            for module in item.modules() if hasattr(item, "modules") else []:
+                kept_frozen.update(id(getattr(module, name)) for name in getattr(module, "FROZEN_PARAMETERS", ()))
             for parameter in item.parameters() if hasattr(item, "parameters") else [item]:
                 found.setdefault(id(parameter), parameter)
-    return list(found.values())
+    return [parameter for key, parameter in found.items() if key not in kept_frozen]
 
 
 def set_requires_grad(items: Sequence[nn.Module | nn.Parameter | None], requires_grad: bool) -> None:

@@ -127,7 +127,7 @@ def upcycled_moe_layer(mlp: nn.Module, moe_spec: MoESpec, index: int, embed_dim:
                        ) -> nn.Module:
     """Block ``index``'s MoE layer: experts copied from its dense ``mlp``, a router (per task or shared, as the spec
     says for this block) and the configured backend's layer around them."""
-    experts = upcycle_experts(mlp, moe_spec.num_experts, moe_spec.hidden_features)
+    experts = upcycle_experts(mlp, moe_spec.num_experts, moe_spec.hidden_features, moe_spec.expert_rank)
     router = TaskRouter(embed_dim, moe_spec.num_experts, moe_spec.top_k, task_names,
                         mode=moe_spec.router_mode(index), renormalize=moe_spec.renormalize)
     if moe_spec.backend == "tutel":

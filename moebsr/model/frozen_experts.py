@@ -18,7 +18,10 @@ from .moevit import MoEViT
 
 
 def experts_are_copies(experts: nn.Module) -> bool:
-    """Every expert's parameters equal expert 0's (each expert parameter has the experts as its first dimension)."""
+    """Every expert's parameters equal expert 0's (each expert parameter has the experts as its first dimension; a
+    bank with shared weights says itself, e.g. :meth:`~.low_rank_experts.LowRankExperts.are_copies`)."""
+    if hasattr(experts, "are_copies"):
+        return experts.are_copies()
     return all(torch.equal(p, p[:1].expand_as(p)) for p in experts.parameters())
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .experts import Experts
+from .low_rank_experts import LowRankExperts
 from .precision import FROZEN_DTYPES, LowPrecisionConv2d, LowPrecisionLinear, cast_storage
 from .routing import TaskRouter
 
@@ -37,6 +38,11 @@ def store_frozen_weights(model: nn.Module, dtype_name: str) -> list[str]:
     routers = {id(m) for router in model.modules() if isinstance(router, TaskRouter) for m in router.modules()}
     changed = []
     for name, module in model.named_modules():
+        if isinstance(module, LowRankExperts):  # its shared weights are frozen even while its deltas train
+            for parameter_name in module.FROZEN_PARAMETERS:
+                _store_low(getattr(module, parameter_name), dtype)
+            changed.append(name)
+            continue
         if id(module) in routers or not _frozen(module):
             continue
         if isinstance(module, Experts):

@@ -125,9 +125,14 @@ def _gated_parts(mlp: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor], 
     return weights[gate], biases[gate], weights[value], biases[value]
 
 
-def upcycle_experts(mlp: nn.Module, num_experts: int, hidden_features: Optional[int] = None) -> Experts:
+def upcycle_experts(mlp: nn.Module, num_experts: int, hidden_features: Optional[int] = None,
+                    expert_rank: Optional[int] = None) -> Experts:
     """Experts that each start as an exact copy of ``mlp``: a timm ``Mlp`` (ViT/DeiT, EVA), ``SwiGLU`` or
-    ``GluMlp`` (EVA-02). With another ``hidden_features`` the experts start fresh (see :meth:`Experts.upcycle`)."""
+    ``GluMlp`` (EVA-02). With another ``hidden_features`` the experts start fresh (see :meth:`Experts.upcycle`);
+    with ``expert_rank`` they are low-rank deltas of ``mlp`` (:class:`~.low_rank_experts.LowRankExperts`)."""
+    if expert_rank is not None:
+        from .low_rank_experts import LowRankExperts
+        return LowRankExperts.upcycle(mlp, num_experts, hidden_features, expert_rank)
     if isinstance(mlp, Mlp):
         return Experts.upcycle(mlp, num_experts, hidden_features)
     accepted = "accepted: timm.layers.Mlp (ViT/DeiT/EVA), SwiGLU or GluMlp (EVA-02) with linear layers"

@@ -84,6 +84,11 @@ class MoESpec:
     """Run an MoE layer whose experts and router are all frozen as the one dense MLP its upcycled experts copy
     (``model/frozen_experts.py``): the same outputs at 1/num_experts of its weights. Needs ``hidden_features: null``,
     renormalised gates, no capacity cap and the torch backend."""
+    expert_rank: Optional[int] = None
+    """``null``: every expert a whole copy of the dense MLP; ``r`` >= 1: the experts share that MLP's weights, frozen,
+    and each trains a rank-``r`` delta of ``fc1`` and ``fc2`` plus its own biases (MoLoRA-style,
+    ``model/low_rank_experts.py``): an MoE block's trainable experts hold ``2 r (dim + hidden)`` weights each instead
+    of ``2 dim hidden``. Needs ``hidden_features: null``, a ``timm.layers.Mlp`` and the torch backend."""
 
     def resolve_blocks(self, depth: int) -> tuple[int, ...]:
         if self.blocks is None:
@@ -128,6 +133,16 @@ class MoESpec:
         if self.recompute_experts and self.backend != "torch":
             raise ValueError(f"moe.recompute_experts: only the torch backend recomputes experts (moe.backend is "
                              f"{self.backend!r}); accepted: moe.backend=torch, or moe.recompute_experts=false")
+        if self.expert_rank is not None:
+            if isinstance(self.expert_rank, bool) or not isinstance(self.expert_rank, int) or self.expert_rank < 1:
+                raise ValueError(f"moe.expert_rank: {self.expert_rank!r} is invalid; accepted: an integer >= 1 or null")
+            for bad, setting, accepted in ((self.hidden_features is not None,
+                                            f"moe.hidden_features={self.hidden_features}", "null"),
+                                           (self.backend != "torch", f"moe.backend={self.backend}", "torch")):
+                if bad:
+                    raise ValueError(f"moe.expert_rank: low-rank experts are deltas of the dense MLP on the torch "
+                                     f"backend, so {setting} cannot be; accepted: {setting.split('=')[0]}={accepted}, "
+                                     "or moe.expert_rank=null")
         if self.collapse_frozen:
             self._check_collapsible()
         if self.backend == "tutel":

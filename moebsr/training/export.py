@@ -78,7 +78,9 @@ def model_card(config: RunConfig, task_outputs: Mapping[str, int], metrics: Mapp
     lines = [
         f"{CARD_TITLE} {Path(config.train.output_dir).name}", "",
         f"- backbone: `{config.model.name}` ({model.depth} blocks), MoE blocks {list(model.moe_blocks)} "
-        f"({config.moe.num_experts} experts, top-{config.moe.top_k}, router `{config.moe.router}`)",
+        f"({config.moe.num_experts} experts"
+        f"{f' as rank-{config.moe.expert_rank} deltas' if config.moe.expert_rank is not None else ''}, "
+        f"top-{config.moe.top_k}, router `{config.moe.router}`)",
         f"- trainable blocks: {list(config.bsr.plan().resolve(model.depth).trainable_blocks)} "
         f"({'`bsr.trainable_blocks`' if config.bsr.trainable_blocks is not None else f'preset `{config.bsr.preset}`'}"
         f"); trainable parameters {trainable:,} of {total:,}",

@@ -17,7 +17,9 @@ def describe_recipe(config: "RunConfig", model: "MoEViT", task_sizes: Optional[M
               f"weights {config.model.checkpoint}" if config.model.checkpoint else "random init")
     moe = config.moe
     per_task_only = f" in blocks {list(moe.task_router_blocks)}" if moe.task_router_blocks is not None else ""
-    moe_line = (f"blocks {list(model.moe_blocks)} · {moe.num_experts} experts, top-{moe.top_k}, router `{moe.router}`"
+    rank = f" (rank-{moe.expert_rank} deltas of one MLP)" if moe.expert_rank is not None else ""
+    moe_line = (f"blocks {list(model.moe_blocks)} · {moe.num_experts} experts{rank}, top-{moe.top_k}, "
+                f"router `{moe.router}`"
                 f"{per_task_only}"
                 f"{f', capacity factor {moe.capacity_factor:g}' if moe.capacity_factor is not None else ''}"
                 f"{', padded dispatch' if moe.dispatch == 'padded' else ''}"
