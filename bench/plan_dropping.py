@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--validate-steps", type=int, default=100, help="steps of each dropping's short run")
     args = parser.parse_args()
     from moebsr.planning.budget import Budget
-    from moebsr.planning.dropping import plan_droppings
+    from moebsr.planning.candidates import plan_candidates
     from moebsr.planning.plan import levers_of
 
     out = Path(args.out)
@@ -63,7 +63,7 @@ def main() -> None:
         started = time.process_time()
         limit = fixed_results["plans"][fixed]["budget_value"]
         budget = Budget("memory", limit, False, f"memory={limit / 2 ** 20:.2f}MiB (the budget of {fixed})")
-        plans[name] = plan_droppings(planning_config, budget, args.batches, out / f"plan_dropping_{args.size}" /
+        plans[name] = plan_candidates(planning_config, budget, args.batches, out / f"plan_dropping_{args.size}" /
                                      f"{name}.yaml", KEEP_RATES, drop_block_sets(planning_config),
                                      args.validate_steps, levers="auto")
         planning_cpu_s[name] = time.process_time() - started
@@ -124,7 +124,7 @@ def format_table(results: dict) -> str:
         held_out.append(f"- {fixed}'s budget: " + ", ".join(
             f"{label(option)}: " + ("no plan fits" if option["validation_headline"] is None else
                                     f"{option['validation_headline'] * 100:.2f} (importance {option['score']:.2f})")
-            for option in plan["dropping_options"]))
+            for option in plan["candidate_options"]))
     lines += ["", f"Held-out mean top-1 (%) of each dropping's plan after {results['validate_steps']} steps, and its "
               "Fisher importance:", *held_out, "",
               "Planning with the droppings (one thread, CPU s; each includes its short runs): " + ", ".join(

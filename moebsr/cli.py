@@ -107,24 +107,25 @@ def command_plan(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .planning import PlanError, parse_budget
-    from .planning.dropping import format_droppings, plan_droppings
+    from .planning.candidates import format_candidates, plan_candidates
     from .planning.plan import format_report, run_plan
     budget = parse_budget(args.budget)  # before the config and the model: a typo costs nothing
-    droppings = args.keep_rates is not None or args.drop_blocks is not None
-    if args.validate_steps and not droppings:
+    candidates = any(value is not None for value in (args.keep_rates, args.drop_blocks, args.expert_ranks))
+    if args.validate_steps and not candidates:
         raise PlanError(f"--validate-steps: {args.validate_steps} steps of what? it compares the plans of several "
-                        "droppings; accepted: --keep-rates R1 R2 ... or --drop-blocks B1,B2 ... with it, or no "
-                        "--validate-steps")
+                        "candidates; accepted: --keep-rates R1 R2 ..., --drop-blocks B1,B2 ... or --expert-ranks "
+                        "R1 R2 ... with it, or no --validate-steps")
     out = Path(args.out)
     config = load_config(args.config, args.overrides)
-    if not droppings:
+    if not candidates:
         report = run_plan(config, budget, args.batches, out, levers=args.levers, accumulate=args.accumulate)
         print(format_report(report, out))
         return 0
-    report = plan_droppings(config, budget, args.batches, out, args.keep_rates, args.drop_blocks,
-                            args.validate_steps, levers=args.levers, accumulate=args.accumulate)
+    report = plan_candidates(config, budget, args.batches, out, args.keep_rates, args.drop_blocks,
+                             args.validate_steps, levers=args.levers, accumulate=args.accumulate,
+                             expert_ranks=args.expert_ranks)
     print(format_report(report, out))
-    print(format_droppings(report))
+    print(format_candidates(report))
     return 0
 
 
@@ -321,8 +322,13 @@ def add_plan_command(commands: argparse._SubParsersAction) -> None:
     planning.add_argument("--drop-blocks", type=BLOCK_LIST, nargs="+", default=None, metavar="B1,B2",
                           help="sets of dropping blocks to plan with, each keep rate at each (default: the config's "
                                "token_drop.blocks)")
+    planning.add_argument("--expert-ranks", nargs="+", default=None, metavar="R",
+                          help="plan once per expert rank: full (whole-copy experts) or r >= 1 (moe.expert_rank: "
+                               "rank-r deltas of the upcycled MLP), each keep rate at each set of blocks with each "
+                               "(default: the config's moe.expert_rank)")
     planning.add_argument("--validate-steps", type=POSITIVE_INT, default=None, metavar="N",
-                          help="steps of each candidate's short run on held-out data (--keep-rates, --drop-blocks)")
+                          help="steps of each candidate's short run on held-out data (--keep-rates, --drop-blocks, "
+                               "--expert-ranks)")
     planning.add_argument("--out", required=True, help="the config to write (P.plan.json, P.frontier.png beside it)")
     planning.set_defaults(handler=command_plan)
 

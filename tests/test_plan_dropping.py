@@ -1,4 +1,5 @@
-"""moebsr plan --keep-rates/--drop-blocks: one plan per dropping, compared by short runs on held-out training data."""
+"""moebsr plan --keep-rates/--drop-blocks/--expert-ranks: one plan per candidate, compared by short runs on held-out
+training data."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from moebsr.config import load_config
-from moebsr.planning.dropping import VALIDATION_FRACTION, validate, validation_config
+from moebsr.planning.candidates import VALIDATION_FRACTION, validate, validation_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -30,7 +31,7 @@ def test_each_dropping_is_planned_validated_on_held_out_data_and_the_best_writte
                  "--drop-blocks", "0,1,2", "1,2", "--validate-steps", "3", overrides=SMALL)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "p.plan.json").read_text())
-    options = {(option["keep_rate"], tuple(option["drop_blocks"])): option for option in report["dropping_options"]}
+    options = {(option["keep_rate"], tuple(option["drop_blocks"])): option for option in report["candidate_options"]}
     assert list(options) == [(1.0, ()), (0.5, (0, 1, 2)), (0.5, (1, 2))] and report["validate_steps"] == 3
     assert [option["config"] for option in options.values()] == ["p.keep1.yaml", "p.keep0.5.drop0-1-2.yaml",
                                                                  "p.keep0.5.drop1-2.yaml"]
@@ -57,10 +58,32 @@ def test_each_dropping_is_planned_validated_on_held_out_data_and_the_best_writte
     assert (report["keep_rate"], report["drop_blocks"]) == (best["keep_rate"], best["drop_blocks"])
     assert (tmp_path / "p.yaml").read_text() == (tmp_path / best["config"]).read_text()
     assert report["plan"] == best["plan"]
-    assert f"-> {best['config']}  <- written" in done.stdout and "droppings: planned in " in done.stdout
+    assert f"-> {best['config']}  <- written" in done.stdout and "candidates: planned in " in done.stdout
     # the same short run again gives the same held-out figures (seeded, one thread here)
     metrics, headline, _ = validate(tmp_path / best["config"], 3)
     assert metrics == best["validation"] and headline == best["validation_headline"]
+
+
+def test_expert_ranks_are_candidates_each_measured_with_its_own_experts(tmp_path):
+    """Whole-copy experts against rank-2 deltas (moe.expert_rank), at the config's dropping: two plans, each costed
+    on its own model, the better held-out one written."""
+    done = _plan(tmp_path, "--budget", "memory=0.3x", "--levers", "config", "--expert-ranks", "full", "2",
+                 "--validate-steps", "2", overrides=SMALL)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "p.plan.json").read_text())
+    options = report["candidate_options"]
+    assert [(option["expert_rank"], option["config"]) for option in options] == [
+        (None, "p.keep0.5.rankfull.yaml"), (2, "p.keep0.5.rank2.yaml")]
+    assert [load_config(tmp_path / option["config"]).moe.expert_rank for option in options] == [None, 2]
+    own = [json.loads((tmp_path / option["config"]).with_suffix(".plan.json").read_text()) for option in options]
+    # the same preset trains far fewer numbers with rank-2 experts: less memory, measured on each model
+    paper = [plan["presets"]["paper"]["memory_bytes"] for plan in own]
+    assert paper[1] < 0.8 * paper[0], paper
+    assert all(option["predicted"]["memory_bytes"] <= report["budget_value"] for option in options)
+    best = max(options, key=lambda option: (option["validation_headline"], -option["predicted"]["memory_bytes"]))
+    assert report["expert_rank"] == best["expert_rank"] and report["plan"] == best["plan"]
+    assert (tmp_path / "p.yaml").read_text() == (tmp_path / best["config"]).read_text()
+    assert f"rank-2 experts: {options[1]['plan']}" in done.stdout and "whole experts: " in done.stdout
 
 
 def test_the_short_run_holds_out_a_share_of_training_data_and_shortens_its_schedule(tmp_path):
@@ -86,15 +109,21 @@ def test_the_short_run_holds_out_a_share_of_training_data_and_shortens_its_sched
      "--drop-blocks: block index 9 out of range; accepted: 0..5 (depth 6)"),
     (["--drop-blocks", "1;3"],
      "moebsr plan: argument --drop-blocks: '1;3' is invalid; accepted: comma-separated block indices, e.g. 3,6,9"),
-    (["--keep-rates", "1", "0.5"], "--keep-rates/--drop-blocks: 2 droppings are compared by short runs on held-out "
-                                   "data, but --validate-steps is not set; accepted: --validate-steps N (N >= 1), or "
-                                   "one keep rate at one set of blocks"),
-    (["--keep-rates", "0.5", "--validate-steps", "4"], "--validate-steps: 4 steps would compare one dropping with "
-                                                       "nothing; accepted: two or more --keep-rates or --drop-blocks, "
-                                                       "or no --validate-steps"),
-    (["--validate-steps", "4"], "--validate-steps: 4 steps of what? it compares the plans of several droppings; "
-                                "accepted: --keep-rates R1 R2 ... or --drop-blocks B1,B2 ... with it, or no "
-                                "--validate-steps"),
+    (["--keep-rates", "1", "0.5"], "--keep-rates/--drop-blocks/--expert-ranks: 2 candidates are compared by short "
+                                   "runs on held-out data, but --validate-steps is not set; accepted: --validate-steps "
+                                   "N (N >= 1), or one keep rate at one set of blocks with one expert rank"),
+    (["--keep-rates", "0.5", "--validate-steps", "4"], "--validate-steps: 4 steps would compare one candidate with "
+                                                       "nothing; accepted: two or more --keep-rates, --drop-blocks or "
+                                                       "--expert-ranks, or no --validate-steps"),
+    (["--validate-steps", "4"], "--validate-steps: 4 steps of what? it compares the plans of several candidates; "
+                                "accepted: --keep-rates R1 R2 ..., --drop-blocks B1,B2 ... or --expert-ranks R1 R2 ... "
+                                "with it, or no --validate-steps"),
+    (["--expert-ranks", "full", "0", "--validate-steps", "2"],
+     "--expert-ranks: '0' is invalid; accepted: full (whole-copy experts) or an integer >= 1 (rank-r deltas of the "
+     "upcycled MLP)"),
+    (["moe.blocks=[]", "--expert-ranks", "4"],
+     "--expert-ranks: 4 would change no expert: the config has no MoE block (moe.blocks: []); accepted: a config "
+     "with MoE blocks, or no --expert-ranks"),
 ])
 def test_bad_dropping_requests_are_one_line_and_write_nothing(tmp_path, capsys, args, message):
     from moebsr.cli import main
@@ -119,12 +148,12 @@ def test_keep_rates_need_blocks_that_drop_tokens(tmp_path, capsys):
 def test_a_keep_rate_whose_cheapest_plan_exceeds_the_budget_is_left_out_and_said_so(tmp_path):
     """A budget between the heads-only plans of dropping at 0.5 and of not dropping: only 0.5 is planned (nothing
     is left to compare, so nothing is validated) and the printout says why 1 is not."""
-    from moebsr.planning.dropping import Dropping, with_dropping
+    from moebsr.planning.candidates import Candidate, with_candidate
     from moebsr.planning.plan import _step_tasks, cost_model_for, measure_costs
     smaller = [*SMALL, "model.depth=3"]
     config = load_config(QUICKSTART, ["train.batch_size=8", *smaller])
     data, dropping = measure_costs(config)
-    every_token = with_dropping(config, Dropping(1.0, ()))
+    every_token = with_candidate(config, Candidate(1.0, ()))
     not_dropping = cost_model_for(every_token, data.task_outputs(), _step_tasks(every_token, data))
     low, high = dropping.predict(()).memory_bytes, not_dropping.predict(()).memory_bytes
     assert low < high
@@ -132,10 +161,10 @@ def test_a_keep_rate_whose_cheapest_plan_exceeds_the_budget_is_left_out_and_said
                  "0.5", "--validate-steps", "2", overrides=smaller)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "p.plan.json").read_text())
-    assert [option["keep_rate"] for option in report["dropping_options"]] == [0.5] and report["keep_rate"] == 0.5
-    assert list(report["dropping_refused"]) == ["no dropping"]
-    assert "below the cheapest plan" in report["dropping_refused"]["no dropping"]
-    assert report["validate_steps"] == 0 and report["dropping_options"][0]["validation"] is None
+    assert [option["keep_rate"] for option in report["candidate_options"]] == [0.5] and report["keep_rate"] == 0.5
+    assert list(report["candidates_refused"]) == ["no dropping"]
+    assert "below the cheapest plan" in report["candidates_refused"]["no dropping"]
+    assert report["validate_steps"] == 0 and report["candidate_options"][0]["validation"] is None
     assert not (tmp_path / "p.keep1.yaml").exists()
     assert (tmp_path / "p.yaml").read_text() == (tmp_path / "p.keep0.5.yaml").read_text()
     assert "  no dropping: no plan fits (--budget: " in done.stdout
