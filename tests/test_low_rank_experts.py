@@ -143,6 +143,12 @@ def test_frozen_low_rank_mixtures_collapse_and_prune_to_their_merged_experts():
         torch.testing.assert_close(kept.forward_expert(new, tokens[0]), layer.experts.forward_expert(old, tokens[0]))
     lone = pruned_layer(layer, [1])
     torch.testing.assert_close(lone(tokens[0]), layer.experts.forward_expert(1, tokens[0]), rtol=1e-5, atol=1e-6)
+    # with the shared weight stored in bf16 the delta is merged in fp32, not rounded away
+    from moebsr.model.frozen_storage import store_frozen_weights
+    store_frozen_weights(one_task, "bf16")
+    assert layer.experts.fc1_weight.dtype == torch.bfloat16
+    lone = pruned_layer(layer, [1])
+    torch.testing.assert_close(lone(tokens[0]), layer.experts.forward_expert(1, tokens[0]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("override, message", [

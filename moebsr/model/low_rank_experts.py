@@ -93,10 +93,11 @@ class LowRankExperts(Experts):
         return shared + torch.bmm(torch.bmm(x, a.to(x.dtype).transpose(1, 2)), b.to(x.dtype).transpose(1, 2))
 
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert ``expert``'s whole ``fc1``/``fc2`` weights, ``W + B A`` (in the shared weight's dtype)."""
+        """Expert ``expert``'s whole ``fc1``/``fc2`` weights, ``W + B A``, merged in fp32 (a shared weight stored in
+        bf16 would round the delta away)."""
         fc1 = self.fc1_weight.float() + self.fc1_lora_b[expert].float() @ self.fc1_lora_a[expert].float()
         fc2 = self.fc2_weight.float() + self.fc2_lora_b[expert].float() @ self.fc2_lora_a[expert].float()
-        return fc1.to(self.fc1_weight.dtype), fc2.to(self.fc2_weight.dtype)
+        return fc1, fc2
 
     def are_copies(self) -> bool:
         """Every expert computes what expert 0 does: equal biases and equal deltas ``B A`` (true as upcycled)."""
