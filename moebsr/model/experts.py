@@ -75,14 +75,20 @@ class Experts(nn.Module):
             getattr(kept, name).data = parameter.detach().index_select(0, index)
         return kept
 
+    def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``expert``'s ``fc1``/``fc2`` weights (in the bank's storage dtype)."""
+        return self.fc1_weight[expert], self.fc2_weight[expert]
+
     def dense_mlp(self, expert: int) -> Mlp:
-        """Expert ``expert`` as a timm ``Mlp`` (a layer pruned to one expert becomes dense)."""
-        dense = Mlp(self.dim, self.hidden_features, drop=self.drop.p).to(self.fc1_weight.device, self.fc1_weight.dtype)
+        """Expert ``expert`` as a timm ``Mlp`` (a layer pruned to one expert becomes dense), in the dtype of its
+        :meth:`expert_weights`."""
+        fc1, fc2 = self.expert_weights(expert)
+        dense = Mlp(self.dim, self.hidden_features, drop=self.drop.p).to(fc1.device, fc1.dtype)
         dense.act = copy.deepcopy(self.act)
         with torch.no_grad():
-            dense.fc1.weight.copy_(self.fc1_weight[expert])
+            dense.fc1.weight.copy_(fc1)
             dense.fc1.bias.copy_(self.fc1_bias[expert])
-            dense.fc2.weight.copy_(self.fc2_weight[expert])
+            dense.fc2.weight.copy_(fc2)
             dense.fc2.bias.copy_(self.fc2_bias[expert])
         return dense
 

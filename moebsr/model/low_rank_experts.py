@@ -94,7 +94,7 @@ class LowRankExperts(Experts):
 
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ``expert``'s whole ``fc1``/``fc2`` weights, ``W + B A``, merged in fp32 (a shared weight stored in
-        bf16 would round the delta away)."""
+        bf16 would round the delta away; :meth:`Experts.dense_mlp` builds its ``Mlp`` in fp32 from them)."""
         fc1 = self.fc1_weight.float() + self.fc1_lora_b[expert].float() @ self.fc1_lora_a[expert].float()
         fc2 = self.fc2_weight.float() + self.fc2_lora_b[expert].float() @ self.fc2_lora_a[expert].float()
         return fc1, fc2
@@ -112,18 +112,6 @@ class LowRankExperts(Experts):
             data = parameter.detach()
             getattr(kept, name).data = data.clone() if name in self.FROZEN_PARAMETERS else data.index_select(0, index)
         return kept
-
-    def dense_mlp(self, expert: int) -> Mlp:
-        """Expert ``expert`` with its delta merged, as a timm ``Mlp`` (a layer pruned to one expert, or collapsed)."""
-        dense = Mlp(self.dim, self.hidden_features, drop=self.drop.p).to(self.fc1_weight.device, self.fc1_bias.dtype)
-        dense.act = copy.deepcopy(self.act)
-        fc1, fc2 = self.expert_weights(expert)
-        with torch.no_grad():
-            dense.fc1.weight.copy_(fc1)
-            dense.fc1.bias.copy_(self.fc1_bias[expert])
-            dense.fc2.weight.copy_(fc2)
-            dense.fc2.bias.copy_(self.fc2_bias[expert])
-        return dense
 
     @classmethod
     def upcycle(cls, mlp: nn.Module, num_experts: int, hidden_features: Optional[int] = None,

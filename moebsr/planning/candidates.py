@@ -31,8 +31,6 @@ from ..model.spec import check_block_indices, check_keep_rate
 from .budget import COST_KEYS, Budget, PlanError
 
 VALIDATION_FRACTION = 0.15  # of each task's training examples, held out to compare the candidates' plans on
-
-
 FULL_RANK = "full"  # --expert-ranks' name for whole-copy experts (moe.expert_rank: null)
 
 
@@ -146,7 +144,7 @@ def check_validation_split(config: RunConfig) -> None:
             raise
         raise PlanError(f"--validate-steps: the tasks cannot all hold out a validation share of their training data "
                         f"({error}); accepted: tasks whose factory takes validation_fraction (the packaged ones), "
-                        "or one dropping") from None
+                        "or one candidate") from None
 
 
 def headline(data: Any, metrics: dict[str, dict[str, float]]) -> float:

@@ -507,7 +507,7 @@ def run_plan(config: RunConfig, budget: Budget, batches: int, out: Path,
     ``accumulate`` (memory budgets), the best setting is also measured with its batch in 2 and 4 micro-batches
     (:func:`accumulated_variants`): more steps of less memory each, taken only where it buys importance.
     ``reference``: the full fine-tuning relative budgets and ratios are of (default: the config's own; the plans of
-    another token dropping are still against the config as given, see :mod:`.dropping`)."""
+    another token dropping are still against the config as given, see :mod:`.candidates`)."""
     if levers not in LEVER_CHOICES:
         raise PlanError(f"--levers: {levers!r} is invalid; accepted: {', '.join(LEVER_CHOICES)}")
     timed = budget.kind == "step"
